@@ -1,0 +1,38 @@
+"""hf-modelopt: distill, prune and quantize 🤗 Transformers models from YAML recipes.
+
+Importing the package is cheap: the public names below load their modules (and torch / transformers)
+only when first used.
+"""
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Recipe": "recipe",
+    "RecipeError": "recipe",
+    "load_recipe": "recipe",
+    "validate_recipe": "recipe",
+    "run_recipe": "pipeline",
+    "register_stage": "stages",
+    "StageConfig": "stages",
+    "ModelState": "stages",
+    "StageContext": "stages",
+    "FinetuneConfig": "train",
+    "EvaluateConfig": "metrics",
+    "evaluate_model": "metrics",
+    "ExportConfig": "export.save",
+    "inspect_model": "inspection",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'hf_modelopt' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,121 @@
+"""`hf-modelopt`: a thin command line over the Python API (run, eval, inspect)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+from urllib.parse import urlparse
+
+logger = logging.getLogger("hf_modelopt")
+
+
+def use_offline_mode_if_hub_unreachable(timeout: float = 3.0) -> None:
+    """Set HF_HUB_OFFLINE=1 when the Hub cannot be reached, so cached models load at once.
+
+    Without it every `from_pretrained` retries each file for minutes before falling back to the cache.
+    An explicit HF_HUB_OFFLINE (0 or 1) is always respected. Must run before huggingface_hub is imported,
+    which reads the variable once.
+    """
+    if "HF_HUB_OFFLINE" in os.environ:
+        return
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        if "huggingface_hub" in sys.modules:
+            import huggingface_hub.constants
+
+            huggingface_hub.constants.HF_HUB_OFFLINE = True
+        logger.info("%s is unreachable: using the local Hugging Face cache (HF_HUB_OFFLINE=1)", host)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-modelopt", description="Distill, prune and quantize 🤗 models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run a recipe")
+    run.add_argument("recipe", help="recipe YAML file")
+    run.add_argument("--output-dir", required=True, help="where stages, the final model and its card go")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a recipe key, e.g. --set training.learning_rate=3e-5 (repeatable)")
+
+    evaluate = commands.add_parser("eval", help="metrics of a saved model on a recipe's evaluation data")
+    evaluate.add_argument("model", help="model folder or Hub id")
+    evaluate.add_argument("--recipe", required=True, help="recipe whose task and evaluation data to use")
+    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    evaluate.add_argument("--json", action="store_true", help="print JSON only")
+
+    inspect = commands.add_parser("inspect", help="parameters, sizes, dtypes and per-tensor statistics")
+    inspect.add_argument("model", help="model folder or Hub id")
+    inspect.add_argument("--gguf-file", help="GGUF file inside the folder or repository")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def _run(args) -> int:
+    from .pipeline import run_recipe
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    result = run_recipe(recipe, args.output_dir)
+    print(f"\nDone. Final model, card and metrics in {result['output_dir']}")
+    for record in result["metrics"]:
+        values = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record["metrics"].items())
+        print(f"  {record['name']:<16} {record['model']}: {values}")
+    return 0
+
+
+def _eval(args) -> int:
+    from .metrics import evaluate_model
+    from .modeling import load_model, load_tokenizer
+    from .pipeline import preflight
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    preflight(recipe)
+    model = load_model(recipe.model, recipe.task, path=args.model)
+    tokenizer = load_tokenizer(recipe.model, path=args.model)
+    metrics = evaluate_model(model, tokenizer, recipe)
+    print(json.dumps(metrics, indent=None if args.json else 2))
+    return 0
+
+
+def _inspect(args) -> int:
+    import transformers
+
+    from .inspection import format_report, inspect_model
+
+    kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
+    config = transformers.AutoConfig.from_pretrained(args.model, **kwargs)
+    architecture = (config.architectures or ["AutoModel"])[0]
+    model_class = getattr(transformers, architecture, transformers.AutoModel)
+    model = model_class.from_pretrained(args.model, **kwargs)
+    report = inspect_model(model, args.model if os.path.isdir(args.model) else None)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .data import DataError
+    from .recipe import RecipeError
+
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[hf-modelopt] %(message)s")
+    use_offline_mode_if_hub_unreachable()
+    try:
+        return {"run": _run, "eval": _eval, "inspect": _inspect}[args.command](args)
+    except (RecipeError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Data for the two tasks: loading with `datasets` (local files or the Hub) and tokenisation per task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .recipe import DataConfig, RecipeError
+
+# File suffix -> (datasets builder, extra load_dataset arguments)
+FILE_FORMATS = {
+    ".tsv": ("csv", {"delimiter": "\t", "quoting": 3}),  # quoting=3: quotes are part of SST-2 sentences
+    ".csv": ("csv", {}),
+    ".json": ("json", {}),
+    ".jsonl": ("json", {}),
+    ".parquet": ("parquet", {}),
+    ".txt": ("text", {}),
+}
+SPLIT_KEYS = {"train": "train_file", "eval": "eval_file"}
+
+
+class DataError(ValueError):
+    """The data cannot be used: a missing file or column, or an empty split."""
+
+
+def data_files(config: DataConfig) -> dict[str, Path]:
+    """The configured local files by split ("train", "eval"), resolved against `data_dir`."""
+    files = {split: config.resolve(getattr(config, key)) for split, key in SPLIT_KEYS.items()}
+    return {split: path for split, path in files.items() if path is not None}
+
+
+def check_data(config: DataConfig, needed_splits: set[str], source: str) -> None:
+    """Fail before any work when a needed split has no source or a file is missing or of unknown type."""
+    for split, path in data_files(config).items():
+        key = f"data.{SPLIT_KEYS[split]}"
+        if path.suffix not in FILE_FORMATS:
+            raise RecipeError(source, key, f"unsupported file type {path.suffix!r}; expected one of "
+                                           f"{', '.join(FILE_FORMATS)}")
+        if not path.is_file():
+            hint = " (set data.data_dir or $HF_MODELOPT_DATA_DIR)" if not Path(config.data_dir).is_dir() else ""
+            raise RecipeError(source, key, f"file not found: {path}{hint}")
+    if config.dataset is None:
+        for split in sorted(needed_splits - set(data_files(config))):
+            raise RecipeError(source, f"data.{SPLIT_KEYS[split]}",
+                              "a stage needs this split: set the file, or data.dataset for a Hub dataset")
+
+
+def load_split(config: DataConfig, split: str):
+    """Load the "train" or "eval" split as a `datasets.Dataset`, truncated to max_*_samples."""
+    import datasets
+
+    path = data_files(config).get(split)
+    if path is not None:
+        builder, kwargs = FILE_FORMATS[path.suffix]
+        dataset = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, **kwargs)
+        origin = str(path)
+    elif config.dataset is not None:
+        hub_split = config.train_split if split == "train" else config.eval_split
+        dataset = datasets.load_dataset(config.dataset, config.dataset_config, split=hub_split)
+        origin = f"{config.dataset}[{hub_split}]"
+    else:
+        raise DataError(f"data.{SPLIT_KEYS[split]}: no {split} data configured")
+    limit = config.max_train_samples if split == "train" else config.max_eval_samples
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    if len(dataset) == 0:
+        raise DataError(f"{origin}: the {split} split is empty")
+    return dataset
+
+
+def require_columns(dataset, columns: list[str | None], origin: str) -> None:
+    for column in columns:
+        if column is not None and column not in dataset.column_names:
+            raise DataError(f"{origin}: column {column!r} not found; the data has {dataset.column_names} "
+                            f"(set data.text_column / data.label_column)")
+
+
+def num_labels(dataset, config: DataConfig) -> int:
+    labels = dataset.unique(config.label_column)
+    if not all(isinstance(label, int) and label >= 0 for label in labels):
+        raise DataError(f"column {config.label_column!r} must hold integer class ids >= 0, found {labels[:5]}")
+    return max(labels) + 1
+
+
+def tokenize_classification(dataset, tokenizer, config: DataConfig):
+    """Tokenize text (or text pairs) to `max_length`; padding is left to the collator, per batch."""
+    require_columns(dataset, [config.text_column, config.text_pair_column, config.label_column], "data")
+
+    def encode(batch):
+        pair = batch[config.text_pair_column] if config.text_pair_column else None
+        encoded = tokenizer(batch[config.text_column], pair, truncation=True, max_length=config.max_length)
+        encoded["labels"] = batch[config.label_column]
+        return encoded
+
+    return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="Tokenizing")
+
+
+def tokenize_causal_lm(dataset, tokenizer, config: DataConfig):
+    """Tokenize text, concatenate it and cut it into `max_length` blocks whose labels are the inputs."""
+    require_columns(dataset, [config.text_column], "data")
+    block = config.max_length
+
+    def encode(batch):
+        return tokenizer([text for text in batch[config.text_column] if text.strip()])
+
+    def group(batch):
+        ids = [token for sequence in batch["input_ids"] for token in sequence]
+        usable = len(ids) // block * block  # the ragged tail of each map batch is dropped
+        blocks = [ids[i : i + block] for i in range(0, usable, block)]
+        return {"input_ids": blocks, "attention_mask": [[1] * block for _ in blocks], "labels": blocks}
+
+    tokens = dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="Tokenizing")
+    blocks = tokens.map(group, batched=True, batch_size=1000, remove_columns=tokens.column_names, desc="Grouping")
+    if len(blocks) == 0:
+        raise DataError(f"the text holds fewer than max_length={block} tokens")
+    return blocks
+
+
+def eval_token_ids(dataset, tokenizer, config: DataConfig) -> list[int]:
+    """The evaluation text as one token sequence (lines joined by newlines), cut to `max_eval_tokens`."""
+    require_columns(dataset, [config.text_column], "data")
+    text = "\n".join(dataset[config.text_column])
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if config.max_eval_tokens is not None:
+        ids = ids[: config.max_eval_tokens]
+    if len(ids) < 2:
+        raise DataError("the evaluation text holds fewer than 2 tokens")
+    return ids

@@ -1,0 +1,79 @@
+"""`hf-modelopt inspect`: what a model is made of, tensor by tensor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
+
+
+def size_on_disk(folder: str | Path) -> int:
+    """Bytes of the weight files in `folder` (config and tokenizer files are not counted)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+
+
+def tensor_stats(name: str, tensor) -> dict:
+    values = tensor.detach().float()  # integer (quantized) storage is reported by its raw values
+    return {
+        "name": name,
+        "shape": list(tensor.shape),
+        "dtype": str(tensor.dtype).removeprefix("torch."),
+        "numel": tensor.numel(),
+        "min": values.min().item() if tensor.numel() else 0.0,
+        "max": values.max().item() if tensor.numel() else 0.0,
+        "mean": values.mean().item() if tensor.numel() else 0.0,
+        "std": values.std().item() if tensor.numel() > 1 else 0.0,
+        "sparsity": (values == 0).float().mean().item() if tensor.numel() else 0.0,
+    }
+
+
+def inspect_model(model, folder: str | Path | None = None) -> dict:
+    """Parameter count, sizes, dtypes and per-tensor min / max / mean / std / sparsity of `model`."""
+    weights = [tensor_stats(n, p) for n, p in model.named_parameters()]
+    tensors = weights + [tensor_stats(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
+    parameters = sum(p.numel() for p in model.parameters())
+    zeros = sum(t["sparsity"] * t["numel"] for t in weights)
+    memory = sum(p.numel() * p.element_size() for p in model.parameters())
+    memory += sum(b.numel() * b.element_size() for b in model.buffers())
+    return {
+        "model": type(model).__name__,
+        "parameters": parameters,
+        "size_in_memory_bytes": memory,
+        "size_on_disk_bytes": size_on_disk(folder) if folder else None,
+        "dtypes": sorted({t["dtype"] for t in tensors}),
+        "sparsity": zeros / parameters if parameters else 0.0,
+        "tensors": tensors,
+    }
+
+
+def human_bytes(count: int | None) -> str:
+    if count is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{count} B"
+        count /= 1000
+    return f"{count:.1f} GB"
+
+
+def format_report(report: dict) -> str:
+    lines = [
+        f"model:           {report['model']}",
+        f"parameters:      {report['parameters']:,}",
+        f"size on disk:    {human_bytes(report['size_on_disk_bytes'])}",
+        f"size in memory:  {human_bytes(report['size_in_memory_bytes'])}",
+        f"dtypes:          {', '.join(report['dtypes'])}",
+        f"sparsity:        {report['sparsity']:.2%}",
+        "",
+    ]
+    width = max(len(t["name"]) for t in report["tensors"]) if report["tensors"] else 4
+    header = f"{'tensor':<{width}}  {'shape':<14} {'dtype':<8} {'min':>10} {'max':>10} {'mean':>10} {'std':>10} {'sparsity':>8}"
+    lines += [header, "-" * len(header)]
+    for t in report["tensors"]:
+        shape = "x".join(map(str, t["shape"])) or "scalar"
+        lines.append(f"{t['name']:<{width}}  {shape:<14} {t['dtype']:<8} {t['min']:>10.4g} {t['max']:>10.4g} "
+                     f"{t['mean']:>10.4g} {t['std']:>10.4g} {t['sparsity']:>8.2%}")
+    return "\n".join(lines)

@@ -1,0 +1,82 @@
+"""Loading models and tokenizers for a task, from the Hub, a local folder or a GGUF file."""
+
+from __future__ import annotations
+
+import logging
+
+from .recipe import ModelConfig
+
+logger = logging.getLogger("hf_modelopt")
+
+
+def auto_model_class(task: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return {"text-classification": AutoModelForSequenceClassification, "causal-lm": AutoModelForCausalLM}[task]
+
+
+def _drop_gguf_quantizer(model):
+    """Rebuild a GGUF-loaded model as a plain one.
+
+    transformers dequantizes GGUF weights to full precision but keeps the GGUF quantizer attached, and
+    `save_pretrained` then refuses ("quantized with gguf and is not serializable"). The weights are
+    already dense, so a model built from the same config without `quantization_config` that loads the
+    state dict is the same model, and a serializable one.
+    """
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(model)(config)
+    plain.load_state_dict(model.state_dict(), strict=True)
+    if getattr(model, "generation_config", None) is not None:
+        plain.generation_config = model.generation_config
+    return plain.eval()
+
+
+def load_model(spec: ModelConfig, task: str, num_labels: int | None = None, path: str | None = None):
+    """Load the recipe's model for `task`; `path` loads a saved stage output with the same settings."""
+    kwargs = {"trust_remote_code": spec.trust_remote_code}
+    if spec.trust_remote_code:
+        logger.warning("trust_remote_code is on: code shipped with %s will run", path or spec.name_or_path)
+    if path is None:
+        kwargs["revision"] = spec.revision
+        if spec.gguf_file:
+            kwargs["gguf_file"] = spec.gguf_file
+        if task == "text-classification" and num_labels is not None:
+            kwargs["num_labels"] = num_labels
+    model = auto_model_class(task).from_pretrained(path or spec.name_or_path, **kwargs)
+    if path is None and spec.gguf_file:
+        model = _drop_gguf_quantizer(model)
+    return model
+
+
+def load_tokenizer(spec: ModelConfig, path: str | None = None):
+    from transformers import AutoTokenizer
+
+    kwargs = {"trust_remote_code": spec.trust_remote_code}
+    if path is None:
+        kwargs["revision"] = spec.revision
+        if spec.gguf_file and not spec.tokenizer:
+            kwargs["gguf_file"] = spec.gguf_file
+    tokenizer = AutoTokenizer.from_pretrained(path or spec.tokenizer or spec.name_or_path, **kwargs)
+    if tokenizer.pad_token is None:
+        # Causal LMs often ship without a pad token; padding positions are masked out of every loss.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def ensure_loaded(state, recipe):
+    """Give `state` a model and tokenizer in memory, loading them from `state.path` if needed."""
+    if state.model is None and state.path is not None:
+        state.model = load_model(recipe.model, recipe.task, path=str(state.path))
+    elif state.model is None:
+        labels = None
+        if recipe.task == "text-classification":
+            from .data import load_split, num_labels
+
+            has_train = recipe.data.train_file is not None or recipe.data.dataset is not None
+            labels = num_labels(load_split(recipe.data, "train" if has_train else "eval"), recipe.data)
+        state.model = load_model(recipe.model, recipe.task, num_labels=labels)
+    if state.tokenizer is None:
+        state.tokenizer = load_tokenizer(recipe.model, path=str(state.path) if state.path else None)
+    return state

@@ -1,0 +1,2 @@
+"""Pruning (unstructured, structured, one-shot LLM). Not implemented yet: its `prune` stage and
+`PruningCallback` register here."""

@@ -1,0 +1,84 @@
+"""The one registry of recipe stages: stage name -> (config class, function).
+
+A stage is a function `run(state, config, context) -> state`. It gets the model produced by the stages
+before it, may write files into `context.stage_dir`, and returns the model the next stage receives (with
+the metrics it measured, if any). Techniques register their stages here with `@register_stage`; the
+recipe validates each `stages:` entry into the registered config class.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
+
+logger = logging.getLogger("hf_modelopt")
+
+# Modules whose import registers the built-in stages; techniques add themselves to this list.
+BUILTIN_STAGE_MODULES = ("hf_modelopt.train", "hf_modelopt.metrics", "hf_modelopt.export.save")
+
+
+class StageConfig(BaseModel):
+    """Fields every stage accepts. Subclasses add their own; unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    name: str | None = Field(None, description="Name of the stage's output folder; defaults to the stage type.")
+    # Data splits ("train", "eval") the stage reads; checked before any stage runs.
+    requires_data: ClassVar[tuple[str, ...]] = ()
+
+
+@dataclass
+class ModelState:
+    """What flows from stage to stage: a model in memory, or the folder it was saved to, or both."""
+
+    model: Any = None
+    tokenizer: Any = None
+    path: Path | None = None  # a folder `from_pretrained` loads, once the model is saved
+    description: str = ""  # the chain of stages that produced this model, for metrics and cards
+    metrics: dict[str, float] | None = None  # set by stages that measure the model
+
+
+@dataclass
+class StageContext:
+    """Everything a stage may read besides its own config."""
+
+    recipe: "Recipe"
+    stage_name: str
+    stage_dir: Path
+    output_dir: Path
+    history: list[dict[str, Any]] = field(default_factory=list)  # records of the stages run so far
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    config_cls: type[StageConfig]
+    run: Callable[[ModelState, StageConfig, StageContext], ModelState]
+    changes_model: bool  # False for stages that only measure (their model passes through unchanged)
+    cacheable: bool  # False for stages whose work is writing outside their folder (export)
+
+
+STAGES: dict[str, StageSpec] = {}
+
+
+def register_stage(name: str, config_cls: type[StageConfig], changes_model: bool = True, cacheable: bool = True):
+    """Register `fn(state, config, context) -> state` as the recipe stage `name`."""
+
+    def decorator(fn):
+        if name in STAGES and STAGES[name].run is not fn:
+            raise ValueError(f"stage {name!r} is already registered by {STAGES[name].run.__module__}")
+        STAGES[name] = StageSpec(config_cls, fn, changes_model, cacheable)
+        return fn
+
+    return decorator
+
+
+def load_builtin_stages() -> None:
+    for module in BUILTIN_STAGE_MODULES:
+        importlib.import_module(module)
