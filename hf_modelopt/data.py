@@ -51,8 +51,11 @@ def load_split(config: DataConfig, split: str):
     path = data_files(config).get(split)
     if path is not None:
         builder, kwargs = FILE_FORMATS[path.suffix]
-        dataset = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, **kwargs)
         origin = str(path)
+        try:
+            dataset = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, **kwargs)
+        except ValueError as err:  # datasets refuses files without rows ("corresponds to no data")
+            raise DataError(f"{origin}: the {split} split is empty or unreadable ({err})") from None
     elif config.dataset is not None:
         hub_split = config.train_split if split == "train" else config.eval_split
         dataset = datasets.load_dataset(config.dataset, config.dataset_config, split=hub_split)

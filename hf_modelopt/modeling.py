@@ -70,6 +70,10 @@ def ensure_loaded(state, recipe):
     if state.model is None and state.path is not None:
         state.model = load_model(recipe.model, recipe.task, path=str(state.path))
     elif state.model is None:
+        from transformers import set_seed
+
+        # Seed before building the model, so newly initialised weights (a task head) are reproducible.
+        set_seed(recipe.training.get("seed", 42))
         labels = None
         if recipe.task == "text-classification":
             from .data import load_split, num_labels

@@ -98,7 +98,7 @@ class Recipe(StrictModel):
     training: dict[str, Any] = Field(
         default_factory=dict, description="Keyword arguments of `transformers.TrainingArguments`."
     )
-    stages: list[dict[str, Any]] = Field(min_length=1, description="Ordered list of stages to run.")
+    stages: list[dict[str, Any] | str] = Field(min_length=1, description="Ordered list of stages to run.")
     # Filled by `load_recipe`, never read from YAML.
     source: str = Field("<python>", exclude=True)
     resolved_stages: list[Stage] = Field(default_factory=list, exclude=True)

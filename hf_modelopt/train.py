@@ -19,9 +19,11 @@ TRAINING_DEFAULTS = {"report_to": "none", "save_strategy": "no", "logging_steps"
 
 def training_arguments(recipe, stage_training: dict[str, Any], output_dir: Path):
     """`TrainingArguments` from the defaults, the recipe's `training:` and the stage's own overrides."""
+    import torch
     from transformers import TrainingArguments
 
-    return TrainingArguments(output_dir=str(output_dir), **{**TRAINING_DEFAULTS, **recipe.training, **stage_training})
+    defaults = {**TRAINING_DEFAULTS, "dataloader_pin_memory": torch.cuda.is_available()}
+    return TrainingArguments(output_dir=str(output_dir), **{**defaults, **recipe.training, **stage_training})
 
 
 def training_data(recipe, tokenizer):

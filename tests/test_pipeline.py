@@ -1,0 +1,98 @@
+import json
+import logging
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from hf_modelopt.pipeline import run_recipe
+from hf_modelopt.recipe import RecipeError, validate_recipe
+
+from .conftest import CAUSAL_LMS, CLASSIFIERS, tiny_recipe
+
+
+@pytest.mark.parametrize("model_type", CLASSIFIERS)
+def test_classification_recipe_end_to_end(model_type, tiny_models, sst2_files, tmp_path):
+    recipe = validate_recipe(tiny_recipe(tiny_models(model_type), sst2_files))
+    result = run_recipe(recipe, tmp_path / "out")
+    out = tmp_path / "out"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [m["stage"] for m in metrics] == ["before", "after"]
+    assert metrics[1]["model"].endswith("-> finetune") and 0 <= metrics[1]["metrics"]["accuracy"] <= 1
+    assert metrics[1]["metrics"]["eval_samples"] == 32
+    assert (out / "recipe.yaml").is_file() and (out / "README.md").is_file()
+    assert (out / "model.safetensors").is_file() and not (out / ".export-tmp").exists()
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.model_type == model_type
+    assert [r["name"] for r in result["stages"]] == ["before", "finetune", "after", "export"]
+
+
+@pytest.mark.parametrize("model_type", CAUSAL_LMS)
+def test_causal_lm_recipe_end_to_end(model_type, tiny_models, sst2_files, tmp_path):
+    recipe = validate_recipe(tiny_recipe(tiny_models(model_type, "causal-lm"), sst2_files, task="causal-lm"))
+    run_recipe(recipe, tmp_path / "out")
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    before, after = (m["metrics"]["perplexity"] for m in metrics)
+    # A random tiny model is near-uniform over 30k tokens; three steps at lr 1e-3 must already help.
+    assert after < before <= 30522 * 1.5
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.model_type == model_type
+
+
+def test_unchanged_stages_are_reused(tiny_models, sst2_files, tmp_path, caplog):
+    data = tiny_recipe(tiny_models("bert"), sst2_files)
+    run_recipe(validate_recipe(data), tmp_path / "a")
+    trained = (tmp_path / "a" / "stages" / "finetune" / "model" / "model.safetensors").read_bytes()
+    with caplog.at_level(logging.INFO, logger="hf_modelopt"):
+        run_recipe(validate_recipe(data), tmp_path / "a")  # same folder
+        run_recipe(validate_recipe(data), tmp_path / "b")  # another folder: found through the cache index
+    reused = [r.getMessage() for r in caplog.records if "reused" in r.getMessage()]
+    assert sum("'finetune' reused" in m for m in reused) == 2
+    assert (tmp_path / "b" / "stages" / "finetune" / "model" / "model.safetensors").read_bytes() == trained
+    first = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text()) == first
+
+
+def test_changed_config_is_recomputed(tiny_models, sst2_files, tmp_path, caplog):
+    data = tiny_recipe(tiny_models("bert"), sst2_files)
+    run_recipe(validate_recipe(data), tmp_path / "a")
+    data["training"]["learning_rate"] = 5e-4
+    with caplog.at_level(logging.INFO, logger="hf_modelopt"):
+        run_recipe(validate_recipe(data), tmp_path / "a")
+    assert not any("'finetune' reused" in r.getMessage() for r in caplog.records)
+
+
+def test_unfinished_stage_is_not_reused(tiny_models, sst2_files, tmp_path, caplog):
+    data = tiny_recipe(tiny_models("bert"), sst2_files)
+    run_recipe(validate_recipe(data), tmp_path / "a")
+    (tmp_path / "a" / "stages" / "finetune" / "stage.json").unlink()  # as if it crashed before finishing
+    with caplog.at_level(logging.INFO, logger="hf_modelopt"):
+        run_recipe(validate_recipe(data), tmp_path / "a")
+    assert not any("'finetune' reused" in r.getMessage() for r in caplog.records)
+
+
+def test_recipe_without_training_exports_the_base_model(tiny_models, sst2_files, tmp_path):
+    recipe = validate_recipe(tiny_recipe(tiny_models("bert"), sst2_files, stages=["evaluate"]))
+    run_recipe(recipe, tmp_path / "out")
+    assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "out") is not None
+
+
+def test_missing_data_file_fails_before_any_output(tiny_models, sst2_files, tmp_path):
+    data = tiny_recipe(tiny_models("bert"), sst2_files)
+    data["data"]["train_file"] = "sst2/nope.tsv"
+    with pytest.raises(RecipeError) as info:
+        run_recipe(validate_recipe(data, "r.yaml"), tmp_path / "out")
+    assert info.value.key == "data.train_file" and "nope.tsv" in info.value.message
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_local_model_fails_before_any_output(sst2_files, tmp_path):
+    data = tiny_recipe(tmp_path / "no-such-model", sst2_files)
+    with pytest.raises(RecipeError, match="folder not found"):
+        run_recipe(validate_recipe(data), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_uncached_hub_model_offline_is_named(sst2_files, tmp_path):
+    data = tiny_recipe(tmp_path, sst2_files)
+    data["model"]["name_or_path"] = "nobody/not-a-cached-model"
+    with pytest.raises(RecipeError, match="not in the Hugging Face cache"):
+        run_recipe(validate_recipe(data), tmp_path / "out")
