@@ -21,6 +21,11 @@ _EXPORTS = {
     "evaluate_model": "metrics",
     "ExportConfig": "export.save",
     "inspect_model": "inspection",
+    "UserError": "errors",
+    "DistillationConfig": "distill.config",
+    "StudentConfig": "distill.config",
+    "DistillationTrainer": "distill.trainer",
+    "student_from_teacher": "distill.student",
 }
 
 __all__ = sorted(_EXPORTS)

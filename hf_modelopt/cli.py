@@ -101,15 +101,18 @@ def _inspect(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .data import DataError
-    from .recipe import RecipeError
+    from .errors import UserError
 
     args = make_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[hf-modelopt] %(message)s")
+    # Our own progress lines only; libraries keep their default (warnings and above).
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[hf-modelopt] %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     use_offline_mode_if_hub_unreachable()
     try:
         return {"run": _run, "eval": _eval, "inspect": _inspect}[args.command](args)
-    except (RecipeError, DataError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

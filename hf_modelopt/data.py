@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .errors import UserError
 from .recipe import DataConfig, RecipeError
 
 # File suffix -> (datasets builder, extra load_dataset arguments)
@@ -18,7 +19,7 @@ FILE_FORMATS = {
 SPLIT_KEYS = {"train": "train_file", "eval": "eval_file"}
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """The data cannot be used: a missing file or column, or an empty split."""
 
 

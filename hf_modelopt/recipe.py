@@ -18,13 +18,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from .errors import UserError
 from .stages import STAGES, StageConfig, load_builtin_stages
 
 TASKS = ("text-classification", "causal-lm")
 DEFAULT_DATA_DIR = "../shared/data"
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError):
     """A recipe problem: `source: key: what was expected`."""
 
     def __init__(self, source: str, key: str, message: str):

@@ -22,7 +22,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger("hf_modelopt")
 
 # Modules whose import registers the built-in stages; techniques add themselves to this list.
-BUILTIN_STAGE_MODULES = ("hf_modelopt.train", "hf_modelopt.metrics", "hf_modelopt.export.save")
+BUILTIN_STAGE_MODULES = (
+    "hf_modelopt.train",
+    "hf_modelopt.metrics",
+    "hf_modelopt.distill.stage",
+    "hf_modelopt.export.save",
+)
 
 
 class StageConfig(BaseModel):

@@ -26,15 +26,18 @@ def training_arguments(recipe, stage_training: dict[str, Any], output_dir: Path)
     return TrainingArguments(output_dir=str(output_dir), **{**defaults, **recipe.training, **stage_training})
 
 
-def training_data(recipe, tokenizer):
-    """Tokenized train (and, if configured, eval) datasets plus the collator for the recipe's task."""
+def training_data(recipe, tokenizer, raw_train=None):
+    """Tokenized train (and, if configured, eval) datasets plus the collator for the recipe's task.
+
+    `raw_train` replaces the recipe's training split (a stage that adds examples passes it).
+    """
     from transformers import DataCollatorWithPadding, default_data_collator
 
     from .data import load_split, tokenize_causal_lm, tokenize_classification
 
     tokenize = tokenize_classification if recipe.task == "text-classification" else tokenize_causal_lm
     collator = DataCollatorWithPadding(tokenizer) if recipe.task == "text-classification" else default_data_collator
-    train = tokenize(load_split(recipe.data, "train"), tokenizer, recipe.data)
+    train = tokenize(raw_train if raw_train is not None else load_split(recipe.data, "train"), tokenizer, recipe.data)
     has_eval = recipe.data.eval_file is not None or recipe.data.dataset is not None
     evaluation = tokenize(load_split(recipe.data, "eval"), tokenizer, recipe.data) if has_eval else None
     return train, evaluation, collator

@@ -1,2 +1,25 @@
-"""Knowledge distillation (teacher -> student). Not implemented yet: its `distill` stage registers here
-(DistillationTrainer, losses, students built from teachers, teacher-logit cache)."""
+"""Knowledge distillation: a teacher's outputs train a smaller student.
+
+`DistillationTrainer` (a `transformers.Trainer` whose loss is the distillation loss), the losses as pure
+functions, students built from their teacher's layers, a teacher-logit cache, and the `distill` stage.
+"""
+
+from .cache import TeacherLogitCache, build_teacher_logit_cache
+from .config import DistillationConfig, StudentConfig
+from .losses import attention_kl, attention_mse, hidden_cosine, hidden_mse, soft_target_kl, sparse_soft_target_kl
+from .student import student_from_teacher
+
+__all__ = [
+    "DistillationConfig", "StudentConfig", "TeacherLogitCache", "build_teacher_logit_cache",
+    "student_from_teacher", "soft_target_kl", "sparse_soft_target_kl", "hidden_mse", "hidden_cosine",
+    "attention_kl", "attention_mse", "DistillationTrainer",
+]
+
+
+def __getattr__(name):
+    # The trainer pulls in transformers' Trainer: load it on first use only.
+    if name == "DistillationTrainer":
+        from .trainer import DistillationTrainer
+
+        return DistillationTrainer
+    raise AttributeError(name)

@@ -1,0 +1,77 @@
+"""`DistillationConfig`: what the `distill` stage and `DistillationTrainer` are told."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..stages import StageConfig
+
+
+class StudentConfig(BaseModel):
+    """Where the student comes from: layers kept from the teacher, or a model of its own."""
+
+    model_config = ConfigDict(extra="forbid")
+    layers: list[int] | None = Field(
+        None, description="Teacher layers the student keeps, in order (e.g. [0, 2, 4]); weights are copied."
+    )
+    every: int | None = Field(None, gt=0, description="Keep every n-th teacher layer, from layer 0.")
+    name_or_path: str | None = Field(None, description="A separate student model (Hub id or folder).")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        given = [key for key in ("layers", "every", "name_or_path") if getattr(self, key) is not None]
+        if len(given) != 1:
+            raise ValueError(f"set exactly one of layers, every, name_or_path (got {given or 'none'})")
+        if self.layers is not None and (not self.layers or min(self.layers) < 0):
+            raise ValueError(f"layers must be a non-empty list of layer indices >= 0, got {self.layers}")
+        return self
+
+
+class DistillationConfig(StageConfig):
+    """Knowledge distillation of the incoming model (the teacher) into a student.
+
+    The loss is a weighted sum: `kd_weight`·soft-target KL at `temperature` (× T²) + `ce_weight`·task
+    cross-entropy + `hidden_weight`·hidden-state MSE + `cosine_weight`·hidden-state cosine +
+    `attention_weight`·attention-map KL or MSE. Terms with weight 0 are not computed.
+    """
+
+    student: StudentConfig = Field(description="How the student is built.")
+    temperature: float = Field(2.0, gt=0, description="Softmax temperature of the soft-target KL.")
+    kd_weight: float = Field(1.0, ge=0, description="Weight of the soft-target KL (Hinton).")
+    ce_weight: float = Field(0.0, ge=0, description="Weight of the hard-label cross-entropy.")
+    hidden_weight: float = Field(0.0, ge=0, description="Weight of the hidden-state MSE (TinyBERT).")
+    cosine_weight: float = Field(0.0, ge=0, description="Weight of the hidden-state cosine loss (DistilBERT).")
+    attention_weight: float = Field(0.0, ge=0, description="Weight of the attention-map loss (MiniLM / TinyBERT).")
+    attention_loss: Literal["kl", "mse"] = Field("kl", description="Attention-map loss: KL (MiniLM) or MSE.")
+    layer_map: dict[int, int] | None = Field(
+        None, description="Student layer -> teacher layer for hidden / attention losses. Default: each kept "
+        "layer maps to the teacher layer it was copied from, else evenly spaced teacher layers.",
+    )
+    top_k: int | None = Field(
+        None, gt=0, description="Keep only the teacher's k largest logits per position (live and cached KD alike).",
+    )
+    cache_teacher_logits: bool = Field(
+        False, description="Compute the teacher's (top-k) logits over the training set once, store them as "
+        "safetensors in the stage folder, and train from them instead of running the teacher.",
+    )
+    transfer_file: str | None = Field(
+        None, description="Unlabelled text (relative to data.data_dir, one example per line) added to the "
+        "training set for KD only (classification).",
+    )
+    max_transfer_samples: int | None = Field(None, gt=0, description="Use only the first N transfer lines.")
+    training: dict[str, Any] = Field(
+        default_factory=dict, description="TrainingArguments for this stage only, over the recipe's `training:`.",
+    )
+    requires_data = ("train",)
+
+    @model_validator(mode="after")
+    def _some_loss(self):
+        weights = (self.kd_weight, self.ce_weight, self.hidden_weight, self.cosine_weight, self.attention_weight)
+        if not any(weights):
+            raise ValueError("all loss weights are 0: set kd_weight, ce_weight, hidden_weight, ... above 0")
+        if self.cache_teacher_logits and (self.hidden_weight or self.cosine_weight or self.attention_weight):
+            raise ValueError("cache_teacher_logits caches logits only: hidden / cosine / attention losses need "
+                             "the live teacher (set their weights to 0 or turn the cache off)")
+        return self

@@ -1,0 +1,130 @@
+"""The `distill` recipe stage: the incoming model is the teacher; the stage's output is the student."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from ..errors import UserError
+from ..stages import ModelState, StageContext, register_stage
+from .config import DistillationConfig
+
+logger = logging.getLogger("hf_modelopt")
+
+
+class VocabularyMismatchError(UserError):
+    """Teacher and student tokenize differently, so token-level KD would compare unrelated distributions."""
+
+
+def check_same_vocabulary(teacher_tokenizer, student_tokenizer) -> None:
+    """Refuse token-level KD between tokenizers that differ; the message names the first difference."""
+    teacher_vocab, student_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    if teacher_vocab == student_vocab:
+        return
+    teacher_by_id = {i: t for t, i in teacher_vocab.items()}
+    student_by_id = {i: t for t, i in student_vocab.items()}
+    for token_id in range(max(len(teacher_by_id), len(student_by_id))):
+        a, b = teacher_by_id.get(token_id), student_by_id.get(token_id)
+        if a != b:
+            raise VocabularyMismatchError(
+                f"teacher and student vocabularies differ at token id {token_id}: teacher {a!r}, student {b!r} "
+                f"(sizes {len(teacher_vocab)} and {len(student_vocab)}); token-level KD needs the same tokenizer")
+    raise VocabularyMismatchError("teacher and student vocabularies differ in token ids beyond their sizes")
+
+
+def transfer_sentences(path: Path, limit: int | None = None) -> list[str]:
+    """Unlabelled sentences from a text file: one per line, long paragraphs split at ' . ' (WikiText style).
+
+    Headings (`= Title =`) and fragments under four words are skipped.
+    """
+    sentences = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("="):
+            continue
+        for sentence in line.split(" . "):
+            if len(sentence.split()) >= 4:
+                sentences.append(sentence.strip().rstrip(" .") + " .")
+                if limit is not None and len(sentences) >= limit:
+                    return sentences
+    return sentences
+
+
+def _with_transfer_text(train, recipe, config: DistillationConfig):
+    """Append unlabelled transfer sentences (label -100: KD only) to the raw training split."""
+    import datasets
+
+    from ..data import DataError
+
+    path = recipe.data.resolve(config.transfer_file)
+    if not path.is_file():
+        raise DataError(f"distill.transfer_file: file not found: {path}")
+    sentences = transfer_sentences(path, config.max_transfer_samples)
+    columns = {recipe.data.text_column: sentences, recipe.data.label_column: [-100] * len(sentences)}
+    extra = datasets.Dataset.from_dict(columns).cast(train.features)
+    logger.info("distill: %d unlabelled transfer sentences from %s added for KD", len(sentences), path)
+    return datasets.concatenate_datasets([train.select_columns(list(columns)), extra])
+
+
+@register_stage("distill", DistillationConfig)
+def distill_stage(state: ModelState, config: DistillationConfig, context: StageContext) -> ModelState:
+    from ..data import load_split
+    from ..modeling import ensure_loaded, load_model, load_tokenizer
+    from ..recipe import ModelConfig
+    from ..train import training_arguments, training_data
+    from .cache import CachedTeacherCollator, TeacherLogitCache, build_teacher_logit_cache
+    from .student import student_from_teacher
+    from .trainer import DistillationTrainer, default_layer_map
+
+    recipe = context.recipe
+    ensure_loaded(state, recipe)
+    teacher, tokenizer = state.model, state.tokenizer
+    copied_from = None
+    if config.student.name_or_path:
+        spec = ModelConfig(name_or_path=config.student.name_or_path)
+        if recipe.task == "causal-lm":
+            check_same_vocabulary(tokenizer, load_tokenizer(spec))
+        student = load_model(spec, recipe.task, num_labels=getattr(teacher.config, "num_labels", None))
+    else:
+        student, copied_from = student_from_teacher(teacher, config.student.layers, config.student.every)
+        logger.info("distill: student keeps teacher layers %s of %d", copied_from, teacher.config.num_hidden_layers)
+    layer_map = config.layer_map or default_layer_map(
+        student.config.num_hidden_layers, teacher.config.num_hidden_layers, copied_from)
+    if config.attention_weight:  # attention maps are only returned by the eager implementation
+        teacher.set_attn_implementation("eager")
+        student.set_attn_implementation("eager")
+
+    raw_train = load_split(recipe.data, "train")
+    if config.transfer_file:
+        if recipe.task != "text-classification":
+            raise UserError("distill.transfer_file is for classification; for causal LMs add the text to the data")
+        raw_train = _with_transfer_text(raw_train, recipe, config)
+    train, evaluation, collator = training_data(recipe, tokenizer, raw_train=raw_train)
+    train = train.add_column("example_index", list(range(len(train))))
+    args = training_arguments(recipe, {**config.training, "remove_unused_columns": False},
+                              context.stage_dir / "checkpoints")
+    teacher_for_trainer = teacher
+    if config.cache_teacher_logits:
+        path = build_teacher_logit_cache(teacher, train, collator, context.stage_dir / "teacher_logits.safetensors",
+                                         config.top_k, batch_size=recipe.data.eval_batch_size)
+        collator = CachedTeacherCollator(collator, TeacherLogitCache(path))
+        teacher_for_trainer = None  # the teacher is not needed any more: every logit comes from the cache
+    trainer = DistillationTrainer(
+        model=student,
+        teacher=teacher_for_trainer,
+        distillation_config=config,
+        layer_map=layer_map if teacher_for_trainer is not None else {},
+        args=args,
+        train_dataset=train,
+        eval_dataset=evaluation if args.eval_strategy != "no" else None,
+        data_collator=collator,
+        processing_class=tokenizer,
+    )
+    result = trainer.train()
+    (context.stage_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+    logger.info("distill: trained %d steps in %.0f s (loss %.4f)", result.global_step,
+                result.metrics["train_runtime"], result.training_loss)
+    if config.attention_weight:
+        student.set_attn_implementation("sdpa")
+    return ModelState(model=trainer.model, tokenizer=tokenizer)

@@ -1,0 +1,125 @@
+"""`DistillationTrainer`: a `transformers.Trainer` whose loss is the distillation loss. Nothing else changes."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+from . import losses
+from .config import DistillationConfig
+
+
+def default_layer_map(student_layers: int, teacher_layers: int, copied_from: list[int] | None = None) -> dict[int, int]:
+    """Student layer -> teacher layer: where it was copied from, else evenly spaced (last to last)."""
+    if copied_from is not None:
+        return dict(enumerate(copied_from))
+    return {i: round((i + 1) * teacher_layers / student_layers) - 1 for i in range(student_layers)}
+
+
+def task_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """CE over labelled examples (classification) or next tokens (causal LM); -100 is ignored."""
+    if logits.dim() == 3:  # causal LM: position t predicts token t + 1
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    labels = labels.reshape(-1)
+    if not (labels != -100).any():  # a batch of unlabelled transfer text only
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.reshape(labels.numel(), -1).float(), labels, ignore_index=-100)
+
+
+class DistillationTrainer(Trainer):
+    """Trains `model` (the student) against a frozen `teacher` with the losses of a `DistillationConfig`.
+
+    The teacher is put in eval mode, never receives gradients, runs under `torch.no_grad()`, is placed on
+    the student's device(s) by accelerate and is not part of the student's checkpoints. Each loss term is
+    logged on its own (`kd_loss`, `ce_loss`, `hidden_loss`, `cosine_loss`, `attention_loss`).
+    Batches may carry `teacher_top_values` / `teacher_top_indices` (from a `TeacherLogitCache`): then the
+    teacher does not run at all.
+    """
+
+    def __init__(self, *args, teacher=None, distillation_config: DistillationConfig, layer_map=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.distillation_config = config = distillation_config
+        student = self.model
+        if layer_map is None and teacher is not None:
+            layer_map = default_layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
+        self.layer_map = layer_map or {}
+        self.teacher = None
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+            self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        # Widths differ: a learned projection per mapped layer (trained, never saved with the student).
+        self.projections = torch.nn.ModuleDict()
+        if teacher is not None and (config.hidden_weight or config.cosine_weight):
+            s_width, t_width = student.config.hidden_size, teacher.config.hidden_size
+            if s_width != t_width:
+                self.projections = torch.nn.ModuleDict(
+                    {str(i): torch.nn.Linear(s_width, t_width) for i in self.layer_map}
+                ).to(self.args.device)
+        # Our losses are means over the batch: let Trainer divide by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
+        self._loss_terms: dict[str, list[torch.Tensor]] = defaultdict(list)
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        if len(self.projections):
+            optimizer.add_param_group({"params": list(self.projections.parameters()), "weight_decay": 0.0})
+        return optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        config = self.distillation_config
+        inputs = dict(inputs)
+        labels = inputs.pop("labels", None)
+        inputs.pop("example_index", None)
+        cached = inputs.pop("teacher_top_values", None), inputs.pop("teacher_top_indices", None)
+        need_hidden = bool(config.hidden_weight or config.cosine_weight)
+        need_attention = bool(config.attention_weight)
+        student = model(**inputs, output_hidden_states=need_hidden, output_attentions=need_attention)
+        mask = inputs.get("attention_mask") if student.logits.dim() == 3 else None
+
+        teacher = None
+        if cached[0] is None and (config.kd_weight or need_hidden or need_attention):
+            with torch.no_grad():
+                teacher = self.teacher(**inputs, output_hidden_states=need_hidden, output_attentions=need_attention)
+
+        terms: dict[str, torch.Tensor] = {}
+        if config.kd_weight:
+            if cached[0] is not None:
+                values, indices = cached
+            else:
+                values, indices = losses.top_k_logits(teacher.logits, config.top_k)
+            terms["kd_loss"] = config.kd_weight * losses.sparse_soft_target_kl(
+                student.logits, values, indices, config.temperature, mask)
+        if config.ce_weight and labels is not None:
+            terms["ce_loss"] = config.ce_weight * task_cross_entropy(student.logits, labels)
+        token_mask = inputs.get("attention_mask")
+        for s_layer, t_layer in self.layer_map.items():
+            projection = self.projections[str(s_layer)] if len(self.projections) else None
+            if config.hidden_weight:
+                terms["hidden_loss"] = terms.get("hidden_loss", 0) + config.hidden_weight * losses.hidden_mse(
+                    student.hidden_states[s_layer + 1], teacher.hidden_states[t_layer + 1], projection, token_mask
+                ) / len(self.layer_map)
+            if config.cosine_weight:
+                terms["cosine_loss"] = terms.get("cosine_loss", 0) + config.cosine_weight * losses.hidden_cosine(
+                    student.hidden_states[s_layer + 1], teacher.hidden_states[t_layer + 1], projection, token_mask
+                ) / len(self.layer_map)
+            if config.attention_weight:
+                attention = losses.attention_kl if config.attention_loss == "kl" else losses.attention_mse
+                terms["attention_loss"] = terms.get("attention_loss", 0) + config.attention_weight * attention(
+                    student.attentions[s_layer], teacher.attentions[t_layer], token_mask
+                ) / len(self.layer_map)
+
+        loss = sum(terms.values())
+        for name, value in terms.items():
+            self._loss_terms[name].append(value.detach())
+        return (loss, student) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        # Training logs get each loss term averaged since the last log; evaluation logs pass through.
+        if "loss" in logs and self._loss_terms:
+            logs.update({name: torch.stack(v).mean().item() for name, v in self._loss_terms.items()})
+            self._loss_terms.clear()
+        super().log(logs, *args, **kwargs)
