@@ -54,7 +54,31 @@ def make_parser() -> argparse.ArgumentParser:
     inspect.add_argument("model", help="model folder or Hub id")
     inspect.add_argument("--gguf-file", help="GGUF file inside the folder or repository")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bench = commands.add_parser("bench", help="latency of models side by side (speed-up vs the first)")
+    bench.add_argument("models", nargs="+", help="model folders or Hub ids; the first is the reference")
+    bench.add_argument("--batch-size", type=int, default=32)
+    bench.add_argument("--seq-len", type=int, default=64)
+    bench.add_argument("--repeats", type=int, default=20, help="timed runs per model (median reported)")
+    bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
+
+
+def _load_any(path: str, **kwargs):
+    """A saved model with its head, whatever the task (the class named in its config)."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(path, **kwargs)
+    architecture = (config.architectures or ["AutoModel"])[0]
+    return getattr(transformers, architecture, transformers.AutoModel).from_pretrained(path, **kwargs)
+
+
+def _bench(args) -> int:
+    from .benchmark import compare_latency, format_latency_table
+
+    models = {path: _load_any(path) for path in args.models}
+    results = compare_latency(models, args.batch_size, args.seq_len, args.repeats)
+    print(json.dumps(results, indent=2) if args.json else format_latency_table(results))
+    return 0
 
 
 def _run(args) -> int:
@@ -86,15 +110,10 @@ def _eval(args) -> int:
 
 
 def _inspect(args) -> int:
-    import transformers
-
     from .inspection import format_report, inspect_model
 
     kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
-    config = transformers.AutoConfig.from_pretrained(args.model, **kwargs)
-    architecture = (config.architectures or ["AutoModel"])[0]
-    model_class = getattr(transformers, architecture, transformers.AutoModel)
-    model = model_class.from_pretrained(args.model, **kwargs)
+    model = _load_any(args.model, **kwargs)
     report = inspect_model(model, args.model if os.path.isdir(args.model) else None)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
@@ -111,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.setLevel(logging.INFO)
     use_offline_mode_if_hub_unreachable()
     try:
-        return {"run": _run, "eval": _eval, "inspect": _inspect}[args.command](args)
+        return {"run": _run, "eval": _eval, "inspect": _inspect, "bench": _bench}[args.command](args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -39,14 +39,38 @@ def check_data(config: DataConfig, needed_splits: set[str], source: str) -> None
         if not path.is_file():
             hint = " (set data.data_dir or $HF_MODELOPT_DATA_DIR)" if not Path(config.data_dir).is_dir() else ""
             raise RecipeError(source, key, f"file not found: {path}{hint}")
+    if config.eval_fraction is not None:
+        needed_splits = (needed_splits - {"eval"}) | {"train"}  # evaluation rows come from the training data
     if config.dataset is None:
         for split in sorted(needed_splits - set(data_files(config))):
             raise RecipeError(source, f"data.{SPLIT_KEYS[split]}",
                               "a stage needs this split: set the file, or data.dataset for a Hub dataset")
 
 
+def has_split(config: DataConfig, split: str) -> bool:
+    """Whether the data configuration provides the "train" or "eval" split."""
+    if config.dataset is not None or split in data_files(config):
+        return True
+    return split == "eval" and config.eval_fraction is not None and "train" in data_files(config)
+
+
 def load_split(config: DataConfig, split: str):
     """Load the "train" or "eval" split as a `datasets.Dataset`, truncated to max_*_samples."""
+    if config.eval_fraction is not None:  # both splits come from the training data, disjoint
+        rows = _load_raw(config, "train")
+        held_out = max(1, int(len(rows) * config.eval_fraction))
+        dataset = rows.select(range(len(rows) - held_out, len(rows)) if split == "eval" else range(len(rows) - held_out))
+    else:
+        dataset = _load_raw(config, split)
+    limit = config.max_train_samples if split == "train" else config.max_eval_samples
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    if len(dataset) == 0:
+        raise DataError(f"data: the {split} split is empty")
+    return dataset
+
+
+def _load_raw(config: DataConfig, split: str):
     import datasets
 
     path = data_files(config).get(split)
@@ -63,9 +87,6 @@ def load_split(config: DataConfig, split: str):
         origin = f"{config.dataset}[{hub_split}]"
     else:
         raise DataError(f"data.{SPLIT_KEYS[split]}: no {split} data configured")
-    limit = config.max_train_samples if split == "train" else config.max_eval_samples
-    if limit is not None:
-        dataset = dataset.select(range(min(limit, len(dataset))))
     if len(dataset) == 0:
         raise DataError(f"{origin}: the {split} split is empty")
     return dataset

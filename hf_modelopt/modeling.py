@@ -76,10 +76,10 @@ def ensure_loaded(state, recipe):
         set_seed(recipe.training.get("seed", 42))
         labels = None
         if recipe.task == "text-classification":
-            from .data import load_split, num_labels
+            from .data import has_split, load_split, num_labels
 
-            has_train = recipe.data.train_file is not None or recipe.data.dataset is not None
-            labels = num_labels(load_split(recipe.data, "train" if has_train else "eval"), recipe.data)
+            split = "train" if has_split(recipe.data, "train") else "eval"
+            labels = num_labels(load_split(recipe.data, split), recipe.data)
         state.model = load_model(recipe.model, recipe.task, num_labels=labels)
     if state.tokenizer is None:
         state.tokenizer = load_tokenizer(recipe.model, path=str(state.path) if state.path else None)

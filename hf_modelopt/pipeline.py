@@ -57,12 +57,14 @@ def recipe_fingerprint(recipe: Recipe) -> str:
                 stat = file.stat()
                 model_files[str(file)] = f"{stat.st_size}:{stat.st_mtime_ns}"
     data = {split: _file_identity(path) for split, path in data_files(recipe.data).items()}
-    return _digest(__version__, recipe.model.model_dump(), model_files, recipe.task,
-                   recipe.data.model_dump(), data, recipe.training)
+    # Defaults are left out, so that a new config field (with a default that keeps behaviour) does not
+    # invalidate every finished stage.
+    return _digest(__version__, recipe.model.model_dump(exclude_defaults=True), model_files, recipe.task,
+                   recipe.data.model_dump(exclude_defaults=True, exclude={"data_dir"}), data, recipe.training)
 
 
 def stage_fingerprint(previous: str, stage: Stage) -> str:
-    return _digest(previous, stage.type, stage.config.model_dump(exclude={"name"}))
+    return _digest(previous, stage.type, stage.config.model_dump(exclude={"name"}, exclude_defaults=True))
 
 
 # --------------------------------------------------------------------------- pre-flight
@@ -132,13 +134,15 @@ def _find_finished(fingerprint: str, stage_dir: Path) -> Path | None:
     return None
 
 
-def _link_or_copy_tree(source: Path, target: Path) -> None:
-    def link_or_copy(src, dst):
-        try:
-            os.link(src, dst)  # no second copy of the weights on the same file system
-        except OSError:
-            shutil.copy2(src, dst)
+def link_or_copy(source, target) -> None:
+    """Hard-link a file (no second copy of the weights on the same file system), else copy it."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
+
+def _link_or_copy_tree(source: Path, target: Path) -> None:
     shutil.copytree(source, target, copy_function=link_or_copy, ignore=shutil.ignore_patterns("checkpoints"))
 
 
@@ -181,7 +185,7 @@ def run_recipe(recipe: Recipe, output_dir: str | os.PathLike) -> RunResult:
             if finished != stage_dir:
                 shutil.rmtree(stage_dir, ignore_errors=True)
                 _link_or_copy_tree(finished, stage_dir)
-            record = _read_record(stage_dir)
+            record = {**_read_record(stage_dir), "name": stage.name}  # the name this recipe gives it
             logger.info("Stage '%s' reused from %s: inputs and config unchanged (fingerprint %s)",
                         stage.name, finished, stage_fp[:12])
             if spec.changes_model:

@@ -72,6 +72,10 @@ class DataConfig(StrictModel):
     max_length: int = Field(128, gt=0, description="Tokens per example (classification) or per training block.")
     max_train_samples: int | None = Field(None, gt=0, description="Use only the first N training examples.")
     max_eval_samples: int | None = Field(None, gt=0, description="Use only the first N evaluation examples.")
+    eval_fraction: float | None = Field(
+        None, gt=0, lt=1, description="Hold out this fraction of the training rows (the last ones) as evaluation "
+        "data, instead of eval_file / eval_split.",
+    )
     eval_window: int = Field(
         512, gt=1, description="causal-lm: perplexity is computed over non-overlapping windows of this many tokens."
     )

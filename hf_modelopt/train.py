@@ -33,13 +33,14 @@ def training_data(recipe, tokenizer, raw_train=None):
     """
     from transformers import DataCollatorWithPadding, default_data_collator
 
-    from .data import load_split, tokenize_causal_lm, tokenize_classification
+    from .data import has_split, load_split, tokenize_causal_lm, tokenize_classification
 
     tokenize = tokenize_classification if recipe.task == "text-classification" else tokenize_causal_lm
     collator = DataCollatorWithPadding(tokenizer) if recipe.task == "text-classification" else default_data_collator
     train = tokenize(raw_train if raw_train is not None else load_split(recipe.data, "train"), tokenizer, recipe.data)
-    has_eval = recipe.data.eval_file is not None or recipe.data.dataset is not None
-    evaluation = tokenize(load_split(recipe.data, "eval"), tokenizer, recipe.data) if has_eval else None
+    evaluation = None
+    if has_split(recipe.data, "eval"):
+        evaluation = tokenize(load_split(recipe.data, "eval"), tokenizer, recipe.data)
     return train, evaluation, collator
 
 

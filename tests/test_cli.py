@@ -78,3 +78,12 @@ def test_run_recipe_script_is_the_same_entry_point(tmp_path):
                              str(tmp_path / "o")], capture_output=True, text=True, cwd=REPO,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2 and "recipe file not found" in result.stderr
+
+
+def test_bench_compares_models_side_by_side(tiny_models):
+    bert, distilbert = tiny_models("bert"), tiny_models("distilbert")
+    out = hf_modelopt("bench", bert, distilbert, "--repeats", "3", "--batch-size", "2", "--json").stdout
+    result = json.loads(out)
+    assert list(result) == [str(bert), str(distilbert)]
+    assert all(r["latency_ms"] > 0 and r["batch_size"] == 2 and r["seq_len"] == 64 for r in result.values())
+    assert "speed-up" in hf_modelopt("bench", bert, distilbert, "--repeats", "2").stdout

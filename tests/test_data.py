@@ -45,3 +45,11 @@ def test_empty_split_is_an_error(tmp_path):
     (tmp_path / "empty.tsv").write_text("sentence\tlabel\n")
     with pytest.raises(DataError, match="empty"):
         load_split(DataConfig(data_dir=str(tmp_path), eval_file="empty.tsv"), "eval")
+
+
+def test_eval_fraction_holds_out_the_last_rows(sst2_files):
+    config = DataConfig(data_dir=str(sst2_files), train_file="sst2/train.tsv", text_column="sentence",
+                        eval_fraction=0.25)
+    train, evaluation = load_split(config, "train"), load_split(config, "eval")
+    assert len(train) == 48 and len(evaluation) == 16
+    assert not set(train["sentence"]) & set(evaluation["sentence"])

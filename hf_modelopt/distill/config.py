@@ -46,8 +46,9 @@ class DistillationConfig(StageConfig):
     attention_weight: float = Field(0.0, ge=0, description="Weight of the attention-map loss (MiniLM / TinyBERT).")
     attention_loss: Literal["kl", "mse"] = Field("kl", description="Attention-map loss: KL (MiniLM) or MSE.")
     layer_map: dict[int, int] | None = Field(
-        None, description="Student layer -> teacher layer for hidden / attention losses. Default: each kept "
-        "layer maps to the teacher layer it was copied from, else evenly spaced teacher layers.",
+        None, description="Student layer -> teacher layer for hidden / attention losses. Default: a kept layer "
+        "maps to the last teacher layer it stands in for (layers [0, 2, 4] of 6 -> {0: 1, 1: 3, 2: 5}), "
+        "else evenly spaced teacher layers, last to last.",
     )
     top_k: int | None = Field(
         None, gt=0, description="Keep only the teacher's k largest logits per position (live and cached KD alike).",

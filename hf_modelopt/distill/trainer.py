@@ -13,9 +13,15 @@ from .config import DistillationConfig
 
 
 def default_layer_map(student_layers: int, teacher_layers: int, copied_from: list[int] | None = None) -> dict[int, int]:
-    """Student layer -> teacher layer: where it was copied from, else evenly spaced (last to last)."""
+    """Student layer -> the teacher layer whose output it should reproduce.
+
+    A student layer copied from teacher layer `copied_from[i]` stands in for the teacher's layers up to the
+    next kept one, so it maps to the layer just before that (the last student layer to the last teacher
+    layer): layers [0, 2, 4] of 6 map to {0: 1, 1: 3, 2: 5}. Otherwise layers are evenly spaced, last to last.
+    """
     if copied_from is not None:
-        return dict(enumerate(copied_from))
+        ends = [nxt - 1 for nxt in copied_from[1:]] + [teacher_layers - 1]
+        return {i: max(start, end) for i, (start, end) in enumerate(zip(copied_from, ends))}
     return {i: round((i + 1) * teacher_layers / student_layers) - 1 for i in range(student_layers)}
 
 

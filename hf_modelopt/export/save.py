@@ -24,7 +24,7 @@ def _metric_records(history: list[dict]) -> list[dict]:
 @register_stage("export", ExportConfig, changes_model=False, cacheable=False)
 def export_stage(state: ModelState, config: ExportConfig, context: StageContext) -> ModelState:
     from ..modeling import ensure_loaded
-    from ..pipeline import save_model_state
+    from ..pipeline import link_or_copy, save_model_state
     from .card import render_model_card
 
     output_dir = context.output_dir
@@ -37,7 +37,7 @@ def export_stage(state: ModelState, config: ExportConfig, context: StageContext)
     else:
         for file in state.path.iterdir():
             if file.is_file():
-                shutil.copy2(file, staging / file.name)
+                link_or_copy(file, staging / file.name)
     (staging / "recipe.yaml").write_text(context.recipe.to_yaml())
     (staging / "metrics.json").write_text(json.dumps(_metric_records(context.history), indent=2))
     render_model_card(context.recipe, context.history, staging).save(staging / "README.md")

@@ -154,3 +154,13 @@ def test_config_rejects_cache_with_feature_losses_and_all_zero_weights():
         DistillationConfig(student={"every": 2}, kd_weight=0.0)
     with pytest.raises(ValueError, match="exactly one"):
         DistillationConfig(student={"every": 2, "layers": [0]})
+
+
+def test_default_layer_maps():
+    from hf_modelopt.distill.trainer import default_layer_map
+
+    assert default_layer_map(3, 6, copied_from=[0, 2, 4]) == {0: 1, 1: 3, 2: 5}
+    assert default_layer_map(2, 6, copied_from=[0, 5]) == {0: 4, 1: 5}
+    assert default_layer_map(3, 3, copied_from=[0, 1, 2]) == {0: 0, 1: 1, 2: 2}
+    assert default_layer_map(2, 4) == {0: 1, 1: 3}
+    assert default_layer_map(3, 30) == {0: 9, 1: 19, 2: 29}
