@@ -59,7 +59,8 @@ def load_split(config: DataConfig, split: str):
     if config.eval_fraction is not None:  # both splits come from the training data, disjoint
         rows = _load_raw(config, "train")
         held_out = max(1, int(len(rows) * config.eval_fraction))
-        dataset = rows.select(range(len(rows) - held_out, len(rows)) if split == "eval" else range(len(rows) - held_out))
+        first_eval_row = len(rows) - held_out
+        dataset = rows.select(range(first_eval_row, len(rows)) if split == "eval" else range(first_eval_row))
     else:
         dataset = _load_raw(config, split)
     limit = config.max_train_samples if split == "train" else config.max_eval_samples

@@ -70,7 +70,8 @@ def format_report(report: dict) -> str:
         "",
     ]
     width = max(len(t["name"]) for t in report["tensors"]) if report["tensors"] else 4
-    header = f"{'tensor':<{width}}  {'shape':<14} {'dtype':<8} {'min':>10} {'max':>10} {'mean':>10} {'std':>10} {'sparsity':>8}"
+    header = (f"{'tensor':<{width}}  {'shape':<14} {'dtype':<8} {'min':>10} {'max':>10} {'mean':>10} {'std':>10} "
+              f"{'sparsity':>8}")
     lines += [header, "-" * len(header)]
     for t in report["tensors"]:
         shape = "x".join(map(str, t["shape"])) or "scalar"

@@ -325,7 +325,8 @@ def validate_recipe(data: dict[str, Any], source: str = "<python>", origins: dic
         if name in used_names:  # a second `evaluate` becomes `evaluate-2`, unless named
             name = next(f"{name}-{n}" for n in range(2, len(recipe.stages) + 2) if f"{name}-{n}" not in used_names)
         if "/" in name or name.startswith("."):
-            raise RecipeError(where, _key_path(loc + ("name",)), f"stage names cannot contain '/' or start with '.': {name!r}")
+            raise RecipeError(where, _key_path(loc + ("name",)),
+                              f"stage names cannot contain '/' or start with '.': {name!r}")
         used_names.add(name)
         stages.append(Stage(type=kind, name=name, config=config))
     recipe.resolved_stages = stages

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -54,7 +55,7 @@ class ModelState:
 class StageContext:
     """Everything a stage may read besides its own config."""
 
-    recipe: "Recipe"
+    recipe: Recipe
     stage_name: str
     stage_dir: Path
     output_dir: Path

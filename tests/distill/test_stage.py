@@ -1,7 +1,6 @@
 import json
 
 import pytest
-
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from hf_modelopt.distill.stage import VocabularyMismatchError

@@ -1,7 +1,13 @@
 import pytest
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                          DataCollatorWithPadding, TrainingArguments)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    TrainingArguments,
+)
 
 from hf_modelopt.distill.cache import CachedTeacherCollator, TeacherLogitCache, build_teacher_logit_cache
 from hf_modelopt.distill.config import DistillationConfig
