@@ -59,6 +59,7 @@ def main() -> None:
                                      per_device_train_batch_size=32, learning_rate=5e-5, disable_tqdm=True)
         trainer = cls(model=model, args=training, **kwargs)
         trainer.create_optimizer_and_scheduler(num_training_steps=10_000)
+        trainer.current_gradient_accumulation_steps = 1  # set by Trainer's own loop, which we bypass
         model.train()
         return trainer
 

@@ -38,3 +38,15 @@ def test_smollm2_gguf_perplexity_and_safetensors_export(tmp_path):
     perplexity = json.loads((out / "metrics.json").read_text())[0]["metrics"]["perplexity"]
     assert 20 < perplexity < 35  # ../shared/data/README.md: 26.1 for the same file and windows
     assert (out / "model.safetensors").is_file() and "quantization_config" not in (out / "config.json").read_text()
+
+
+def test_smollm2_distill_recipe_runs_and_reloads(tmp_path):
+    """A few steps of the SmolLM2 distill recipe: a 15-layer student that loads with plain transformers."""
+    out = tmp_path / "out"
+    cli("run", "recipes/smollm2/distill.yaml", "--output-dir", out, "--set", "stages.1.training.max_steps=3",
+        "--set", "data.max_eval_tokens=2048")
+    teacher, student = (m["metrics"]["perplexity"] for m in json.loads((out / "metrics.json").read_text()))
+    assert 5 < teacher < student
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(out).num_hidden_layers == 15
