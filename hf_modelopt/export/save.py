@@ -43,7 +43,11 @@ def export_stage(state: ModelState, config: ExportConfig, context: StageContext)
     render_model_card(context.recipe, context.history, staging).save(staging / "README.md")
     # Everything was written first; moving files into place is quick and never leaves a half-written file.
     for file in staging.iterdir():
-        os.replace(file, output_dir / file.name)
+        target = output_dir / file.name
+        if target.exists() and os.path.samefile(file, target):
+            file.unlink()  # already in place (a hard link to the same weights): rename() would do nothing
+        else:
+            os.replace(file, target)
     staging.rmdir()
     state.path = output_dir
     logger.info("Exported the final model to %s", output_dir)
