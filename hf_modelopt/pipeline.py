@@ -104,6 +104,8 @@ def preflight(recipe: Recipe) -> None:
     needed = {split for stage in recipe.resolved_stages for split in type(stage.config).requires_data}
     check_data(recipe.data, needed, recipe.source)
     check_model_available(recipe)
+    for stage in recipe.resolved_stages:
+        stage.config.preflight(recipe)
 
 
 # --------------------------------------------------------------------------- stage outputs

@@ -39,6 +39,12 @@ class StageConfig(BaseModel):
     # Data splits ("train", "eval") the stage reads; checked before any stage runs.
     requires_data: ClassVar[tuple[str, ...]] = ()
 
+    def preflight(self, recipe: Recipe) -> None:
+        """Checks that need more than the config (models, tokenizers), run before any stage starts.
+
+        Raise a `UserError` naming the problem; the default checks nothing.
+        """
+
 
 @dataclass
 class ModelState:

@@ -67,6 +67,25 @@ class DistillationConfig(StageConfig):
     )
     requires_data = ("train",)
 
+    def preflight(self, recipe) -> None:
+        """Transfer text must exist (classification only); token-level KD needs one vocabulary."""
+        from ..errors import UserError
+
+        if self.transfer_file is not None:
+            if recipe.task != "text-classification":
+                raise UserError(f"{recipe.source}: distill.transfer_file: for classification only; for causal LMs "
+                                "add the text to data.train_file")
+            path = recipe.data.resolve(self.transfer_file)
+            if not path.is_file():
+                raise UserError(f"{recipe.source}: distill.transfer_file: file not found: {path}")
+        if recipe.task == "causal-lm" and self.student.name_or_path:
+            from ..modeling import load_tokenizer
+            from ..recipe import ModelConfig
+            from .stage import check_same_vocabulary
+
+            student = ModelConfig(name_or_path=self.student.name_or_path)
+            check_same_vocabulary(load_tokenizer(recipe.model), load_tokenizer(student))
+
     @model_validator(mode="after")
     def _some_loss(self):
         weights = (self.kd_weight, self.ce_weight, self.hidden_weight, self.cosine_weight, self.attention_weight)

@@ -55,11 +55,7 @@ def _with_transfer_text(train, recipe, config: DistillationConfig):
     """Append unlabelled transfer sentences (label -100: KD only) to the raw training split."""
     import datasets
 
-    from ..data import DataError
-
-    path = recipe.data.resolve(config.transfer_file)
-    if not path.is_file():
-        raise DataError(f"distill.transfer_file: file not found: {path}")
+    path = recipe.data.resolve(config.transfer_file)  # checked in DistillationConfig.preflight
     sentences = transfer_sentences(path, config.max_transfer_samples)
     columns = {recipe.data.text_column: sentences, recipe.data.label_column: [-100] * len(sentences)}
     extra = datasets.Dataset.from_dict(columns).cast(train.features)
@@ -70,7 +66,7 @@ def _with_transfer_text(train, recipe, config: DistillationConfig):
 @register_stage("distill", DistillationConfig)
 def distill_stage(state: ModelState, config: DistillationConfig, context: StageContext) -> ModelState:
     from ..data import load_split
-    from ..modeling import ensure_loaded, load_model, load_tokenizer
+    from ..modeling import ensure_loaded, load_model
     from ..recipe import ModelConfig
     from ..train import training_arguments, training_data
     from .cache import CachedTeacherCollator, TeacherLogitCache, build_teacher_logit_cache
@@ -82,9 +78,8 @@ def distill_stage(state: ModelState, config: DistillationConfig, context: StageC
     teacher, tokenizer = state.model, state.tokenizer
     copied_from = None
     if config.student.name_or_path:
+        # (a causal-LM student's vocabulary was compared with the teacher's in DistillationConfig.preflight)
         spec = ModelConfig(name_or_path=config.student.name_or_path)
-        if recipe.task == "causal-lm":
-            check_same_vocabulary(tokenizer, load_tokenizer(spec))
         student = load_model(spec, recipe.task, num_labels=getattr(teacher.config, "num_labels", None))
     else:
         student, copied_from = student_from_teacher(teacher, config.student.layers, config.student.every)
@@ -97,8 +92,6 @@ def distill_stage(state: ModelState, config: DistillationConfig, context: StageC
 
     raw_train = load_split(recipe.data, "train")
     if config.transfer_file:
-        if recipe.task != "text-classification":
-            raise UserError("distill.transfer_file is for classification; for causal LMs add the text to the data")
         raw_train = _with_transfer_text(raw_train, recipe, config)
     train, evaluation, collator = training_data(recipe, tokenizer, raw_train=raw_train)
     train = train.add_column("example_index", list(range(len(train))))

@@ -46,4 +46,17 @@ def test_separate_student_with_another_vocabulary_is_refused_before_training(tin
     recipe = validate_recipe(tiny_recipe(teacher, sst2_files, task="causal-lm", stages=stages))
     with pytest.raises(VocabularyMismatchError, match="token id 30522"):
         run_recipe(recipe, tmp_path / "o")
-    assert not (tmp_path / "o" / "stages" / "distill" / "log_history.json").exists()
+    assert not (tmp_path / "o").exists()  # refused in the pre-flight checks, before any stage ran
+
+
+def test_transfer_text_problems_are_found_before_any_work(tiny_models, sst2_files, tmp_path):
+    from hf_modelopt.errors import UserError
+
+    stages = [{"type": "distill", "student": {"layers": [0]}, "transfer_file": "text/missing.txt"}]
+    with pytest.raises(UserError, match="transfer_file: file not found"):
+        run_recipe(validate_recipe(tiny_recipe(tiny_models("bert"), sst2_files, stages=stages)), tmp_path / "o")
+    stages[0]["transfer_file"] = "text/valid.txt"
+    recipe = tiny_recipe(tiny_models("gpt2", "causal-lm"), sst2_files, task="causal-lm", stages=stages)
+    with pytest.raises(UserError, match="for classification only"):
+        run_recipe(validate_recipe(recipe), tmp_path / "o")
+    assert not (tmp_path / "o").exists()
