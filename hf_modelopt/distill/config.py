@@ -78,6 +78,10 @@ class DistillationConfig(StageConfig):
             path = recipe.data.resolve(self.transfer_file)
             if not path.is_file():
                 raise UserError(f"{recipe.source}: distill.transfer_file: file not found: {path}")
+        evaluates = {**recipe.training, **self.training}.get("eval_strategy", "no") not in ("no", None)
+        if self.cache_teacher_logits and evaluates:
+            raise UserError(f"{recipe.source}: distill.cache_teacher_logits: the cache covers the training set only; "
+                            "set training.eval_strategy to 'no' in this stage or turn the cache off")
         if recipe.task == "causal-lm" and self.student.name_or_path:
             from ..modeling import load_tokenizer
             from ..recipe import ModelConfig

@@ -60,3 +60,12 @@ def test_transfer_text_problems_are_found_before_any_work(tiny_models, sst2_file
     with pytest.raises(UserError, match="for classification only"):
         run_recipe(validate_recipe(recipe), tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_logit_cache_with_evaluation_during_training_is_refused(tiny_models, sst2_files, tmp_path):
+    from hf_modelopt.errors import UserError
+
+    stages = [{"type": "distill", "student": {"layers": [0]}, "cache_teacher_logits": True,
+               "training": {"eval_strategy": "steps"}}]
+    with pytest.raises(UserError, match="cache covers the training set only"):
+        run_recipe(validate_recipe(tiny_recipe(tiny_models("bert"), sst2_files, stages=stages)), tmp_path / "o")
