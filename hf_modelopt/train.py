@@ -44,6 +44,18 @@ def training_data(recipe, tokenizer, raw_train=None):
     return train, evaluation, collator
 
 
+def train_and_record(trainer, context: StageContext):
+    """Run `trainer.train()` for a stage: keep its log history in the stage folder and say how it went."""
+    result = trainer.train()
+    checkpoints = Path(trainer.args.output_dir)
+    if checkpoints.is_dir() and not any(checkpoints.iterdir()):  # no checkpoint was saved: no empty folder
+        checkpoints.rmdir()
+    (context.stage_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+    logger.info("%s: trained %d steps in %.0f s (train loss %.4f)", context.stage_name,
+                result.global_step, result.metrics["train_runtime"], result.training_loss)
+    return result
+
+
 class FinetuneConfig(StageConfig):
     """Train the current model on the recipe's training data with a plain task loss."""
 
@@ -71,11 +83,5 @@ def finetune_stage(state: ModelState, config: FinetuneConfig, context: StageCont
         data_collator=collator,
         processing_class=state.tokenizer,
     )
-    result = trainer.train()
-    checkpoints = Path(args.output_dir)
-    if checkpoints.is_dir() and not any(checkpoints.iterdir()):
-        checkpoints.rmdir()
-    (context.stage_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
-    logger.info("%s: trained %d steps in %.0f s (train loss %.4f)", context.stage_name,
-                result.global_step, result.metrics["train_runtime"], result.training_loss)
+    train_and_record(trainer, context)
     return ModelState(model=trainer.model, tokenizer=state.tokenizer)

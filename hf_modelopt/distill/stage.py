@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -68,7 +67,7 @@ def distill_stage(state: ModelState, config: DistillationConfig, context: StageC
     from ..data import load_split
     from ..modeling import ensure_loaded, load_model
     from ..recipe import ModelConfig
-    from ..train import training_arguments, training_data
+    from ..train import train_and_record, training_arguments, training_data
     from .cache import CachedTeacherCollator, TeacherLogitCache, build_teacher_logit_cache
     from .student import student_from_teacher
     from .trainer import DistillationTrainer, default_layer_map
@@ -114,10 +113,7 @@ def distill_stage(state: ModelState, config: DistillationConfig, context: StageC
         data_collator=collator,
         processing_class=tokenizer,
     )
-    result = trainer.train()
-    (context.stage_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
-    logger.info("distill: trained %d steps in %.0f s (loss %.4f)", result.global_step,
-                result.metrics["train_runtime"], result.training_loss)
+    train_and_record(trainer, context)
     if config.attention_weight:
         student.set_attn_implementation("sdpa")
     return ModelState(model=trainer.model, tokenizer=tokenizer)
