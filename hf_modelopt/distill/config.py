@@ -69,19 +69,19 @@ class DistillationConfig(StageConfig):
 
     def preflight(self, recipe) -> None:
         """Transfer text must exist (classification only); token-level KD needs one vocabulary."""
-        from ..errors import UserError
+        from ..recipe import RecipeError
 
         if self.transfer_file is not None:
             if recipe.task != "text-classification":
-                raise UserError(f"{recipe.source}: distill.transfer_file: for classification only; for causal LMs "
-                                "add the text to data.train_file")
+                raise RecipeError(recipe.source, "distill.transfer_file",
+                                  "for classification only; for causal LMs add the text to data.train_file")
             path = recipe.data.resolve(self.transfer_file)
             if not path.is_file():
-                raise UserError(f"{recipe.source}: distill.transfer_file: file not found: {path}")
+                raise RecipeError(recipe.source, "distill.transfer_file", f"file not found: {path}")
         evaluates = {**recipe.training, **self.training}.get("eval_strategy", "no") not in ("no", None)
         if self.cache_teacher_logits and evaluates:
-            raise UserError(f"{recipe.source}: distill.cache_teacher_logits: the cache covers the training set only; "
-                            "set training.eval_strategy to 'no' in this stage or turn the cache off")
+            raise RecipeError(recipe.source, "distill.cache_teacher_logits", "the cache covers the training set "
+                              "only; set training.eval_strategy to 'no' in this stage or turn the cache off")
         if recipe.task == "causal-lm" and self.student.name_or_path:
             from ..modeling import load_tokenizer
             from ..recipe import ModelConfig

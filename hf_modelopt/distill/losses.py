@@ -26,12 +26,16 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
     return (values * mask).sum() / mask.sum().clamp_min(1.0)
 
 
+def _scaled_kl(log_p_teacher, log_p_student, temperature: float, mask) -> torch.Tensor:
+    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)
+    return _masked_mean(kl, mask) * temperature**2
+
+
 def soft_target_kl(student_logits, teacher_logits, temperature: float = 1.0, mask=None) -> torch.Tensor:
     """KL(softmax(t/T) || softmax(s/T)) · T², averaged over examples (or masked token positions)."""
     log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)
-    return _masked_mean(kl, mask) * temperature**2
+    return _scaled_kl(log_p_teacher, log_p_student, temperature, mask)
 
 
 def top_k_logits(teacher_logits: torch.Tensor, k: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,8 +50,7 @@ def sparse_soft_target_kl(student_logits, teacher_values, teacher_indices, tempe
     """`soft_target_kl` with the teacher known only on `teacher_indices` (renormalised over them)."""
     log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, teacher_indices)
     log_p_teacher = F.log_softmax(teacher_values.float() / temperature, dim=-1)
-    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)
-    return _masked_mean(kl, mask) * temperature**2
+    return _scaled_kl(log_p_teacher, log_p_student, temperature, mask)
 
 
 def hidden_mse(student_hidden, teacher_hidden, projection: torch.nn.Module | None = None, mask=None):

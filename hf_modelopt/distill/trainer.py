@@ -93,30 +93,33 @@ class DistillationTrainer(Trainer):
 
         terms: dict[str, torch.Tensor] = {}
         if config.kd_weight:
-            if cached[0] is not None:
-                values, indices = cached
+            if cached[0] is None and config.top_k is None:  # the full distribution: no top-k sort per step
+                kd = losses.soft_target_kl(student.logits, teacher.logits, config.temperature, mask)
             else:
-                values, indices = losses.top_k_logits(teacher.logits, config.top_k)
-            terms["kd_loss"] = config.kd_weight * losses.sparse_soft_target_kl(
-                student.logits, values, indices, config.temperature, mask)
+                values, indices = cached if cached[0] is not None else losses.top_k_logits(teacher.logits, config.top_k)
+                kd = losses.sparse_soft_target_kl(student.logits, values, indices, config.temperature, mask)
+            terms["kd_loss"] = config.kd_weight * kd
         if config.ce_weight and labels is not None:
             terms["ce_loss"] = config.ce_weight * task_cross_entropy(student.logits, labels)
         token_mask = inputs.get("attention_mask")
-        for s_layer, t_layer in self.layer_map.items():
-            projection = self.projections[str(s_layer)] if len(self.projections) else None
-            if config.hidden_weight:
-                terms["hidden_loss"] = terms.get("hidden_loss", 0) + config.hidden_weight * losses.hidden_mse(
-                    student.hidden_states[s_layer + 1], teacher.hidden_states[t_layer + 1], projection, token_mask
-                ) / len(self.layer_map)
-            if config.cosine_weight:
-                terms["cosine_loss"] = terms.get("cosine_loss", 0) + config.cosine_weight * losses.hidden_cosine(
-                    student.hidden_states[s_layer + 1], teacher.hidden_states[t_layer + 1], projection, token_mask
-                ) / len(self.layer_map)
-            if config.attention_weight:
-                attention = losses.attention_kl if config.attention_loss == "kl" else losses.attention_mse
-                terms["attention_loss"] = terms.get("attention_loss", 0) + config.attention_weight * attention(
-                    student.attentions[s_layer], teacher.attentions[t_layer], token_mask
-                ) / len(self.layer_map)
+
+        def mean_over_layers(layer_loss) -> torch.Tensor:
+            return sum(layer_loss(s, t) for s, t in self.layer_map.items()) / len(self.layer_map)
+
+        def projection(s_layer: int):
+            return self.projections[str(s_layer)] if len(self.projections) else None
+
+        # hidden_states[0] is the embedding output, so layer i's output is hidden_states[i + 1].
+        if config.hidden_weight:
+            terms["hidden_loss"] = config.hidden_weight * mean_over_layers(lambda s, t: losses.hidden_mse(
+                student.hidden_states[s + 1], teacher.hidden_states[t + 1], projection(s), token_mask))
+        if config.cosine_weight:
+            terms["cosine_loss"] = config.cosine_weight * mean_over_layers(lambda s, t: losses.hidden_cosine(
+                student.hidden_states[s + 1], teacher.hidden_states[t + 1], projection(s), token_mask))
+        if config.attention_weight:
+            attention = losses.attention_kl if config.attention_loss == "kl" else losses.attention_mse
+            terms["attention_loss"] = config.attention_weight * mean_over_layers(lambda s, t: attention(
+                student.attentions[s], teacher.attentions[t], token_mask))
 
         loss = sum(terms.values())
         for name, value in terms.items():
