@@ -41,3 +41,10 @@ def __getattr__(name):
 
 def __dir__():
     return __all__
+
+
+# `from_pretrained` learns hf-modelopt's formats (sparse checkpoints, structurally pruned shapes) as soon
+# as transformers loads, without this import loading transformers.
+from .export.loading import register_when_transformers_loads as _register  # noqa: E402
+
+_register()

@@ -201,7 +201,7 @@ def run_recipe(recipe: Recipe, output_dir: str | os.PathLike) -> RunResult:
             started = time.perf_counter()
             state.metrics = None
             state = spec.run(state, stage.config, context)
-            if spec.changes_model:
+            if spec.changes_model and state.path != stage_dir / MODEL_SUBDIR:  # unless the stage saved it
                 save_model_state(state, stage_dir / MODEL_SUBDIR)
             record = {"fingerprint": stage_fp, "type": stage.type, "name": stage.name,
                       "config": stage.config.model_dump(mode="json"), "metrics": state.metrics,
