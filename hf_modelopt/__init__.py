@@ -26,6 +26,20 @@ _EXPORTS = {
     "StudentConfig": "distill.config",
     "DistillationTrainer": "distill.trainer",
     "student_from_teacher": "distill.student",
+    "KnowledgeDistillationConfig": "distill.config",
+    "PruningConfig": "prune.config",
+    "ScheduleConfig": "prune.config",
+    "PruneStageConfig": "prune.config",
+    "StructuredPruneStageConfig": "prune.config",
+    "OneShotPruneStageConfig": "prune.config",
+    "PruningCallback": "prune.callback",
+    "cubic_sparsity": "prune.schedule",
+    "prune_oneshot_": "prune.oneshot",
+    "remove_heads_and_neurons_": "prune.structured",
+    "gradient_importance": "prune.structured",
+    "magnitude_importance": "prune.structured",
+    "save_sparse": "export.sparse",
+    "verify_reload": "export.verify",
 }
 
 __all__ = sorted(_EXPORTS)
