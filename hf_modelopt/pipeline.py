@@ -162,10 +162,15 @@ class RunResult(dict):
 
 def run_recipe(recipe: Recipe, output_dir: str | os.PathLike) -> RunResult:
     """Run every stage of `recipe`, writing into `output_dir`; returns the stage records."""
+    from .distributed import init_distributed, is_main_process, process_index, wait_for_everyone
     from .export.save import ExportConfig
 
     preflight(recipe)
+    init_distributed()
+    main = is_main_process()
     output_dir = Path(output_dir)
+    # Processes other than the main one write into a scratch folder of their own (see distributed.py).
+    scratch = output_dir / f".process-{process_index()}" if not main else None
     stages = list(recipe.resolved_stages)
     if not any(stage.type == "export" for stage in stages):
         # The final model is always written; an explicit export stage only adds options.
@@ -180,33 +185,39 @@ def run_recipe(recipe: Recipe, output_dir: str | os.PathLike) -> RunResult:
         spec = STAGES[stage.type]
         stage_dir = output_dir / "stages" / stage.name
         stage_fp = stage_fingerprint(fingerprint, stage)
-        context = StageContext(recipe=recipe, stage_name=stage.name, stage_dir=stage_dir,
-                               output_dir=output_dir, history=history)
+        wait_for_everyone()  # every process sees the same finished stages
+        if not main and stage.type == "export":
+            history.append({"type": "export", "name": stage.name, "metrics": None, "model": model_name})
+            continue  # the export is the main process's alone
+        context = StageContext(recipe=recipe, stage_name=stage.name,
+                               stage_dir=stage_dir if main else scratch / "stages" / stage.name,
+                               output_dir=output_dir if main else scratch, history=history,
+                               shared_stage_dir=stage_dir)
         finished = _find_finished(stage_fp, stage_dir) if spec.cacheable else None
         if finished is not None:
-            if finished != stage_dir:
+            if finished != stage_dir and main:
                 shutil.rmtree(stage_dir, ignore_errors=True)
                 _link_or_copy_tree(finished, stage_dir)
-            record = {**_read_record(stage_dir), "name": stage.name}  # the name this recipe gives it
+            record = {**_read_record(finished), "name": stage.name}  # the name this recipe gives it
             logger.info("Stage '%s' reused from %s: inputs and config unchanged (fingerprint %s)",
                         stage.name, finished, stage_fp[:12])
             if spec.changes_model:
-                state = ModelState(path=stage_dir / MODEL_SUBDIR)
+                state = ModelState(path=finished / MODEL_SUBDIR)
             state.metrics = record.get("metrics")
         else:
-            shutil.rmtree(stage_dir, ignore_errors=True)  # leftovers of an unfinished attempt
+            shutil.rmtree(context.stage_dir, ignore_errors=True)  # leftovers of an unfinished attempt
             if spec.cacheable:
-                stage_dir.mkdir(parents=True)
+                context.stage_dir.mkdir(parents=True)
             logger.info("Stage '%s' (%s) starting", stage.name, stage.type)
             started = time.perf_counter()
             state.metrics = None
             state = spec.run(state, stage.config, context)
-            if spec.changes_model and state.path != stage_dir / MODEL_SUBDIR:  # unless the stage saved it
+            if spec.changes_model and main and state.path != stage_dir / MODEL_SUBDIR:  # unless already saved
                 save_model_state(state, stage_dir / MODEL_SUBDIR)
             record = {"fingerprint": stage_fp, "type": stage.type, "name": stage.name,
                       "config": stage.config.model_dump(mode="json"), "metrics": state.metrics,
                       "seconds": round(time.perf_counter() - started, 1), "hf_modelopt": __version__}
-            if spec.cacheable:
+            if spec.cacheable and main:
                 (stage_dir / STAGE_RECORD).write_text(json.dumps(record, indent=2))
                 _index_path(stage_fp).parent.mkdir(parents=True, exist_ok=True)
                 _index_path(stage_fp).write_text(json.dumps({"dir": str(stage_dir.resolve())}))
@@ -216,5 +227,8 @@ def run_recipe(recipe: Recipe, output_dir: str | os.PathLike) -> RunResult:
             model_name = f"{model_name} -> {stage.name}"
         record["model"] = state.description = model_name
         history.append(record)
+    wait_for_everyone()
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
     return RunResult(output_dir=str(output_dir), stages=history,
                      metrics=[r for r in history if r["type"] == "evaluate"])

@@ -67,6 +67,13 @@ class StageContext:
     stage_dir: Path
     output_dir: Path
     history: list[dict[str, Any]] = field(default_factory=list)  # records of the stages run so far
+    # The main process's folder for this stage (`stage_dir` itself there); other processes write into
+    # scratch folders, and read what the main process wrote (a teacher-logit cache) from here.
+    shared_stage_dir: Path | None = None
+
+    def __post_init__(self):
+        if self.shared_stage_dir is None:
+            self.shared_stage_dir = self.stage_dir
 
 
 @dataclass(frozen=True)

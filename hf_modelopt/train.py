@@ -22,7 +22,11 @@ def training_arguments(recipe, stage_training: dict[str, Any], output_dir: Path)
     import torch
     from transformers import TrainingArguments
 
+    from .distributed import use_cpu
+
     defaults = {**TRAINING_DEFAULTS, "dataloader_pin_memory": torch.cuda.is_available()}
+    if use_cpu():
+        defaults["use_cpu"] = True  # accelerate joins CPU processes into one DDP group only when told so
     return TrainingArguments(output_dir=str(output_dir), **{**defaults, **recipe.training, **stage_training})
 
 

@@ -89,8 +89,14 @@ def train_with_distillation(teacher, student, tokenizer, config: KnowledgeDistil
                               context.stage_dir / "checkpoints")
     teacher_for_trainer = teacher
     if config.cache_teacher_logits:
-        path = build_teacher_logit_cache(teacher, train, collator, context.stage_dir / "teacher_logits.safetensors",
-                                         config.top_k, batch_size=recipe.data.eval_batch_size)
+        from ..distributed import is_main_process, wait_for_everyone
+
+        # One cache, written by the main process; the others wait for it and read the same file.
+        path = context.shared_stage_dir / "teacher_logits.safetensors"
+        if is_main_process():
+            build_teacher_logit_cache(teacher, train, collator, path, config.top_k,
+                                      batch_size=recipe.data.eval_batch_size)
+        wait_for_everyone()
         collator = CachedTeacherCollator(collator, TeacherLogitCache(path))
         teacher_for_trainer = None  # the teacher is not needed any more: every logit comes from the cache
     trainer = DistillationTrainer(

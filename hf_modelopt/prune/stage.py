@@ -44,6 +44,7 @@ def prune_stage(state: ModelState, config: PruneStageConfig, context: StageConte
 
 def _finish_unstructured(state: ModelState, config, context: StageContext) -> ModelState:
     """Measure the sparsity, save the dense model and (if asked) the compressed sparse checkpoint."""
+    from ..distributed import is_main_process
     from ..export.sparse import save_sparse, weights_size_on_disk
     from ..pipeline import MODEL_SUBDIR, save_model_state
     from .masks import prunable_linears, sparsity_of
@@ -54,8 +55,10 @@ def _finish_unstructured(state: ModelState, config, context: StageContext) -> Mo
               "per_layer": {name: sparsity_of({name: m}) for name, m in targeted.items()}}
     logger.info("%s: %.2f %% of %d targeted weights are zero (target %.1f %%)", context.stage_name,
                 report["sparsity"] * 100, report["targeted_weights"], config.sparsity * 100)
-    save_model_state(state, context.stage_dir / MODEL_SUBDIR)
     state.metrics = {"sparsity": round(report["sparsity"], 6)}
+    if not is_main_process():  # the main process writes the model files (see hf_modelopt.distributed)
+        return state
+    save_model_state(state, context.stage_dir / MODEL_SUBDIR)
     if config.sparse_checkpoint:
         save_sparse(state.model, context.stage_dir / "sparse", state.tokenizer)
         dense = weights_size_on_disk(context.stage_dir / MODEL_SUBDIR)
