@@ -59,3 +59,16 @@ def test_two_cpu_processes_distill_and_prune_like_one(tiny_models, sst2_files, t
     _launch(single_path, tmp_path / "one", 1, port=0)
     metrics = [json.loads((tmp_path / d / "metrics.json").read_text())[-1]["metrics"] for d in ("ddp", "one")]
     assert metrics[0]["accuracy"] == pytest.approx(metrics[1]["accuracy"], abs=1 / 32 + 1e-9)
+
+
+def test_masks_act_on_fsdp2_sharded_parameters(tiny_models, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+               str(REPO / "tests" / "fsdp2_worker.py"), str(tiny_models("bert")), str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"fsdp2-rank-{i}.json").read_text()) for i in (0, 1)]
+    assert all(r["sharded"] for r in ranks)  # the weights really are DTensors split over both processes
+    assert all(r["after_step"] < 0.7 for r in ranks)  # the optimizer step undid some zeros...
+    assert all(r["sparsity"] == pytest.approx(0.7, abs=1e-3) for r in ranks)  # ...the masks put them back
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]

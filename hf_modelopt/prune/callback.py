@@ -9,7 +9,7 @@ import torch
 from transformers import TrainerCallback
 
 from .config import PruningConfig
-from .masks import apply_masks_, masks_from_scores, prunable_linears, sparsity_of
+from .masks import apply_masks_, full_weight, is_sharded, masks_from_scores, prunable_linears, sparsity_of
 from .schedule import scheduled_sparsity
 
 logger = logging.getLogger("hf_modelopt")
@@ -80,7 +80,8 @@ class PruningCallback(TrainerCallback):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if os.path.isdir(folder) and self.masks:
             tensors = {f"mask.{n}": m.cpu().contiguous() for n, m in self.masks.items()}
-            tensors.update({f"movement.{n}": s.cpu().contiguous() for n, s in self.movement.items()})
+            tensors.update({f"movement.{n}": (s.full_tensor() if is_sharded(s) else s).cpu().contiguous()
+                            for n, s in self.movement.items()})
             save_file(tensors, os.path.join(folder, STATE_FILE), metadata={"target": repr(self.target)})
 
     # ------------------------------------------------------------------ internals
@@ -92,9 +93,9 @@ class PruningCallback(TrainerCallback):
 
     def _prune_to(self, target: float, state) -> None:
         if self.config.method == "movement" and state.global_step > 0:
-            scores = self.movement
+            scores = {n: s.full_tensor() if is_sharded(s) else s for n, s in self.movement.items()}
         else:  # magnitude (movement has no signal before the first step: start from magnitude)
-            scores = {n: m.weight.abs() for n, m in self.modules.items()}
+            scores = {n: full_weight(m).abs() for n, m in self.modules.items()}
         self.masks = masks_from_scores(scores, target, self.config.scope, previous=self.masks or None)
         apply_masks_(self.modules, self.masks)
         previous, self.target = self.target, target
@@ -112,14 +113,19 @@ class PruningCallback(TrainerCallback):
         path = os.path.join(checkpoint, STATE_FILE)
         if not os.path.isfile(path):
             # Not our checkpoint layout: the loaded weights still carry the zeros of the pruned positions.
-            self.masks = {n: m.weight != 0 for n, m in self.modules.items()}
+            self.masks = {n: full_weight(m) != 0 for n, m in self.modules.items()}
             self.target = sparsity_of(self.modules)
             logger.warning("pruning: no %s in %s; masks rebuilt from the zeros of the weights", STATE_FILE, checkpoint)
             return
         with safe_open(path, framework="pt") as file:
             self.target = float(file.metadata()["target"])
             self.masks = {n: file.get_tensor(f"mask.{n}") for n in self.modules}
-            for name in self.movement:
-                self.movement[name] = file.get_tensor(f"movement.{name}")
+            for name, current in self.movement.items():
+                loaded = file.get_tensor(f"movement.{name}")
+                if is_sharded(current):
+                    from torch.distributed.tensor import distribute_tensor
+
+                    loaded = distribute_tensor(loaded, current.device_mesh, current.placements)
+                self.movement[name] = loaded
         logger.info("pruning: masks and schedule position restored from %s (sparsity %.1f %%)", checkpoint,
                     self.target * 100)

@@ -16,6 +16,21 @@ def is_linear(module) -> bool:
     return isinstance(module, (torch.nn.Linear, Conv1D))
 
 
+def is_sharded(tensor) -> bool:
+    """A DTensor: a parameter sharded across processes (FSDP2 / tensor parallel)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def full_weight(module) -> torch.Tensor:
+    """The whole weight, gathered from every process if it is sharded (scores must see all of it)."""
+    weight = module.weight
+    return weight.full_tensor() if is_sharded(weight) else weight
+
+
 def linear_weight(module) -> torch.Tensor:
     """The weight as (out_features, in_features), a view for `Conv1D` (which stores it transposed)."""
     return module.weight if isinstance(module, torch.nn.Linear) else module.weight.t()
@@ -78,16 +93,24 @@ def _drop_lowest(flat: torch.Tensor, count: int) -> torch.Tensor:
 
 @torch.no_grad()
 def apply_masks_(modules: dict[str, torch.nn.Module], masks: dict[str, torch.Tensor]) -> None:
-    """Zero the dropped weights in place (the masks live on the weights' device after the first call)."""
+    """Zero the dropped weights in place.
+
+    Masks are full-size; a sharded weight (FSDP2 DTensor) gets the mask sharded the same way, so each
+    process zeroes its own shard (multiplying a shard by a full mask would silently do nothing useful).
+    """
     for name, mask in masks.items():
         weight = modules[name].weight
-        if mask.device != weight.device:
+        if is_sharded(weight):
+            from torch.distributed.tensor import distribute_tensor
+
+            mask = distribute_tensor(mask.to(weight.device_mesh.device_type), weight.device_mesh, weight.placements)
+        elif mask.device != weight.device:
             mask = masks[name] = mask.to(weight.device)
         weight.mul_(mask)
 
 
 def sparsity_of(modules: dict[str, torch.nn.Module]) -> float:
     """Fraction of exactly-zero weights over `modules` (what is measured, not what was asked)."""
-    zeros = sum(int((m.weight == 0).sum()) for m in modules.values())
+    zeros = sum(int((full_weight(m) == 0).sum()) for m in modules.values())
     total = sum(m.weight.numel() for m in modules.values())
     return zeros / max(total, 1)
