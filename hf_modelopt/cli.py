@@ -87,6 +87,10 @@ def _run(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     result = run_recipe(recipe, args.output_dir)
+    from .distributed import is_main_process
+
+    if not is_main_process():
+        return 0  # the main process prints the summary
     print(f"\nDone. Final model, card and metrics in {result['output_dir']}")
     for record in result["metrics"]:
         values = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record["metrics"].items())

@@ -6,7 +6,8 @@ OUTPUT/sparsity-S; stages before the pruning (the teacher) are reused from the s
 OUTPUT/sweep.json, OUTPUT/sweep.md and OUTPUT/sweep.png (metric of the last evaluate stage vs sparsity,
 with the first evaluate stage, the unpruned model, as a reference line).
 
-Usage: python scripts/sweep_sparsity.py recipes/sst2-minilm/gmp-90.yaml --sparsities 0.5 0.7 0.8 0.9 --output-dir sweep
+Usage: python scripts/sweep_sparsity.py recipes/sst2-minilm/gmp-90.yaml --sparsities 0.5 0.7 0.8 0.9 \
+           --output-dir sweep [--set stages.2.training.max_steps=350 ...]
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ def main() -> None:
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9])
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--metric", default="accuracy")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="recipe override applied to every run (repeatable), as in `hf-modelopt run --set`")
     args = parser.parse_args()
 
     from hf_modelopt.pipeline import run_recipe
@@ -32,7 +35,7 @@ def main() -> None:
     index = next(i for i, s in enumerate(load_recipe(args.recipe).resolved_stages) if s.type == "prune")
     rows = []
     for sparsity in args.sparsities:
-        recipe = load_recipe(args.recipe, overrides=[f"stages.{index}.sparsity={sparsity}"])
+        recipe = load_recipe(args.recipe, overrides=[*args.overrides, f"stages.{index}.sparsity={sparsity}"])
         result = run_recipe(recipe, output / f"sparsity-{sparsity}")
         evaluations = result["metrics"]
         prune = next(r for r in result["stages"] if r["type"] == "prune")
