@@ -1,3 +1,4 @@
+import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
 
@@ -51,10 +52,12 @@ def test_default_targets_are_the_block_linears_only(tiny_models):
         assert not any("embed" in n or "classifier" in n or "lm_head" in n or "norm" in n for n in names)
 
 
-def test_masks_stay_zero_through_optimizer_steps_and_accumulation(tiny_models, tmp_path):
+@pytest.mark.parametrize("mixed_precision", [False, True])
+def test_masks_stay_zero_through_optimizer_steps_and_accumulation(tiny_models, tmp_path, mixed_precision):
     config = PruningConfig(sparsity=0.7, schedule=ScheduleConfig(kind="cubic", end_step=4, update_every=1))
     trainer, callback = _train(tiny_models("bert"), tmp_path / "o", config, max_steps=8,
-                               gradient_accumulation_steps=2, weight_decay=0.1)
+                               gradient_accumulation_steps=2, weight_decay=0.1, bf16=mixed_precision,
+                               use_cpu=mixed_precision)
     modules = prunable_linears(trainer.model)
     assert abs(sparsity_of(modules) - 0.7) < 1e-3
     for name, mask in callback.masks.items():
