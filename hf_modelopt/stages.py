@@ -66,6 +66,8 @@ class StageContext:
     stage_dir: Path
     output_dir: Path
     history: list[dict[str, Any]] = field(default_factory=list)  # records of the stages run so far
+    # A Trainer checkpoint of this stage's interrupted attempt to continue from (`run --resume`).
+    resume_from_checkpoint: Path | None = None
 
 
 @dataclass(frozen=True)
