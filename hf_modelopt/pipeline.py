@@ -99,13 +99,35 @@ def check_model_available(recipe: Recipe) -> None:
             )
 
 
+def check_training_arguments(recipe: Recipe) -> None:
+    """Build each training stage's `TrainingArguments` once, so that their own checks fail before any work."""
+    from .train import training_arguments
+
+    for index, stage in enumerate(recipe.resolved_stages):
+        training = getattr(stage.config, "training", None)
+        if training is None:
+            continue
+        try:
+            training_arguments(recipe, training, Path("unused"))
+        except (ValueError, TypeError) as err:
+            message = " ".join(str(err).split())  # one line
+            raise RecipeError(recipe.source, f"stages[{index}].training" if training else "training", message) from None
+
+
 def preflight(recipe: Recipe) -> None:
-    """Everything that can be checked before work starts: data files and the model's availability."""
-    from .data import check_data
+    """Everything that can be checked before work starts: data files and contents, the model and the stages."""
+    from .data import check_data, check_data_contents
+    from .modeling import check_model_for_task
 
     needed = {split for stage in recipe.resolved_stages for split in type(stage.config).requires_data}
     check_data(recipe.data, needed, recipe.source)
     check_model_available(recipe)
+    labels = check_data_contents(recipe.data, recipe.task, needed, recipe.source)
+    check_model_for_task(recipe.model, recipe.task, labels, "model.name_or_path", recipe.source)
+    check_training_arguments(recipe)
+    if recipe.model.trust_remote_code:
+        logger.warning("model.trust_remote_code is on: Python code shipped with %s will run on this machine",
+                       recipe.model.name_or_path)
     for stage in recipe.resolved_stages:
         stage.config.preflight(recipe)
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
-    from .recipe import Recipe
+    from .recipe import Recipe, Stage
 
 logger = logging.getLogger("hf_modelopt")
 
@@ -38,6 +38,13 @@ class StageConfig(BaseModel):
     name: str | None = Field(None, description="Name of the stage's output folder; defaults to the stage type.")
     # Data splits ("train", "eval") the stage reads; checked before any stage runs.
     requires_data: ClassVar[tuple[str, ...]] = ()
+
+    def check_after(self, earlier: list[Stage]) -> None:
+        """Refuse a contradictory order: raise `ValueError` naming the earlier stage that rules this one out.
+
+        `earlier` are the recipe's stages before this one (validated, with `type`, `name` and `config`).
+        Runs while the recipe is validated; the default accepts any order.
+        """
 
     def preflight(self, recipe: Recipe) -> None:
         """Checks that need more than the config (models, tokenizers), run before any stage starts.

@@ -91,6 +91,20 @@ def train_and_record(trainer, context: StageContext):
     return result
 
 
+# Stage types whose output cannot be trained as a whole: bitsandbytes 8- and 4-bit weights are frozen integer
+# tensors (train LoRA adapters on them instead). Keyed by type name, so a stage module need not be imported.
+UNTRAINABLE_OUTPUT_STAGES = ("quantize",)
+
+
+def refuse_training_after(stage_type: str, earlier) -> None:
+    """`StageConfig.check_after` of stages that update every weight of the model they get."""
+    for stage in earlier:
+        if stage.type in UNTRAINABLE_OUTPUT_STAGES:
+            raise ValueError(f"a {stage_type} stage trains every weight, but stage '{stage.name}' before it quantized "
+                             f"them with bitsandbytes, which cannot be trained in place; put the {stage_type} stage "
+                             f"before '{stage.name}'")
+
+
 class FinetuneConfig(StageConfig):
     """Train the current model on the recipe's training data with a plain task loss."""
 
@@ -98,6 +112,9 @@ class FinetuneConfig(StageConfig):
     training: dict[str, Any] = Field(
         default_factory=dict, description="TrainingArguments for this stage only, over the recipe's `training:`."
     )
+
+    def check_after(self, earlier) -> None:
+        refuse_training_after("finetune", earlier)
 
 
 @register_stage("finetune", FinetuneConfig)
