@@ -103,9 +103,16 @@ class DistillationConfig(StageConfig, KnowledgeDistillationConfig):
     )
     requires_data = ("train",)
 
+    def check_after(self, earlier) -> None:
+        from ..train import refuse_training_after
+
+        refuse_training_after("distill", earlier)
+
     def preflight(self, recipe) -> None:
         """Transfer text must exist (classification only); token-level KD needs one vocabulary."""
         self.check_against(recipe, self.training, "distill")
+        if self.student.name_or_path:
+            self._check_student_labels(recipe)
         if recipe.task == "causal-lm" and self.student.name_or_path:
             from ..modeling import load_tokenizer
             from ..recipe import ModelConfig
@@ -113,3 +120,25 @@ class DistillationConfig(StageConfig, KnowledgeDistillationConfig):
 
             student = ModelConfig(name_or_path=self.student.name_or_path)
             check_same_vocabulary(load_tokenizer(recipe.model), load_tokenizer(student))
+
+    def _check_student_labels(self, recipe) -> None:
+        """A separate student must suit the task and, as a classifier, name its classes as the teacher does."""
+        from ..data import check_data_contents
+        from ..modeling import check_model_for_task
+        from ..recipe import ModelConfig, RecipeError
+
+        labels = check_data_contents(recipe.data, recipe.task, {"train"}, recipe.source)
+        key = "distill.student.name_or_path"
+        student = check_model_for_task(ModelConfig(name_or_path=self.student.name_or_path), recipe.task, labels,
+                                       key, recipe.source)
+        teacher = check_model_for_task(recipe.model, recipe.task, labels, "model.name_or_path", recipe.source)
+        if recipe.task != "text-classification":
+            return
+
+        def named(config) -> dict[int, str] | None:  # None: the default LABEL_0, LABEL_1, ... (no names given)
+            names = {int(i): str(label) for i, label in (config.id2label or {}).items()}
+            return None if all(label == f"LABEL_{i}" for i, label in names.items()) else names
+
+        if named(teacher) and named(student) and named(teacher) != named(student):
+            raise RecipeError(recipe.source, key, f"the student's classes {named(student)} are not the teacher's "
+                              f"{named(teacher)}: soft targets would teach the wrong classes")

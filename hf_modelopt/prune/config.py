@@ -76,6 +76,11 @@ class PruneStageConfig(StageConfig, PruningConfig):
     )
     requires_data = ("train",)
 
+    def check_after(self, earlier) -> None:
+        from ..train import refuse_training_after
+
+        refuse_training_after("prune", earlier)
+
     def preflight(self, recipe) -> None:
         if self.distillation is not None:
             self.distillation.check_against(recipe, self.training, "prune.distillation")
@@ -109,6 +114,12 @@ class StructuredPruneStageConfig(StageConfig):
         if not self.heads and not self.neurons:
             raise ValueError("set heads and/or neurons above 0 (the fractions to remove)")
         return self
+
+    def check_after(self, earlier) -> None:
+        from ..train import refuse_training_after
+
+        if self.recover:
+            refuse_training_after("prune_structured", earlier)
 
     def preflight(self, recipe) -> None:
         if self.distillation is not None:
