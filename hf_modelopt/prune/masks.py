@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from fnmatch import fnmatch
 
 import torch
@@ -62,7 +63,7 @@ def masks_from_scores(scores: dict[str, torch.Tensor], sparsity: float, scope: s
     """Keep-masks that drop the `sparsity` fraction of lowest-scored weights, per tensor or globally.
 
     Weights already dropped in `previous` stay dropped (pruning only ever removes more), whatever their
-    score now. The count dropped is exact: round(sparsity × number of weights), ties broken by position.
+    score now. The count dropped is exact: ⌈sparsity × number of weights⌉ (never below the target).
     """
     def ranked(name):
         score = scores[name].detach().float().flatten()
@@ -74,14 +75,18 @@ def masks_from_scores(scores: dict[str, torch.Tensor], sparsity: float, scope: s
     if scope == "layer":
         for name, score in scores.items():
             flat = ranked(name)
-            masks[name] = _drop_lowest(flat, round(sparsity * flat.numel())).view_as(score)
+            masks[name] = _drop_lowest(flat, _count(sparsity, flat.numel())).view_as(score)
         return masks
     names = list(scores)
     flat = torch.cat([ranked(name) for name in names])
-    keep = _drop_lowest(flat, round(sparsity * flat.numel()))
+    keep = _drop_lowest(flat, _count(sparsity, flat.numel()))
     for name, part in zip(names, keep.split([scores[n].numel() for n in names])):
         masks[name] = part.view_as(scores[name])
     return masks
+
+
+def _count(sparsity: float, numel: int) -> int:
+    return min(numel, math.ceil(sparsity * numel - 1e-6))  # the tolerance keeps 0.5 × 10 at 5, not 6
 
 
 def _drop_lowest(flat: torch.Tensor, count: int) -> torch.Tensor:
