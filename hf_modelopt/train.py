@@ -121,23 +121,33 @@ class FinetuneConfig(StageConfig):
         refuse_training_after("finetune", earlier)
 
 
-@register_stage("finetune", FinetuneConfig)
-def finetune_stage(state: ModelState, config: FinetuneConfig, context: StageContext) -> ModelState:
+def train_with_task_loss(model, tokenizer, stage_training: dict[str, Any], context: StageContext, callbacks=()):
+    """Train `model` on the recipe's training data with a plain `Trainer` (the task's own loss).
+
+    Shared by the stages that train without a teacher (`finetune`, `prune`, ...); returns the trainer.
+    """
     from transformers import Trainer
 
-    from .modeling import ensure_loaded
-
     recipe = context.recipe
-    ensure_loaded(state, recipe)
-    args = training_arguments(recipe, config.training, context.stage_dir / "checkpoints")
-    train, evaluation, collator = training_data(recipe, state.tokenizer)
+    args = training_arguments(recipe, stage_training, context.stage_dir / "checkpoints")
+    train, evaluation, collator = training_data(recipe, tokenizer)
     trainer = Trainer(
-        model=state.model,
+        model=model,
         args=args,
         train_dataset=train,
         eval_dataset=evaluation if args.eval_strategy != "no" else None,
         data_collator=collator,
-        processing_class=state.tokenizer,
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
     )
     train_and_record(trainer, context)
+    return trainer
+
+
+@register_stage("finetune", FinetuneConfig)
+def finetune_stage(state: ModelState, config: FinetuneConfig, context: StageContext) -> ModelState:
+    from .modeling import ensure_loaded
+
+    ensure_loaded(state, context.recipe)
+    trainer = train_with_task_loss(state.model, state.tokenizer, config.training, context)
     return ModelState(model=trainer.model, tokenizer=state.tokenizer)

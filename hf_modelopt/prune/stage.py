@@ -15,14 +15,11 @@ logger = logging.getLogger("hf_modelopt")
 
 @register_stage("prune", PruneStageConfig)
 def prune_stage(state: ModelState, config: PruneStageConfig, context: StageContext) -> ModelState:
-    from transformers import Trainer
-
     from ..modeling import ensure_loaded
-    from ..train import train_and_record, training_arguments, training_data
+    from ..train import train_with_task_loss
     from .callback import PruningCallback
 
-    recipe = context.recipe
-    ensure_loaded(state, recipe)
+    ensure_loaded(state, context.recipe)
     model, tokenizer = state.model, state.tokenizer
     callback = PruningCallback(config)
     if config.distillation is not None:
@@ -33,12 +30,7 @@ def prune_stage(state: ModelState, config: PruneStageConfig, context: StageConte
                                           copied_from=list(range(model.config.num_hidden_layers)),
                                           callbacks=[callback])
     else:
-        args = training_arguments(recipe, config.training, context.stage_dir / "checkpoints")
-        train, evaluation, collator = training_data(recipe, tokenizer)
-        trainer = Trainer(model=model, args=args, train_dataset=train,
-                          eval_dataset=evaluation if args.eval_strategy != "no" else None,
-                          data_collator=collator, processing_class=tokenizer, callbacks=[callback])
-        train_and_record(trainer, context)
+        trainer = train_with_task_loss(model, tokenizer, config.training, context, callbacks=[callback])
     return _finish_unstructured(ModelState(model=trainer.model, tokenizer=tokenizer), config, context)
 
 
@@ -76,10 +68,9 @@ def _finish_unstructured(state: ModelState, config, context: StageContext) -> Mo
 def prune_structured_stage(state: ModelState, config: StructuredPruneStageConfig,
                            context: StageContext) -> ModelState:
     from torch.utils.data import DataLoader
-    from transformers import Trainer
 
     from ..modeling import ensure_loaded
-    from ..train import train_and_record, training_arguments, training_data
+    from ..train import train_with_task_loss, training_data
     from .structured import (
         choose_kept,
         gradient_importance,
@@ -93,8 +84,8 @@ def prune_structured_stage(state: ModelState, config: StructuredPruneStageConfig
     ensure_loaded(state, recipe)
     model, tokenizer = state.model, state.tokenizer
     teacher = copy.deepcopy(model) if config.distillation is not None else None
-    train, evaluation, collator = training_data(recipe, tokenizer)
     if config.importance == "gradient":
+        train, _, collator = training_data(recipe, tokenizer)
         batch_size = {**recipe.training, **config.training}.get("per_device_train_batch_size", 8)
         count = min(len(train), config.calibration_batches * batch_size)
         loader = DataLoader(train.select(range(count)), batch_size=batch_size, collate_fn=collator)
@@ -119,11 +110,7 @@ def prune_structured_stage(state: ModelState, config: StructuredPruneStageConfig
             trainer = train_with_distillation(teacher, model, tokenizer, config.distillation, config.training,
                                               context, copied_from=list(range(model.config.num_hidden_layers)))
         else:
-            args = training_arguments(recipe, config.training, context.stage_dir / "checkpoints")
-            trainer = Trainer(model=model, args=args, train_dataset=train,
-                              eval_dataset=evaluation if args.eval_strategy != "no" else None,
-                              data_collator=collator, processing_class=tokenizer)
-            train_and_record(trainer, context)
+            trainer = train_with_task_loss(model, tokenizer, config.training, context)
         model = trainer.model
     state = ModelState(model=model, tokenizer=tokenizer)
     state.metrics = {"parameters": after, "parameters_before": before}
