@@ -216,7 +216,7 @@ def _plan(recipe: Recipe, stages: list[Stage]) -> list[tuple[Stage, str]]:
 
 
 def _resume_point(recipe: Recipe, plan: list[tuple[Stage, str]], output_dir: Path) -> tuple[str, Path] | None:
-    """(stage name, checkpoint) to continue from: the first unfinished stage's last complete checkpoint."""
+    """(stage name, checkpoint) to continue from: the first unfinished stage that has a complete checkpoint."""
     from .train import last_checkpoint
 
     for stage, stage_fp in plan:
@@ -225,8 +225,7 @@ def _resume_point(recipe: Recipe, plan: list[tuple[Stage, str]], output_dir: Pat
             continue
         checkpoint = last_checkpoint(stage_dir / "checkpoints")
         if checkpoint is None:
-            logger.info("--resume: stage '%s' has no checkpoint; it starts from its beginning", stage.name)
-            return None
+            continue
         try:
             started_with = json.loads((stage_dir / ATTEMPT_RECORD).read_text())["fingerprint"]
         except (OSError, ValueError, KeyError):
@@ -236,7 +235,7 @@ def _resume_point(recipe: Recipe, plan: list[tuple[Stage, str]], output_dir: Pat
                               "was made with other inputs (the recipe, its data or an earlier stage changed); run "
                               "without --resume to start that stage over")
         return stage.name, checkpoint
-    logger.info("--resume: no unfinished stage with a checkpoint in %s", output_dir)
+    logger.info("--resume: no unfinished stage has a checkpoint in %s; unfinished stages start over", output_dir)
     return None
 
 
@@ -252,6 +251,7 @@ def run_recipe(recipe: Recipe, output_dir: str | os.PathLike, *, resume: bool = 
     from .distributed import init_distributed, is_main_process, process_index, wait_for_everyone
     from .export.save import ExportConfig
     from .interrupt import stop_cleanly_on_signals
+    from .train import last_checkpoint
 
     output_dir = Path(output_dir)
     main = is_main_process()
@@ -299,6 +299,9 @@ def run_recipe(recipe: Recipe, output_dir: str | os.PathLike, *, resume: bool = 
                 if resume_from is not None and resume_from[0] == stage.name:
                     context.resume_from_checkpoint = resume_from[1]  # its folder and checkpoints are kept
                 else:
+                    if last_checkpoint(context.stage_dir / "checkpoints") is not None:
+                        logger.warning("Stage '%s': discarding the checkpoint of an interrupted attempt (--resume "
+                                       "continues from it instead)", stage.name)
                     shutil.rmtree(context.stage_dir, ignore_errors=True)  # leftovers of an unfinished attempt
                 if spec.cacheable:
                     context.stage_dir.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """Interrupting a run (SIGTERM / SIGINT) and resuming it: the same model as a run that was never interrupted."""
 
 import json
+import logging
 import os
 import shlex
 import signal
@@ -23,7 +24,8 @@ STEPS = 16  # 2 epochs of 64 rows at batch 8: the resumed run crosses epoch boun
 
 
 def resumable_recipe(tiny_models, sst2_files):
-    data = tiny_recipe(tiny_models("bert"), sst2_files, stages=["finetune", {"type": "evaluate", "name": "after"}])
+    stages = [{"type": "evaluate", "name": "before"}, "finetune", {"type": "evaluate", "name": "after"}]
+    data = tiny_recipe(tiny_models("bert"), sst2_files, stages=stages)
     data["training"].update(max_steps=STEPS, logging_steps=1)  # one printed log line per step to synchronise on
     return data
 
@@ -45,7 +47,7 @@ def start_and_signal(recipe_file, out, signum):
 
 
 def test_sigterm_mid_stage_then_resume_gives_the_uninterrupted_result(tiny_models, sst2_files, tmp_path,
-                                                                     monkeypatch):
+                                                                     monkeypatch, caplog):
     data = resumable_recipe(tiny_models, sst2_files)
     recipe_file = tmp_path / "r.yaml"
     recipe_file.write_text(yaml.safe_dump(data))
@@ -69,7 +71,11 @@ def test_sigterm_mid_stage_then_resume_gives_the_uninterrupted_result(tiny_model
         run_recipe(validate_recipe(changed), out, resume=True)
     command = shlex.split(message[0].split("resume with: ")[1])
     assert command[0] == "hf-modelopt" and command[-1] == "--resume"
-    assert main(command[1:]) == 0  # in this process: the reference ran here too (same threads, same kernels)
+    with caplog.at_level(logging.INFO, logger="hf_modelopt"):
+        assert main(command[1:]) == 0  # in this process: the reference ran here too (same threads, same kernels)
+    logged = [record.getMessage() for record in caplog.records]
+    assert any("Stage 'before' reused" in line for line in logged)  # finished before the signal: not rerun
+    assert any(f"finetune: resuming from {checkpoints[0]}" in line for line in logged)
 
     assert not (out / "stages" / "finetune" / "checkpoints").exists()  # a finished stage keeps its model only
     history = json.loads((out / "stages" / "finetune" / "log_history.json").read_text())
