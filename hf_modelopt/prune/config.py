@@ -160,4 +160,4 @@ class OneShotPruneStageConfig(StageConfig):
 
         if recipe.task != "causal-lm":
             raise RecipeError(recipe.source, "prune_oneshot", "one-shot calibration pruning is for causal LMs "
-                              f"(task is {recipe.task}); use the `prune` stage, which trains while pruning")
+                              f"(task is {recipe.task}); use the prune stage, which trains while pruning")
