@@ -87,7 +87,25 @@ class StopOnSignalCallback(TrainerCallback):
     """Ends training after the current optimizer step, with a checkpoint, once a stop signal was received."""
 
     def on_step_end(self, args, state, control, **kwargs):
-        if _state.requested is not None:
+        requested = _agreed_request()
+        if requested is not None:
+            _state.requested = requested
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+def _agreed_request() -> int | None:
+    """The stop request, agreed by every process of a multi-process run (a signal reaches each process at its
+    own moment: stopping at different steps would leave the others waiting in the next collective)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return _state.requested
+    import torch
+
+    flag = torch.tensor([_state.requested or 0], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item()) or None
