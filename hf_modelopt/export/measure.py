@@ -21,17 +21,19 @@ def parameter_count(model) -> int:
 
 
 def linear_sparsity(model) -> float | None:
-    """Fraction of exactly-zero weights over the floating-point weights of the Linear layers.
+    """Fraction of exactly-zero weights over the weights of the Linear layers (GPT-2's Conv1D included).
 
-    Quantized Linear weights (integer storage) are left out: a zero code is not a zero weight. `None`
-    when the model has no floating-point Linear weight at all.
+    `None` when a Linear weight is quantized (integer storage: a zero code is not always a zero weight, and
+    packed 4-bit bytes hold two weights) or there is no Linear layer.
     """
     import torch
-    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
+    from transformers.pytorch_utils import Conv1D
 
     zeros = total = 0
     for module in model.modules():
-        if isinstance(module, (torch.nn.Linear, Conv1D)) and module.weight.is_floating_point():
+        if isinstance(module, (torch.nn.Linear, Conv1D)):
+            if not module.weight.is_floating_point():
+                return None
             zeros += int((module.weight == 0).sum())
             total += module.weight.numel()
     return zeros / total if total else None

@@ -106,7 +106,10 @@ def verify_reload(folder, model, tokenizer, task: str, atol: float = 1e-4, rtol:
             command += ["--measure-recipe", str(measure.recipe_file), "--measurements", str(measured),
                         "--latency-repeats", str(measure.latency_repeats)]
             command += ["--compare-base"] if measure.compare_base else []
-        run = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+        try:
+            run = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+        except subprocess.TimeoutExpired:
+            raise ReloadError(f"{folder}: reloading in a fresh process took over {timeout:g} s") from None
         if run.returncode != 0:
             last = (run.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise ReloadError(f"{folder}: the saved model does not load in a fresh process: {last}")
