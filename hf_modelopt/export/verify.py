@@ -143,12 +143,17 @@ def _measure(folder: Path, model, recipe_file: str, compare_base: bool, latency_
     """
     import logging
 
+    import yaml
+
     from ..metrics import evaluate_model
     from ..modeling import load_model
-    from ..recipe import load_recipe
+    from ..recipe import validate_recipe
     from .measure import base_model_folder, cpu_latency, model_figures, weights_size
 
-    recipe = load_recipe(recipe_file)
+    # Model, task and data are all this process needs; the recipe's stages may include ones registered only in
+    # the process that ran it (a custom stage), which this one cannot validate.
+    data = yaml.safe_load(Path(recipe_file).read_text())
+    recipe = validate_recipe({**data, "stages": ["evaluate"]}, recipe_file)
     metrics = evaluate_model(model, _exported_tokenizer(folder, recipe), recipe)
     figures = {"export": {**model_figures(model), "size_on_disk_bytes": weights_size(folder)}, "base": None}
     models, base_error = {"export": model}, None
