@@ -67,6 +67,11 @@ def make_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seq-len", type=int, default=64)
     bench.add_argument("--repeats", type=int, default=20, help="timed runs per model (median reported)")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    push = commands.add_parser("push", help="upload a verified export folder to the Hugging Face Hub")
+    push.add_argument("folder", help="an export folder (OUTPUT of `hf-modelopt run`)")
+    push.add_argument("--repo-id", required=True, help="Hub model repository ORG/NAME (created if missing)")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.add_argument("--dry-run", action="store_true", help="print the files and card that would be uploaded")
     return parser
 
 
@@ -133,10 +138,28 @@ def _eval(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     preflight(recipe)
-    model = load_model(recipe.model, recipe.task, path=args.model)
+    if os.path.isdir(args.model):  # an export folder loads the way its format does (peft adapters, ...)
+        from .export.formats import load_exported
+
+        model = load_exported(args.model, recipe.task, trust_remote_code=recipe.model.trust_remote_code)
+    else:
+        model = load_model(recipe.model, recipe.task, path=args.model)
     tokenizer = load_tokenizer(recipe.model, path=args.model)
     metrics = evaluate_model(model, tokenizer, recipe)
     print(json.dumps(metrics, indent=None if args.json else 2))
+    return 0
+
+
+def _push(args) -> int:
+    from .export.hub import plan_push, push_export
+
+    if args.dry_run:
+        plan = plan_push(args.folder, args.repo_id, args.private)
+        print(f"would upload to {plan.repo_id} ({'private' if plan.private else 'public'}):")
+        print("\n".join(f"  {name}" for name in plan.files))
+        print(f"\n{plan.card}")
+        return 0
+    print(push_export(args.folder, args.repo_id, private=args.private))
     return 0
 
 
@@ -161,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     logger.setLevel(logging.INFO)
     use_offline_mode_if_hub_unreachable()
     try:
-        return {"run": _run, "eval": _eval, "inspect": _inspect, "bench": _bench}[args.command](args)
+        return {"run": _run, "eval": _eval, "inspect": _inspect, "bench": _bench,
+                "push": _push}[args.command](args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

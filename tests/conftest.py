@@ -73,7 +73,11 @@ def tiny_models(tmp_path_factory):
 @pytest.fixture
 def sst2_files(tmp_path) -> Path:
     """A small SST-2-like data folder: 64 train and 32 eval rows from ../shared/data (or made up)."""
-    folder = tmp_path / "data"
+    return write_small_data(tmp_path / "data")
+
+
+def write_small_data(folder: Path) -> Path:
+    """The `sst2_files` data (sst2/train.tsv, sst2/validation.tsv, text/train.txt, text/valid.txt) in `folder`."""
     (folder / "sst2").mkdir(parents=True)
     for name, rows in (("train.tsv", 64), ("validation.tsv", 32)):
         source = SHARED_DATA / "sst2" / name
@@ -96,8 +100,13 @@ def isolated_stage_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_MODELOPT_CACHE", str(tmp_path / "stage-cache"))
 
 
-def tiny_recipe(model_dir: Path, data_dir: Path, task: str = "text-classification", stages=None, **extra) -> dict:
-    """A recipe mapping for a tiny model on the small data, runnable in a few seconds."""
+def tiny_recipe(model_dir: Path, data_dir: Path, task: str = "text-classification", stages=None,
+                verify_export: bool = True, **extra) -> dict:
+    """A recipe mapping for a tiny model on the small data, runnable in a few seconds.
+
+    `verify_export=False` skips the export's fresh-process reload and re-measurement (seconds per run), for
+    tests about something else.
+    """
     if task == "text-classification":
         data = {"data_dir": str(data_dir), "train_file": "sst2/train.tsv", "eval_file": "sst2/validation.tsv",
                 "text_column": "sentence", "max_length": 32}
@@ -112,7 +121,7 @@ def tiny_recipe(model_dir: Path, data_dir: Path, task: str = "text-classificatio
         "training": {"max_steps": 3, "per_device_train_batch_size": 8, "learning_rate": 1e-3, "seed": 0,
                      "disable_tqdm": True},
         "stages": stages or [{"type": "evaluate", "name": "before"}, {"type": "finetune"},
-                             {"type": "evaluate", "name": "after"}, {"type": "export"}],
+                             {"type": "evaluate", "name": "after"}, {"type": "export", "verify": verify_export}],
     }
     recipe.update(extra)
     return recipe

@@ -23,6 +23,9 @@ def test_classification_recipe_end_to_end(model_type, tiny_models, sst2_files, t
     assert (out / "model.safetensors").is_file() and not (out / ".export-tmp").exists()
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert model.config.model_type == model_type
+    # The export was reloaded in a fresh process and re-measured to what the in-memory evaluation found.
+    record = json.loads((out / "export.json").read_text())
+    assert record["reload_check"]["passed"] and record["metrics"] == metrics[1]["metrics"]
     assert [r["name"] for r in result["stages"]] == ["before", "finetune", "after", "export"]
 
 
@@ -34,11 +37,13 @@ def test_causal_lm_recipe_end_to_end(model_type, tiny_models, sst2_files, tmp_pa
     before, after = (m["metrics"]["perplexity"] for m in metrics)
     # A random tiny model is near-uniform over 30k tokens; three steps at lr 1e-3 must already help.
     assert after < before <= 30522 * 1.5
+    remeasured = json.loads((tmp_path / "out" / "export.json").read_text())["metrics"]["perplexity"]
+    assert remeasured == pytest.approx(after, rel=1e-5)
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.model_type == model_type
 
 
 def test_unchanged_stages_are_reused(tiny_models, sst2_files, tmp_path, caplog):
-    data = tiny_recipe(tiny_models("bert"), sst2_files)
+    data = tiny_recipe(tiny_models("bert"), sst2_files, verify_export=False)  # about stage reuse only
     run_recipe(validate_recipe(data), tmp_path / "a")
     trained = (tmp_path / "a" / "stages" / "finetune" / "model" / "model.safetensors").read_bytes()
     with caplog.at_level(logging.INFO, logger="hf_modelopt"):
@@ -52,7 +57,7 @@ def test_unchanged_stages_are_reused(tiny_models, sst2_files, tmp_path, caplog):
 
 
 def test_changed_config_is_recomputed(tiny_models, sst2_files, tmp_path, caplog):
-    data = tiny_recipe(tiny_models("bert"), sst2_files)
+    data = tiny_recipe(tiny_models("bert"), sst2_files, verify_export=False)  # about stage reuse only
     run_recipe(validate_recipe(data), tmp_path / "a")
     data["training"]["learning_rate"] = 5e-4
     with caplog.at_level(logging.INFO, logger="hf_modelopt"):
@@ -61,7 +66,7 @@ def test_changed_config_is_recomputed(tiny_models, sst2_files, tmp_path, caplog)
 
 
 def test_unfinished_stage_is_not_reused(tiny_models, sst2_files, tmp_path, caplog):
-    data = tiny_recipe(tiny_models("bert"), sst2_files)
+    data = tiny_recipe(tiny_models("bert"), sst2_files, verify_export=False)  # about stage reuse only
     run_recipe(validate_recipe(data), tmp_path / "a")
     (tmp_path / "a" / "stages" / "finetune" / "stage.json").unlink()  # as if it crashed before finishing
     with caplog.at_level(logging.INFO, logger="hf_modelopt"):

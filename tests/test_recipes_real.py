@@ -30,6 +30,7 @@ def test_quickstart_improves_and_reloads_to_the_same_metric(tmp_path):
     assert before < 0.6 < 0.8 < after
     remeasured = json.loads(cli("eval", out, "--recipe", "recipes/quickstart.yaml", "--json").stdout.splitlines()[-1])
     assert remeasured["accuracy"] == after
+    assert json.loads((out / "export.json").read_text())["metrics"] == remeasured  # the card's figures
 
 
 def test_smollm2_gguf_perplexity_and_safetensors_export(tmp_path):

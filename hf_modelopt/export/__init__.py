@@ -1,6 +1,8 @@
-"""Writing the final model, its resolved recipe, metrics and model card."""
+"""Writing the final model, verified in a fresh process, with its record, model card and Hub upload."""
 
 from .card import render_model_card
-from .save import ExportConfig, export_stage
+from .formats import ExportFormat, detect_format, load_exported, register_export_format
+from .save import ExportConfig, HubPushConfig, export_model, export_stage, read_export_record
 
-__all__ = ["ExportConfig", "export_stage", "render_model_card"]
+__all__ = ["ExportConfig", "ExportFormat", "HubPushConfig", "detect_format", "export_model", "export_stage",
+           "load_exported", "read_export_record", "register_export_format", "render_model_card"]

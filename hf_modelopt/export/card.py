@@ -1,92 +1,167 @@
-"""Model cards rendered with huggingface_hub's `ModelCard` from the templates in `model_cards/`."""
+"""Model cards rendered with huggingface_hub's `ModelCard` from the templates in `model_cards/`.
+
+The card is a view of the export record (`export.json`): every figure in its results table was measured
+on the exported folder reloaded in a fresh process (see `verify.py`), so rendering it again later (for a
+Hub push, with the repository id in the loading code) gives the same numbers.
+"""
 
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
-from ..inspection import human_bytes, size_on_disk
+from ..inspection import human_bytes
+from .formats import EXPORT_FORMATS, ExportFormat, loading_code
 
 logger = logging.getLogger("hf_modelopt")
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "model_cards"
 PIPELINE_TAGS = {"text-classification": "text-classification", "causal-lm": "text-generation"}
-LOADERS = {"text-classification": "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM"}
+# Stage type prefix -> the tag Hub users search for; the stage types themselves are added as method tags.
+TECHNIQUE_TAGS = {"distill": "distilled", "prune": "pruned", "sparsif": "pruned", "quant": "quantized"}
+MEASURE_ONLY_STAGES = ("evaluate", "export")
+COUNT_METRICS = ("eval_samples", "eval_tokens")  # sizes of the evaluation data, not quality figures
+LOADING_NOTES = {
+    "transformers": "It loads with plain transformers (no hf-modelopt needed).",
+    "hf_modelopt": "It loads with transformers after `import hf_modelopt`, which registers the loading hooks "
+                   "of this format with transformers (`pip install hf-modelopt`).",
+    "peft": "It is a peft adapter: peft loads it together with the base model named in `adapter_config.json` "
+            "(`pip install peft`).",
+}
 
 
-def _base_license(recipe) -> str | None:
-    """The base model's license, read from its model card (local folder or HF cache; no download)."""
-    from huggingface_hub import ModelCard, try_to_load_from_cache
+def base_license(spec) -> str | None:
+    """The base model's license, from its model card or config (local folder or HF cache; no download)."""
+    from huggingface_hub import ModelCard
 
-    spec = recipe.model
-    if spec.is_local:
-        readme = Path(spec.name_or_path) / "README.md"
-    else:
-        cached = try_to_load_from_cache(spec.name_or_path, "README.md", revision=spec.revision)
-        readme = Path(cached) if isinstance(cached, str) else None
-    if readme is None or not readme.is_file():
+    from .measure import base_model_folder
+
+    folder = base_model_folder(spec)
+    if folder is None:
         return None
+    readme = folder / "README.md"
+    if readme.is_file():
+        try:
+            found = ModelCard.load(readme).data.to_dict().get("license")
+            if found:
+                return found
+        except Exception as err:  # a malformed upstream card must not fail the export
+            logger.warning("could not read the license from %s: %s", readme, err)
     try:
-        return ModelCard.load(readme).data.to_dict().get("license")
-    except Exception as err:  # a malformed upstream card must not fail the export
-        logger.warning("could not read the license from %s: %s", readme, err)
+        import json
+
+        return json.loads((folder / "config.json").read_text()).get("license")
+    except (OSError, ValueError):
         return None
 
 
-def _parameter_count(folder: Path) -> int:
-    """Parameters stored in the safetensors files of `folder`, read from their headers only."""
-    from safetensors import safe_open
+def card_tags(stages: list[dict]) -> list[str]:
+    """`hf-modelopt`, what was done (`distilled`, `pruned`, `quantized`) and the method names."""
+    methods = []
+    for record in stages:
+        if record["type"] in MEASURE_ONLY_STAGES:
+            continue
+        methods.append(record["type"])
+        method = (record.get("config") or {}).get("method")
+        if isinstance(method, str):
+            methods.append(method)
+    techniques = [tag for t in methods for prefix, tag in TECHNIQUE_TAGS.items() if t.startswith(prefix)]
+    return list(dict.fromkeys(["hf-modelopt", *techniques, *methods]))
 
-    total = 0
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(file, "pt") as weights:
-            total += sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
-    return total
+
+def _format_number(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
 
 
-def _format(value: float) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+def _percent(value) -> str:
+    return "-" if value is None else f"{value:.2%}"
 
 
-def render_model_card(recipe, history: list[dict], model_dir: Path, template: str = "default.md"):
-    """A `ModelCard` for the model in `model_dir`, from the run's stage records."""
+def _milliseconds(value) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def results_rows(record: dict) -> list[dict]:
+    """The before / after table: metrics, weights on disk, parameters, sparsity, CPU latency."""
+    figures = record.get("figures") or {}
+    base, export = figures.get("base") or {}, figures.get("export") or {}
+    before_metrics = (record.get("before") or {}).get("metrics") or {}
+    after_metrics = record.get("metrics") or {}
+    rows = [{"label": name, "before": _format_number(before_metrics.get(name)), "after": _format_number(value)}
+            for name, value in after_metrics.items() if name not in COUNT_METRICS]
+    rows.append({"label": "weights on disk", "before": human_bytes(base.get("size_on_disk_bytes")),
+                 "after": human_bytes(export.get("size_on_disk_bytes"))})
+    rows.append({"label": "parameters", "before": _format_number(base.get("parameters")),
+                 "after": _format_number(export.get("parameters"))})
+    rows.append({"label": "sparsity (exactly-zero Linear weights)", "before": _percent(base.get("linear_sparsity")),
+                 "after": _percent(export.get("linear_sparsity"))})
+    setup = record.get("latency_setup")
+    if setup:
+        rows.append({"label": f"{setup['device'].upper()} latency, batch {setup['batch_size']} × {setup['seq_len']} "
+                              "tokens (ms)",
+                     "before": _milliseconds(base.get("latency_ms")), "after": _milliseconds(export.get("latency_ms"))})
+    return rows
+
+
+def _export_format(record: dict) -> ExportFormat:
+    name = record["format"]["name"]
+    known = next((f for f in EXPORT_FORMATS if f.name == name), None)
+    return known or ExportFormat(name, record["format"]["loads_with"], lambda folder: False)
+
+
+def render_model_card(record: dict, recipe_yaml: str, load_from: str, template: str = "default.md"):
+    """A `ModelCard` for an export, from its record (`export.json`); `load_from` goes into the loading code."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    evaluations = [r for r in history if r["type"] == "evaluate" and r.get("metrics")]
-    metric_names = list(dict.fromkeys(k for r in evaluations for k in r["metrics"]))
-    rows = [{"model": f"`{r['model']}` (stage `{r['name']}`)",
-             "values": [_format(r["metrics"].get(k, "-")) for k in metric_names]} for r in evaluations]
-    stage_types = [r["type"] for r in history]
-    base = recipe.model.name_or_path
-    data = recipe.data
-    eval_data = f"`{data.eval_file}`" if data.eval_file else f"`{data.dataset}` ({data.eval_split})"
+    base = record["base_model"]
+    stages = record["stages"]
+    changed = [r for r in stages if r["type"] not in MEASURE_ONLY_STAGES]
+    tags = card_tags(stages)
+    export_format = _export_format(record)
+    relation = None
+    if changed:
+        relation = ("adapter" if export_format.loads_with == "peft"
+                    else "quantized" if "quantized" in tags else "finetune")
     card_data = ModelCardData(
-        base_model=None if recipe.model.is_local else base,
-        license=_base_license(recipe),
-        library_name="transformers",
-        pipeline_tag=PIPELINE_TAGS[recipe.task],
-        tags=["hf-modelopt", *dict.fromkeys(t for t in stage_types if t not in ("evaluate", "export"))],
+        base_model=None if base["is_local"] else base["name_or_path"],
+        base_model_relation=relation if not base["is_local"] else None,
+        license=base.get("license"),
+        library_name="peft" if export_format.loads_with == "peft" else "transformers",
+        pipeline_tag=PIPELINE_TAGS[record["task"]],
+        tags=tags,
     )
-    load_code = (f"from transformers import AutoTokenizer, {LOADERS[recipe.task]}\n\n"
-                 f"model = {LOADERS[recipe.task]}.from_pretrained(\"PATH_OR_REPO_ID\")\n"
-                 f"tokenizer = AutoTokenizer.from_pretrained(\"PATH_OR_REPO_ID\")")
+    check = record["reload_check"]
+    before = record.get("before")
+    evaluations = [r for r in stages if r["type"] == "evaluate" and r.get("metrics")]
+    run_metric_names = list(dict.fromkeys(k for r in evaluations for k in r["metrics"]))
+    setup = record.get("latency_setup")
+    base_name = base["name_or_path"] + (f" ({base['gguf_file']})" if base.get("gguf_file") else "")
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATES / template),
-        model_name=f"{Path(base).name} ({', '.join(dict.fromkeys(stage_types))})",
-        summary=f"A `{recipe.task}` model.",
-        base_model=base,
-        base_model_url=base if recipe.model.is_local else f"https://huggingface.co/{base}",
-        description=recipe.description.strip(),
-        eval_data=eval_data,
-        metric_names=metric_names,
-        metric_rows=rows,
-        parameters=f"{_parameter_count(model_dir):,}",
-        size_on_disk=human_bytes(size_on_disk(model_dir)),
-        load_code=load_code,
-        stage_list=", ".join(f"`{r['name']}` ({r['type']})" for r in history),
-        recipe_yaml=recipe.to_yaml(),
-        limitations="Metrics were measured on the evaluation data named above only; check the model on your own "
-                    "data before relying on it.",
+        model_name=f"{Path(base['name_or_path']).name} ({', '.join(r['type'] for r in changed) or 'exported'})",
+        summary=f"A `{record['task']}` model ({export_format.description or export_format.name}).",
+        base_model=base_name,
+        base_model_url=base["name_or_path"] if base["is_local"] else f"https://huggingface.co/{base['name_or_path']}",
+        description=record.get("description", "").strip(),
+        verified=check.get("passed", False),
+        max_abs_diff=f"{check.get('max_abs_diff', 0):.2g}",
+        eval_data=record["eval_data"],
+        before_stage=before["stage"] if before else None,
+        results=results_rows(record),
+        base_error=record.get("base_error"),
+        latency_setup=setup,
+        run_metric_names=run_metric_names,
+        run_rows=[{"model": f"`{r['model']}` (stage `{r['name']}`)",
+                   "values": [_format_number(r["metrics"].get(k)) for k in run_metric_names]} for r in evaluations],
+        plots=record.get("plots", []),
+        loading_note=LOADING_NOTES[export_format.loads_with],
+        load_code=loading_code(export_format, record["task"], load_from),
+        stage_list=", ".join(f"`{r['name']}` ({r['type']})" for r in stages),
+        recipe_yaml=recipe_yaml,
+        hf_modelopt_version=record["hf_modelopt"],
     )

@@ -7,8 +7,13 @@ user gets from `from_pretrained`: nothing in it is left over from the run that s
 
 `verify_reload(folder, model, tokenizer, task)` runs a fixed probe batch through the in-memory model, then
 `python -m hf_modelopt.export.verify` loads `folder` with the task's `AutoModelFor...` class (after
-`import hf_modelopt`, which registers the project's loading hooks) and runs the same batch; the two logit
-tensors must agree within tolerance.
+`import hf_modelopt`, which registers the project's loading hooks; peft adapter folders with peft's
+`AutoPeftModelFor...`: see `formats.load_exported`) and runs the same batch; the two logit tensors must agree
+within tolerance.
+
+With a `MeasureRequest`, the same fresh process also measures what the model card reports: the metrics on
+the recipe's evaluation data (`metrics.evaluate_model`, as `hf-modelopt eval` computes them), parameters,
+Linear-weight sparsity, weights on disk and CPU latency, next to the recipe's base model.
 """
 
 from __future__ import annotations
@@ -37,11 +42,21 @@ class ReloadError(UserError):
 
 
 @dataclass
+class MeasureRequest:
+    """What the fresh process measures besides the probe logits."""
+
+    recipe_file: str  # a resolved recipe (an export's recipe.yaml): task and evaluation data
+    compare_base: bool = True  # also load the recipe's base model, for the card's "before" figures
+    latency_repeats: int = 10  # timed forward passes per model at batch 32 x 64 tokens; 0 skips latency
+
+
+@dataclass
 class ReloadCheck:
     folder: str
     max_abs_diff: float
     tolerance: float
     seconds: float
+    measurements: dict | None = None  # with a MeasureRequest: see `_measure`
 
 
 def probe_batch(tokenizer, max_length: int = 32) -> dict:
@@ -66,11 +81,12 @@ def probe_logits(model, batch: dict):
 
 
 def verify_reload(folder, model, tokenizer, task: str, atol: float = 1e-4, rtol: float = 1e-4,
-                  timeout: float = 900) -> ReloadCheck:
+                  timeout: float = 900, measure: MeasureRequest | None = None) -> ReloadCheck:
     """Reload `folder` in a fresh process and compare its logits with `model`'s on the probe batch.
 
     Raises `ReloadError` (naming the folder and the largest difference) when they differ by more than
-    `atol + rtol * |reference|`, or when the folder does not load at all.
+    `atol + rtol * |reference|`, or when the folder does not load at all. With `measure`, the fresh
+    process also measures the reloaded model (`ReloadCheck.measurements`).
     """
     import time
 
@@ -83,13 +99,22 @@ def verify_reload(folder, model, tokenizer, task: str, atol: float = 1e-4, rtol:
     with tempfile.TemporaryDirectory(prefix="hf-modelopt-verify-") as scratch:
         probe, result = Path(scratch) / "probe.safetensors", Path(scratch) / "result.safetensors"
         save_file({k: v.contiguous() for k, v in batch.items()}, str(probe))
+        measured = Path(scratch) / "measurements.json"
         command = [sys.executable, "-m", "hf_modelopt.export.verify", str(folder), "--task", task,
                    "--probe", str(probe), "--output", str(result)]
-        run = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+        if measure is not None:
+            command += ["--measure-recipe", str(measure.recipe_file), "--measurements", str(measured),
+                        "--latency-repeats", str(measure.latency_repeats)]
+            command += ["--compare-base"] if measure.compare_base else []
+        try:
+            run = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+        except subprocess.TimeoutExpired:
+            raise ReloadError(f"{folder}: reloading in a fresh process took over {timeout:g} s") from None
         if run.returncode != 0:
             last = (run.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise ReloadError(f"{folder}: the saved model does not load in a fresh process: {last}")
         reloaded = load_file(str(result))["logits"]
+        measurements = json.loads(measured.read_text()) if measure is not None else None
     if reloaded.shape != reference.shape:
         raise ReloadError(f"{folder}: the reloaded model's logits have shape {tuple(reloaded.shape)}, "
                           f"the model in memory gave {tuple(reference.shape)}")
@@ -99,7 +124,57 @@ def verify_reload(folder, model, tokenizer, task: str, atol: float = 1e-4, rtol:
     if not bool((difference <= allowed).all()):
         raise ReloadError(f"{folder}: the model reloaded in a fresh process computes different logits than the "
                           f"model in memory (max |difference| {max_abs_diff:.3g}, tolerance {atol:g} + {rtol:g}·|x|)")
-    return ReloadCheck(str(folder), max_abs_diff, atol, round(time.perf_counter() - started, 1))
+    return ReloadCheck(str(folder), max_abs_diff, atol, round(time.perf_counter() - started, 1), measurements)
+
+
+def _exported_tokenizer(folder: Path, recipe):
+    """The export's own tokenizer (the base model's when the folder has none, e.g. a bare adapter)."""
+    from ..modeling import load_tokenizer
+
+    has_tokenizer = (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file()
+    return load_tokenizer(recipe.model, path=str(folder) if has_tokenizer else None)
+
+
+def _measure(folder: Path, model, recipe_file: str, compare_base: bool, latency_repeats: int) -> dict:
+    """Metrics on the recipe's evaluation data and the card's figures, for the export and the base model.
+
+    `{"metrics": {...}, "figures": {"export": {...}, "base": {...} | None}, "latency_setup": {...} | None,
+    "base_error": str | None}`; figures hold parameters, linear_sparsity, size_on_disk_bytes, latency_ms.
+    """
+    import logging
+
+    import yaml
+
+    from ..metrics import evaluate_model
+    from ..modeling import load_model
+    from ..recipe import validate_recipe
+    from .measure import base_model_folder, cpu_latency, model_figures, weights_size
+
+    # Model, task and data are all this process needs; the recipe's stages may include ones registered only in
+    # the process that ran it (a custom stage), which this one cannot validate.
+    data = yaml.safe_load(Path(recipe_file).read_text())
+    recipe = validate_recipe({**data, "stages": ["evaluate"]}, recipe_file)
+    metrics = evaluate_model(model, _exported_tokenizer(folder, recipe), recipe)
+    figures = {"export": {**model_figures(model), "size_on_disk_bytes": weights_size(folder)}, "base": None}
+    models, base_error = {"export": model}, None
+    if compare_base:
+        try:
+            labels = getattr(model.config, "num_labels", None) if recipe.task == "text-classification" else None
+            base = load_model(recipe.model, recipe.task, num_labels=labels)
+            base_folder = base_model_folder(recipe.model)
+            size = weights_size(base_folder, recipe.model.gguf_file) if base_folder else None
+            figures["base"] = {**model_figures(base), "size_on_disk_bytes": size}
+            models = {"base": base, "export": model}
+        except Exception as err:  # the "before" column is a comparison: without it the export is still valid
+            base_error = f"{type(err).__name__}: {err}"
+            logging.getLogger("hf_modelopt").warning("base model not measured: %s", base_error)
+    latency_setup = None
+    if latency_repeats > 0:
+        latency = cpu_latency(models, latency_repeats)
+        for name, value in latency["latency_ms"].items():
+            figures[name]["latency_ms"] = value
+        latency_setup = {**latency["setup"], "device": str(next(model.parameters()).device)}
+    return {"metrics": metrics, "figures": figures, "latency_setup": latency_setup, "base_error": base_error}
 
 
 def _reload_main(argv: list[str] | None = None) -> None:
@@ -108,16 +183,23 @@ def _reload_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--task", required=True)
     parser.add_argument("--probe", required=True)
     parser.add_argument("--output", required=True)
+    parser.add_argument("--measure-recipe", help="also measure metrics on this recipe's evaluation data")
+    parser.add_argument("--measurements", help="where to write the measurements (JSON)")
+    parser.add_argument("--compare-base", action="store_true", help="also measure the recipe's base model")
+    parser.add_argument("--latency-repeats", type=int, default=10)
     args = parser.parse_args(argv)
 
     from safetensors.torch import load_file, save_file
 
-    import hf_modelopt  # noqa: F401  (registers the project's loading hooks, as a user's import would)
-    from hf_modelopt.modeling import auto_model_class
+    from hf_modelopt.export.formats import load_exported  # imports hf_modelopt first, as a user would
 
-    model = auto_model_class(args.task).from_pretrained(args.folder)
+    model = load_exported(args.folder, args.task)
     logits = probe_logits(model, load_file(args.probe))
     save_file({"logits": logits.contiguous()}, args.output)
+    if args.measure_recipe:
+        measurements = _measure(Path(args.folder), model, args.measure_recipe, args.compare_base,
+                                args.latency_repeats)
+        Path(args.measurements).write_text(json.dumps(measurements, indent=2))
     print(json.dumps({"folder": args.folder, "shape": list(logits.shape)}))
 
 

@@ -23,3 +23,24 @@ def test_reload_that_differs_is_refused(tiny_models, tmp_path):
         verify_reload(folder, model, AutoTokenizer.from_pretrained(folder), "text-classification")
     with pytest.raises(ReloadError, match="does not load"):
         verify_reload(tmp_path, model, AutoTokenizer.from_pretrained(folder), "text-classification")
+
+
+def test_adapter_folder_reloads_with_peft(tiny_models, tmp_path):
+    """An export that is a peft adapter is recognised and reloaded with peft's AutoPeftModel class."""
+    from peft import LoraConfig, get_peft_model
+
+    from hf_modelopt.export.formats import detect_format, loading_code
+
+    base = tiny_models("bert", "text-classification")
+    torch.manual_seed(0)
+    lora = LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"], init_lora_weights=False)
+    model = get_peft_model(auto_model_class("text-classification").from_pretrained(base), lora)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    folder = tmp_path / "adapter"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert detect_format(folder).loads_with == "peft"
+    assert "AutoPeftModelForSequenceClassification.from_pretrained" in loading_code(detect_format(folder),
+                                                                                     "text-classification", "org/x")
+    check = verify_reload(folder, model, tokenizer, "text-classification")
+    assert check.max_abs_diff <= 1e-5

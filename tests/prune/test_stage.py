@@ -50,3 +50,22 @@ def test_prune_structured_stage_shrinks_and_exports_a_loadable_model(tiny_models
     from transformers import AutoTokenizer
 
     verify_reload(tmp_path / "out", model, AutoTokenizer.from_pretrained(tmp_path / "out"), task, atol=1e-5)
+
+
+def test_pruned_exports_are_verified_and_load_per_the_matrix(tiny_models, sst2_files, tmp_path):
+    import json as json_module
+
+    from hf_modelopt.export.formats import detect_format
+
+    # A structurally pruned BERT (hook format) and a sparse export of an unstructured one, both verified.
+    structured = [{"type": "prune_structured", "heads": 0.5, "importance": "magnitude", "recover": False},
+                  {"type": "evaluate"}]
+    run_recipe(validate_recipe(tiny_recipe(tiny_models("bert"), sst2_files, stages=structured)), tmp_path / "s")
+    sparse = [{"type": "prune", "sparsity": 0.8, "schedule": {"kind": "one_shot"}, "training": {"max_steps": 2}},
+              {"type": "evaluate"}, {"type": "export", "sparse": True, "latency_repeats": 0}]
+    run_recipe(validate_recipe(tiny_recipe(tiny_models("bert"), sst2_files, stages=sparse)), tmp_path / "u")
+    for folder in (tmp_path / "s", tmp_path / "u"):
+        record = json_module.loads((folder / "export.json").read_text())
+        assert detect_format(folder).loads_with == "hf_modelopt"
+        assert record["reload_check"]["passed"] and record["reload_check"]["max_abs_diff"] < 1e-4
+    assert "weight_bitmask" in str(list((tmp_path / "u").glob("*.safetensors"))[0].read_bytes()[:20000])

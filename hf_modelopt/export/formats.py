@@ -1,0 +1,110 @@
+"""What an export folder holds, what loads it, and loading it that way.
+
+Every export loads with a `from_pretrained` call; what differs is what must be imported first:
+
+- `transformers`: plain safetensors (fine-tuned, distilled, GGUF dequantized) and bitsandbytes-quantized
+  checkpoints (transformers reads their `quantization_config`; bitsandbytes must be installed);
+- `hf_modelopt`: formats whose loading hooks hf-modelopt registers with transformers at `import hf_modelopt`
+  (techniques add their format to `EXPORT_FORMATS`);
+- `peft`: adapter folders (`adapter_config.json`), loaded with peft's `AutoPeftModelFor...` classes, which
+  fetch the base model named in the adapter config.
+
+`EXPORT_FORMATS` is checked in order and the first format whose `detect(folder)` is true wins; the last,
+`dense`, matches every folder with a `config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+LOADERS = ("transformers", "hf_modelopt", "peft")
+TASK_CLASSES = {"text-classification": "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM"}
+PEFT_TASK_CLASSES = {"text-classification": "AutoPeftModelForSequenceClassification",
+                     "causal-lm": "AutoPeftModelForCausalLM"}
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    name: str
+    loads_with: str  # one of LOADERS: what must be imported before `from_pretrained`
+    detect: Callable[[Path], bool]
+    description: str = ""
+
+
+def _config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _is_bitsandbytes(folder: Path) -> bool:
+    return _config(folder).get("quantization_config", {}).get("quant_method") == "bitsandbytes"
+
+
+def _is_hf_modelopt(folder: Path) -> bool:
+    return _config(folder).get("quantization_config", {}).get("quant_method") == "hf_modelopt"
+
+
+EXPORT_FORMATS: list[ExportFormat] = [
+    ExportFormat("peft-adapter", "peft", lambda folder: (folder / "adapter_config.json").is_file(),
+                 "a peft adapter over the base model named in adapter_config.json"),
+    ExportFormat("hf-modelopt", "hf_modelopt", _is_hf_modelopt,
+                 "compressed sparse weights (values + bitmask) and/or structurally pruned layer shapes that no "
+                 "config field can describe, read by the hf_modelopt loading hook (export/loading.py)"),
+    ExportFormat("bitsandbytes", "transformers", _is_bitsandbytes,
+                 "bitsandbytes 8-bit / 4-bit weights (needs bitsandbytes installed)"),
+    ExportFormat("dense", "transformers", lambda folder: (folder / "config.json").is_file(),
+                 "plain safetensors weights"),
+]
+
+
+def register_export_format(export_format: ExportFormat) -> None:
+    """Check `export_format` before the built-in ones (a technique's own format is more specific)."""
+    if export_format.loads_with not in LOADERS:
+        raise ValueError(f"loads_with must be one of {LOADERS}, got {export_format.loads_with!r}")
+    EXPORT_FORMATS[:] = [f for f in EXPORT_FORMATS if f.name != export_format.name]
+    EXPORT_FORMATS.insert(0, export_format)
+
+
+def detect_format(folder) -> ExportFormat:
+    """The format of the export in `folder`; `ValueError` naming the folder when nothing matches."""
+    folder = Path(folder)
+    for export_format in EXPORT_FORMATS:
+        if export_format.detect(folder):
+            return export_format
+    raise ValueError(f"{folder}: no config.json or adapter_config.json: not a saved model")
+
+
+def load_exported(folder, task: str, trust_remote_code: bool = False):
+    """Load an export folder as a user would, for `task` (after `import hf_modelopt`, which registers hooks)."""
+    import hf_modelopt  # noqa: F401  (registers the project's loading hooks, as a user's import would)
+
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if detect_format(folder).loads_with == "peft":
+        import peft
+
+        return getattr(peft, PEFT_TASK_CLASSES[task]).from_pretrained(str(folder), **kwargs)
+    import transformers
+
+    return getattr(transformers, TASK_CLASSES[task]).from_pretrained(str(folder), **kwargs)
+
+
+def loading_code(export_format: ExportFormat, task: str, path_or_repo_id: str) -> str:
+    """Python that loads the export: the snippet the model card shows (tests run it)."""
+    target = json.dumps(path_or_repo_id)
+    if export_format.loads_with == "peft":
+        cls = PEFT_TASK_CLASSES[task]
+        lines = [f"from peft import {cls}", "from transformers import AutoTokenizer", "",
+                 f"model = {cls}.from_pretrained({target})  # also fetches the base model"]
+    else:
+        cls = TASK_CLASSES[task]
+        lines = [f"from transformers import AutoTokenizer, {cls}", ""]
+        if export_format.loads_with == "hf_modelopt":
+            lines[:0] = ["import hf_modelopt  # noqa: F401  registers the loading hooks of this format"]
+        lines.append(f"model = {cls}.from_pretrained({target})")
+    lines.append(f"tokenizer = AutoTokenizer.from_pretrained({target})")
+    return "\n".join(lines)

@@ -1,0 +1,87 @@
+"""The figures a model card reports about a model besides its metrics: parameters, sparsity, size, latency.
+
+They are measured on the model as a user loads it (`verify.py` runs them in a fresh process), and the
+latency names the hardware, because a latency without its CPU and thread count means nothing.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+LATENCY_BATCH_SIZE = 32
+LATENCY_SEQ_LEN = 64
+
+
+def parameter_count(model) -> int:
+    """Parameters as the model defines them (bitsandbytes 4-bit storage packs two per byte: counted as two)."""
+    if hasattr(model, "get_nb_trainable_parameters"):  # a peft model: base model plus adapter
+        return int(model.get_nb_trainable_parameters()[1])
+    return int(model.num_parameters())
+
+
+def linear_sparsity(model) -> float | None:
+    """Fraction of exactly-zero weights over the weights of the Linear layers (GPT-2's Conv1D included).
+
+    `None` when a Linear weight is quantized (integer storage: a zero code is not always a zero weight, and
+    packed 4-bit bytes hold two weights) or there is no Linear layer.
+    """
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    zeros = total = 0
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, Conv1D)):
+            if not module.weight.is_floating_point():
+                return None
+            zeros += int((module.weight == 0).sum())
+            total += module.weight.numel()
+    return zeros / total if total else None
+
+
+def cpu_name() -> str:
+    """The CPU model as the OS names it (e.g. from /proc/cpuinfo), else what `platform` reports."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def weights_size(folder, gguf_file: str | None = None) -> int | None:
+    """Bytes of the weights a model loads from `folder`: its GGUF file, else its safetensors, else .bin files."""
+    folder = Path(folder)
+    if gguf_file:
+        return (folder / gguf_file).stat().st_size if (folder / gguf_file).is_file() else None
+    for pattern in ("*.safetensors", "*.bin", "*.pt"):
+        files = [f for f in folder.glob(pattern) if f.is_file()]
+        if files:
+            return sum(f.stat().st_size for f in files)  # stat() follows the HF cache's symlinks to the blobs
+    return None
+
+
+def base_model_folder(spec) -> Path | None:
+    """Where the recipe's base model lies on disk: its local folder, or its snapshot in the HF cache."""
+    if spec.is_local:
+        return Path(spec.name_or_path).expanduser()
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(spec.name_or_path, spec.gguf_file or "config.json", revision=spec.revision)
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
+def model_figures(model) -> dict:
+    return {"parameters": parameter_count(model), "linear_sparsity": linear_sparsity(model)}
+
+
+def cpu_latency(models: dict, repeats: int, warmup: int = 2) -> dict:
+    """Median CPU forward latency of each model at batch 32 x 64 tokens, interleaved in this process."""
+    import torch
+
+    from ..benchmark import compare_latency
+
+    results = compare_latency(models, LATENCY_BATCH_SIZE, LATENCY_SEQ_LEN, repeats, warmup=warmup)
+    return {"latency_ms": {name: r["latency_ms"] for name, r in results.items()},
+            "setup": {"batch_size": LATENCY_BATCH_SIZE, "seq_len": LATENCY_SEQ_LEN, "repeats": repeats,
+                      "threads": torch.get_num_threads(), "cpu": cpu_name(), "torch": torch.__version__}}
