@@ -26,6 +26,11 @@ _EXPORTS = {
     "StudentConfig": "distill.config",
     "DistillationTrainer": "distill.trainer",
     "student_from_teacher": "distill.student",
+    "QuantizationConfig": "quant.config",
+    "SensitivityConfig": "quant.config",
+    "RecoveryConfig": "quant.config",
+    "quantize": "quant.bnb",
+    "save_quantized": "quant.bnb",
 }
 
 __all__ = sorted(_EXPORTS)

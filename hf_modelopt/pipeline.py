@@ -150,6 +150,9 @@ def _link_or_copy_tree(source: Path, target: Path) -> None:
 
 def save_model_state(state: ModelState, folder: Path) -> None:
     """Save model (safetensors) and tokenizer so `from_pretrained(folder)` loads them."""
+    from .quant.bnb import check_savable
+
+    check_savable(state.model)  # a 4-bit model that ran on CPU would save as garbage
     state.model.save_pretrained(folder)
     if state.tokenizer is not None:
         state.tokenizer.save_pretrained(folder)
@@ -201,7 +204,7 @@ def run_recipe(recipe: Recipe, output_dir: str | os.PathLike) -> RunResult:
             started = time.perf_counter()
             state.metrics = None
             state = spec.run(state, stage.config, context)
-            if spec.changes_model:
+            if spec.changes_model and state.path != stage_dir / MODEL_SUBDIR:  # unless the stage saved it
                 save_model_state(state, stage_dir / MODEL_SUBDIR)
             record = {"fingerprint": stage_fp, "type": stage.type, "name": stage.name,
                       "config": stage.config.model_dump(mode="json"), "metrics": state.metrics,

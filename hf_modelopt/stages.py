@@ -27,6 +27,7 @@ BUILTIN_STAGE_MODULES = (
     "hf_modelopt.train",
     "hf_modelopt.metrics",
     "hf_modelopt.distill.stage",
+    "hf_modelopt.quant.stage",
     "hf_modelopt.export.save",
 )
 

@@ -45,6 +45,14 @@ def _parameter_count(folder: Path) -> int:
     return total
 
 
+def _quantization(model_dir: Path) -> dict | None:
+    """The `quantize` stage's report (`quantization.json`, saved with the model), if the model is quantized."""
+    import json
+
+    report = model_dir / "quantization.json"
+    return json.loads(report.read_text()) if report.is_file() else None
+
+
 def _format(value: float) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
@@ -85,6 +93,7 @@ def render_model_card(recipe, history: list[dict], model_dir: Path, template: st
         parameters=f"{_parameter_count(model_dir):,}",
         size_on_disk=human_bytes(size_on_disk(model_dir)),
         load_code=load_code,
+        quantization=_quantization(model_dir),
         stage_list=", ".join(f"`{r['name']}` ({r['type']})" for r in history),
         recipe_yaml=recipe.to_yaml(),
         limitations="Metrics were measured on the evaluation data named above only; check the model on your own "
