@@ -148,6 +148,13 @@ class QuantizationConfig(StageConfig):
                     f"'{name}' quantized with bitsandbytes ({self.method}), which cannot be trained in place; put "
                     f"it before '{name}', or train LoRA adapters with '{name}'.recovery",
                 )
+        import importlib.util
+
+        optional_packages = (("recovery", self.recovery, "peft"), ("sensitivity", self.sensitivity, "matplotlib"))
+        for key, part, package in optional_packages:
+            if part is not None and importlib.util.find_spec(package) is None:
+                raise RecipeError(recipe.source, f"stages[{index}].{key}",
+                                  f"needs {package}: pip install 'hf-modelopt[quant]'")
         for key, part in (("sensitivity", self.sensitivity), ("recovery", self.recovery)):
             if part is not None and not has_split(recipe.data, "train"):
                 raise RecipeError(recipe.source, f"stages[{index}].{key}",
