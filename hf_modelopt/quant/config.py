@@ -8,7 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..stages import StageConfig
 
-# Stages that update every weight of the model they get: bitsandbytes weights cannot be trained in place.
+# Stages that need the full-precision weights of the model they get: bitsandbytes weights cannot be trained
+# in place, and quantizing them again is not supported by transformers.
 FULL_TRAINING_STAGES = ("finetune", "distill", "quantize")
 
 
@@ -144,9 +145,10 @@ class QuantizationConfig(StageConfig):
             if later.type in FULL_TRAINING_STAGES:
                 raise RecipeError(
                     recipe.source, f"stages[{later_index}]",
-                    f"stage '{later.name}' ({later.type}) would update every weight of the model that stage "
-                    f"'{name}' quantized with bitsandbytes ({self.method}), which cannot be trained in place; put "
-                    f"it before '{name}', or train LoRA adapters with '{name}'.recovery",
+                    f"stage '{later.name}' ({later.type}) needs full-precision weights it can update, but stage "
+                    f"'{name}' quantized the model with bitsandbytes ({self.method}), whose weights cannot be "
+                    f"trained or re-quantized; put it before '{name}', or train LoRA adapters with "
+                    f"'{name}'.recovery",
                 )
         import importlib.util
 
