@@ -26,6 +26,20 @@ _EXPORTS = {
     "StudentConfig": "distill.config",
     "DistillationTrainer": "distill.trainer",
     "student_from_teacher": "distill.student",
+    "KnowledgeDistillationConfig": "distill.config",
+    "PruningConfig": "prune.config",
+    "ScheduleConfig": "prune.config",
+    "PruneStageConfig": "prune.config",
+    "StructuredPruneStageConfig": "prune.config",
+    "OneShotPruneStageConfig": "prune.config",
+    "PruningCallback": "prune.callback",
+    "cubic_sparsity": "prune.schedule",
+    "prune_oneshot_": "prune.oneshot",
+    "remove_heads_and_neurons_": "prune.structured",
+    "gradient_importance": "prune.structured",
+    "magnitude_importance": "prune.structured",
+    "save_sparse": "export.sparse",
+    "verify_reload": "export.verify",
     "QuantizationConfig": "quant.config",
     "SensitivityConfig": "quant.config",
     "RecoveryConfig": "quant.config",
@@ -46,3 +60,10 @@ def __getattr__(name):
 
 def __dir__():
     return __all__
+
+
+# `from_pretrained` learns hf-modelopt's formats (sparse checkpoints, structurally pruned shapes) as soon
+# as transformers loads, without this import loading transformers.
+from .export.loading import register_when_transformers_loads as _register  # noqa: E402
+
+_register()

@@ -6,6 +6,8 @@ import argparse
 import json
 import logging
 import os
+import shlex
+import signal
 import socket
 import sys
 from urllib.parse import urlparse
@@ -43,6 +45,11 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--output-dir", required=True, help="where stages, the final model and its card go")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a recipe key, e.g. --set training.learning_rate=3e-5 (repeatable)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the stage an interrupted run in --output-dir left unfinished, from its last "
+                     "checkpoint (finished stages are reused either way)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="write into a non-empty --output-dir that holds no earlier run (same-name files replaced)")
 
     evaluate = commands.add_parser("eval", help="metrics of a saved model on a recipe's evaluation data")
     evaluate.add_argument("model", help="model folder or Hub id")
@@ -82,16 +89,40 @@ def _bench(args) -> int:
 
 
 def _run(args) -> int:
+    from .interrupt import RunInterrupted
     from .pipeline import run_recipe
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    result = run_recipe(recipe, args.output_dir)
+    from .distributed import is_main_process
+
+    try:
+        result = run_recipe(recipe, args.output_dir, resume=args.resume, overwrite=args.overwrite)
+    except RunInterrupted as stop:
+        print(f"interrupted by {signal.Signals(stop.signum).name}{_where(stop)}; resume with: "
+              f"{resume_command(args)}", file=sys.stderr)
+        return stop.exit_code
+    if not is_main_process():
+        return 0  # the main process prints the summary
     print(f"\nDone. Final model, card and metrics in {result['output_dir']}")
     for record in result["metrics"]:
         values = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record["metrics"].items())
         print(f"  {record['name']:<16} {record['model']}: {values}")
     return 0
+
+
+def resume_command(args) -> str:
+    """The command line that continues this `run` (the same recipe, output folder and overrides)."""
+    words = ["hf-modelopt", "run", args.recipe, "--output-dir", args.output_dir]
+    for override in args.overrides:
+        words += ["--set", override]
+    return shlex.join(words + ["--resume"])
+
+
+def _where(stop) -> str:
+    if stop.checkpoint:
+        return f" in stage '{stop.stage}': checkpoint of step {stop.step} saved in {stop.checkpoint}"
+    return " (no training step in progress, nothing to save)"
 
 
 def _eval(args) -> int:

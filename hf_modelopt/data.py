@@ -47,6 +47,31 @@ def check_data(config: DataConfig, needed_splits: set[str], source: str) -> None
                               "a stage needs this split: set the file, or data.dataset for a Hub dataset")
 
 
+def check_data_contents(config: DataConfig, task: str, splits: set[str], source: str) -> int | None:
+    """Load each split in `splits` once, before any work: an empty split or a column the data lacks is named.
+
+    Returns the number of classes in the labels (classification: of the training split if loaded, else the
+    evaluation split), else None.
+    """
+    columns = {"data.text_column": config.text_column, "data.text_pair_column": config.text_pair_column}
+    if task == "text-classification":
+        columns["data.label_column"] = config.label_column
+    labels = None
+    for split in sorted(splits, reverse=True):  # "train" first: its labels define the classes
+        if not has_split(config, split):
+            continue
+        dataset = load_split(config, split)
+        path = data_files(config).get("train" if config.eval_fraction is not None else split)
+        origin = str(path) if path is not None else f"{config.dataset} ({split})"
+        for key, column in columns.items():
+            if column is not None and column not in dataset.column_names:
+                raise RecipeError(source, key, f"column {column!r} not found in {origin}; its columns are: "
+                                               f"{', '.join(dataset.column_names)}")
+        if task == "text-classification" and labels is None:
+            labels = num_labels(dataset, config)
+    return labels
+
+
 def has_split(config: DataConfig, split: str) -> bool:
     """Whether the data configuration provides the "train" or "eval" split."""
     if config.dataset is not None or split in data_files(config):
@@ -81,7 +106,9 @@ def _load_raw(config: DataConfig, split: str):
         try:
             dataset = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, **kwargs)
         except ValueError as err:  # datasets refuses files without rows ("corresponds to no data")
-            raise DataError(f"{origin}: the {split} split is empty or unreadable ({err})") from None
+            empty = "corresponds to no data" in str(err)
+            problem = "is empty: the file holds no rows" if empty else f"cannot be read ({err})"
+            raise DataError(f"{origin}: the {split} split {problem}") from None
     elif config.dataset is not None:
         hub_split = config.train_split if split == "train" else config.eval_split
         dataset = datasets.load_dataset(config.dataset, config.dataset_config, split=hub_split)

@@ -33,6 +33,39 @@ def _drop_gguf_quantizer(model):
     return plain.eval()
 
 
+def check_model_for_task(spec: ModelConfig, task: str, num_labels: int | None, key: str, source: str):
+    """Refuse, before any work, a model that cannot serve `task`; returns its `PretrainedConfig`.
+
+    Refused: a model type transformers has no head for (`AutoModelForCausalLM` / `...ForSequenceClassification`),
+    a classifier checkpoint as a causal LM (its language-model head would be random), and a classifier
+    checkpoint whose head has another number of classes than the data's labels.
+    """
+    from transformers import AutoConfig
+
+    from .recipe import RecipeError
+
+    kwargs = {"trust_remote_code": spec.trust_remote_code, "revision": spec.revision}
+    if spec.gguf_file:
+        kwargs["gguf_file"] = spec.gguf_file
+    config = AutoConfig.from_pretrained(spec.name_or_path, **kwargs)
+    auto_class = auto_model_class(task)
+    if type(config) not in auto_class._model_mapping:
+        raise RecipeError(source, key, f"{spec.name_or_path} is a {config.model_type!r} model, which has no {task} "
+                                       f"head in transformers ({auto_class.__name__} cannot load it); choose a model "
+                                       f"for {task}")
+    architectures = config.architectures or []
+    is_classifier = bool(architectures) and all(a.endswith("ForSequenceClassification") for a in architectures)
+    if task == "causal-lm" and is_classifier:
+        raise RecipeError(source, key, f"{spec.name_or_path} is a sequence classifier ({architectures[0]}): as a "
+                                       "causal LM its language-model head would be untrained; use a causal LM "
+                                       "checkpoint")
+    if task == "text-classification" and is_classifier and num_labels is not None and config.num_labels != num_labels:
+        raise RecipeError(source, key, f"{spec.name_or_path} has a classification head for {config.num_labels} "
+                                       f"classes, but the data's labels have {num_labels}; use matching data, or a "
+                                       "checkpoint without a classification head")
+    return config
+
+
 def load_model(spec: ModelConfig, task: str, num_labels: int | None = None, path: str | None = None):
     """Load the recipe's model for `task`; `path` loads a saved stage output with the same settings."""
     kwargs = {"trust_remote_code": spec.trust_remote_code}

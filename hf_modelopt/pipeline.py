@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .errors import UserError
 from .recipe import Recipe, RecipeError, Stage
 from .stages import STAGES, ModelState, StageContext
 
 logger = logging.getLogger("hf_modelopt")
 
 STAGE_RECORD = "stage.json"
+ATTEMPT_RECORD = "attempt.json"  # written when a stage starts: the fingerprint its checkpoints belong to
 MODEL_SUBDIR = "model"
 # Content hashes for data files up to this size; larger files are identified by size and mtime.
 HASH_FILES_UP_TO = 64 << 20
@@ -97,13 +99,35 @@ def check_model_available(recipe: Recipe) -> None:
             )
 
 
+def check_training_arguments(recipe: Recipe) -> None:
+    """Build each training stage's `TrainingArguments` once, so that their own checks fail before any work."""
+    from .train import training_arguments
+
+    for index, stage in enumerate(recipe.resolved_stages):
+        training = getattr(stage.config, "training", None)
+        if training is None:
+            continue
+        try:
+            training_arguments(recipe, training, Path("unused"))
+        except (ValueError, TypeError) as err:
+            message = " ".join(str(err).split())  # one line
+            raise RecipeError(recipe.source, f"stages[{index}].training" if training else "training", message) from None
+
+
 def preflight(recipe: Recipe) -> None:
-    """Everything that can be checked before work starts: data files and the model's availability."""
-    from .data import check_data
+    """Everything that can be checked before work starts: data files and contents, the model and the stages."""
+    from .data import check_data, check_data_contents
+    from .modeling import check_model_for_task
 
     needed = {split for stage in recipe.resolved_stages for split in type(stage.config).requires_data}
     check_data(recipe.data, needed, recipe.source)
     check_model_available(recipe)
+    labels = check_data_contents(recipe.data, recipe.task, needed, recipe.source)
+    check_model_for_task(recipe.model, recipe.task, labels, "model.name_or_path", recipe.source)
+    check_training_arguments(recipe)
+    if recipe.model.trust_remote_code:
+        logger.warning("model.trust_remote_code is on: Python code shipped with %s will run on this machine",
+                       recipe.model.name_or_path)
     for stage in recipe.resolved_stages:
         stage.config.preflight(recipe)
 
@@ -163,61 +187,148 @@ class RunResult(dict):
     """`{"output_dir", "stages": [records], "metrics": [evaluate records]}` of a finished run."""
 
 
-def run_recipe(recipe: Recipe, output_dir: str | os.PathLike) -> RunResult:
-    """Run every stage of `recipe`, writing into `output_dir`; returns the stage records."""
-    from .export.save import ExportConfig
+def check_output_dir(output_dir: Path, resume: bool = False, overwrite: bool = False) -> None:
+    """The output-directory rule, checked before any work.
 
-    preflight(recipe)
+    A new or empty folder is used as is. A folder holding an earlier hf-modelopt run (a `stages/` folder)
+    is used again: finished stages whose inputs are unchanged are reused, an unfinished one starts over,
+    or continues from its last checkpoint with `resume`. Any other non-empty folder is refused unless
+    `overwrite`: then files of the same name are replaced and nothing else is touched.
+    """
+    earlier_run = (output_dir / "stages").is_dir()
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output-dir {output_dir}: is a file, not a folder")
+    if resume and not earlier_run:
+        raise UserError(f"--resume: {output_dir} holds no earlier hf-modelopt run (no stages/ folder); "
+                        "run without --resume")
+    if not earlier_run and not overwrite and output_dir.is_dir() and any(output_dir.iterdir()):
+        raise UserError(f"--output-dir {output_dir}: not empty and not an earlier hf-modelopt run; choose a new or "
+                        "empty folder, or pass --overwrite to write into it")
+
+
+def _plan(recipe: Recipe, stages: list[Stage]) -> list[tuple[Stage, str]]:
+    """Each stage with its fingerprint (computable before anything runs: it depends on configs and inputs only)."""
+    fingerprint = recipe_fingerprint(recipe)
+    plan = []
+    for stage in stages:
+        stage_fp = stage_fingerprint(fingerprint, stage)
+        plan.append((stage, stage_fp))
+        if STAGES[stage.type].changes_model:
+            fingerprint = stage_fp
+    return plan
+
+
+def _resume_point(recipe: Recipe, plan: list[tuple[Stage, str]], output_dir: Path) -> tuple[str, Path] | None:
+    """(stage name, checkpoint) to continue from: the first unfinished stage's last complete checkpoint."""
+    from .train import last_checkpoint
+
+    for stage, stage_fp in plan:
+        stage_dir = output_dir / "stages" / stage.name
+        if not STAGES[stage.type].cacheable or _find_finished(stage_fp, stage_dir) is not None:
+            continue
+        checkpoint = last_checkpoint(stage_dir / "checkpoints")
+        if checkpoint is None:
+            logger.info("--resume: stage '%s' has no checkpoint; it starts from its beginning", stage.name)
+            return None
+        try:
+            started_with = json.loads((stage_dir / ATTEMPT_RECORD).read_text())["fingerprint"]
+        except (OSError, ValueError, KeyError):
+            started_with = None
+        if started_with != stage_fp:
+            raise RecipeError(recipe.source, "", f"--resume: the checkpoint of stage '{stage.name}' in {output_dir} "
+                              "was made with other inputs (the recipe, its data or an earlier stage changed); run "
+                              "without --resume to start that stage over")
+        return stage.name, checkpoint
+    logger.info("--resume: no unfinished stage with a checkpoint in %s", output_dir)
+    return None
+
+
+def run_recipe(recipe: Recipe, output_dir: str | os.PathLike, *, resume: bool = False,
+               overwrite: bool = False) -> RunResult:
+    """Run every stage of `recipe`, writing into `output_dir`; returns the stage records.
+
+    `resume`: continue the stage an earlier run in `output_dir` left unfinished from its last checkpoint.
+    `overwrite`: write into a non-empty folder that holds no earlier run (see `check_output_dir`).
+    SIGINT / SIGTERM during training stop the run with a checkpoint (`hf_modelopt.interrupt`).
+    Under `accelerate launch` with several processes only the main one writes (`hf_modelopt.distributed`).
+    """
+    from .distributed import init_distributed, is_main_process, process_index, wait_for_everyone
+    from .export.save import ExportConfig
+    from .interrupt import stop_cleanly_on_signals
+
     output_dir = Path(output_dir)
+    main = is_main_process()
+    if main:
+        check_output_dir(output_dir, resume=resume, overwrite=overwrite)
+    preflight(recipe)
+    init_distributed()
+    # Processes other than the main one write into a scratch folder of their own (see distributed.py).
+    scratch = output_dir / f".process-{process_index()}" if not main else None
     stages = list(recipe.resolved_stages)
     if not any(stage.type == "export" for stage in stages):
         # The final model is always written; an explicit export stage only adds options.
         stages.append(Stage(type="export", name="export", config=ExportConfig()))
+    plan = _plan(recipe, stages)
+    resume_from = _resume_point(recipe, plan, output_dir) if resume else None
     (output_dir / "stages").mkdir(parents=True, exist_ok=True)
 
     model_name = recipe.model.name_or_path  # grows "-> stage" with every stage that changes the model
     state = ModelState(description=model_name)
-    fingerprint = recipe_fingerprint(recipe)
     history: list[dict[str, Any]] = []
-    for stage in stages:
-        spec = STAGES[stage.type]
-        stage_dir = output_dir / "stages" / stage.name
-        stage_fp = stage_fingerprint(fingerprint, stage)
-        context = StageContext(recipe=recipe, stage_name=stage.name, stage_dir=stage_dir,
-                               output_dir=output_dir, history=history)
-        finished = _find_finished(stage_fp, stage_dir) if spec.cacheable else None
-        if finished is not None:
-            if finished != stage_dir:
-                shutil.rmtree(stage_dir, ignore_errors=True)
-                _link_or_copy_tree(finished, stage_dir)
-            record = {**_read_record(stage_dir), "name": stage.name}  # the name this recipe gives it
-            logger.info("Stage '%s' reused from %s: inputs and config unchanged (fingerprint %s)",
-                        stage.name, finished, stage_fp[:12])
+    with stop_cleanly_on_signals():
+        for stage, stage_fp in plan:
+            spec = STAGES[stage.type]
+            stage_dir = output_dir / "stages" / stage.name
+            wait_for_everyone()  # every process sees the same finished stages
+            if not main and stage.type == "export":
+                history.append({"type": "export", "name": stage.name, "metrics": None, "model": model_name})
+                continue  # the export is the main process's alone
+            context = StageContext(recipe=recipe, stage_name=stage.name,
+                                   stage_dir=stage_dir if main else scratch / "stages" / stage.name,
+                                   output_dir=output_dir if main else scratch, history=history,
+                                   shared_stage_dir=stage_dir)
+            finished = _find_finished(stage_fp, stage_dir) if spec.cacheable else None
+            if finished is not None:
+                if finished != stage_dir and main:
+                    shutil.rmtree(stage_dir, ignore_errors=True)
+                    _link_or_copy_tree(finished, stage_dir)
+                record = {**_read_record(finished), "name": stage.name}  # the name this recipe gives it
+                logger.info("Stage '%s' reused from %s: inputs and config unchanged (fingerprint %s)",
+                            stage.name, finished, stage_fp[:12])
+                if spec.changes_model:
+                    state = ModelState(path=finished / MODEL_SUBDIR)
+                state.metrics = record.get("metrics")
+            else:
+                if resume_from is not None and resume_from[0] == stage.name:
+                    context.resume_from_checkpoint = resume_from[1]  # its folder and checkpoints are kept
+                else:
+                    shutil.rmtree(context.stage_dir, ignore_errors=True)  # leftovers of an unfinished attempt
+                if spec.cacheable:
+                    context.stage_dir.mkdir(parents=True, exist_ok=True)
+                    (context.stage_dir / ATTEMPT_RECORD).write_text(json.dumps({"fingerprint": stage_fp}))
+                logger.info("Stage '%s' (%s) starting", stage.name, stage.type)
+                started = time.perf_counter()
+                state.metrics = None
+                state = spec.run(state, stage.config, context)
+                if spec.changes_model and main and state.path != stage_dir / MODEL_SUBDIR:  # unless already saved
+                    save_model_state(state, stage_dir / MODEL_SUBDIR)
+                record = {"fingerprint": stage_fp, "type": stage.type, "name": stage.name,
+                          "config": stage.config.model_dump(mode="json"), "metrics": state.metrics,
+                          "seconds": round(time.perf_counter() - started, 1), "hf_modelopt": __version__}
+                if spec.cacheable and main:
+                    (stage_dir / STAGE_RECORD).write_text(json.dumps(record, indent=2))
+                    _index_path(stage_fp).parent.mkdir(parents=True, exist_ok=True)
+                    _index_path(stage_fp).write_text(json.dumps({"dir": str(stage_dir.resolve())}))
+                    # Finished: its model is the output; checkpoints were only there to resume it.
+                    shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
+                    (stage_dir / ATTEMPT_RECORD).unlink(missing_ok=True)
+                logger.info("Stage '%s' finished in %.1f s", stage.name, record["seconds"])
             if spec.changes_model:
-                state = ModelState(path=stage_dir / MODEL_SUBDIR)
-            state.metrics = record.get("metrics")
-        else:
-            shutil.rmtree(stage_dir, ignore_errors=True)  # leftovers of an unfinished attempt
-            if spec.cacheable:
-                stage_dir.mkdir(parents=True)
-            logger.info("Stage '%s' (%s) starting", stage.name, stage.type)
-            started = time.perf_counter()
-            state.metrics = None
-            state = spec.run(state, stage.config, context)
-            if spec.changes_model and state.path != stage_dir / MODEL_SUBDIR:  # unless the stage saved it
-                save_model_state(state, stage_dir / MODEL_SUBDIR)
-            record = {"fingerprint": stage_fp, "type": stage.type, "name": stage.name,
-                      "config": stage.config.model_dump(mode="json"), "metrics": state.metrics,
-                      "seconds": round(time.perf_counter() - started, 1), "hf_modelopt": __version__}
-            if spec.cacheable:
-                (stage_dir / STAGE_RECORD).write_text(json.dumps(record, indent=2))
-                _index_path(stage_fp).parent.mkdir(parents=True, exist_ok=True)
-                _index_path(stage_fp).write_text(json.dumps({"dir": str(stage_dir.resolve())}))
-            logger.info("Stage '%s' finished in %.1f s", stage.name, record["seconds"])
-        if spec.changes_model:
-            fingerprint = stage_fp
-            model_name = f"{model_name} -> {stage.name}"
-        record["model"] = state.description = model_name
-        history.append(record)
+                model_name = f"{model_name} -> {stage.name}"
+            record["model"] = state.description = model_name
+            history.append(record)
+    wait_for_everyone()
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
     return RunResult(output_dir=str(output_dir), stages=history,
                      metrics=[r for r in history if r["type"] == "evaluate"])

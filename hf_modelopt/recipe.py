@@ -13,7 +13,7 @@ import functools
 import os
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
@@ -256,6 +256,37 @@ def _raise_first(err: ValidationError, model: type[BaseModel], prefix: tuple, or
     raise RecipeError(_origin(origins, loc, source), _key_path(loc), _describe(error, _model_at(model, error["loc"])))
 
 
+# Ranges `TrainingArguments` itself does not check (a negative learning rate trains happily, uphill).
+TRAINING_ARGUMENT_BOUNDS = {
+    "learning_rate": {"ge": 0},
+    "num_train_epochs": {"gt": 0},
+    "max_steps": {"ge": -1},  # -1: use num_train_epochs
+    "per_device_train_batch_size": {"gt": 0},
+    "per_device_eval_batch_size": {"gt": 0},
+    "gradient_accumulation_steps": {"gt": 0},
+    "warmup_steps": {"ge": 0},
+    "weight_decay": {"ge": 0},
+    "max_grad_norm": {"ge": 0},
+    "save_total_limit": {"gt": 0},
+    "logging_steps": {"gt": 0},
+    "save_steps": {"gt": 0},
+    "eval_steps": {"gt": 0},
+    "seed": {"ge": 0},
+    "label_smoothing_factor": {"ge": 0, "lt": 1},
+    "adam_beta1": {"ge": 0, "lt": 1},
+    "adam_beta2": {"ge": 0, "lt": 1},
+    "adam_epsilon": {"gt": 0},
+    "dataloader_num_workers": {"ge": 0},
+}
+# TrainingArguments that would write outside the output folder or put a secret into the exported recipe.yaml.
+REFUSED_TRAINING_ARGUMENTS = {
+    "output_dir": "is set by hf-modelopt (OUTPUT/stages/<name>/); pass --output-dir instead",
+    "hub_token": "credentials do not belong in a recipe (it is copied next to the exported model); "
+                 "use `hf auth login` or $HF_TOKEN",
+    "push_to_hub": "hf-modelopt writes only into --output-dir; upload the exported folder once the run is done",
+}
+
+
 @functools.cache
 def training_arguments_model() -> type[BaseModel]:
     """A strict pydantic mirror of `transformers.TrainingArguments`: every field optional, unknown keys rejected."""
@@ -271,6 +302,8 @@ def training_arguments_model() -> type[BaseModel]:
             create_model("_Probe", probe=(annotation | None, None))
         except Exception:  # a type pydantic cannot check (callables, ...): accept as is
             annotation = Any
+        if name in TRAINING_ARGUMENT_BOUNDS and annotation is not Any:
+            annotation = Annotated[annotation, Field(**TRAINING_ARGUMENT_BOUNDS[name])]
         fields[name] = (annotation | None, None)
     return create_model("TrainingArgumentsConfig", __config__=ConfigDict(extra="forbid"), **fields)
 
@@ -278,9 +311,9 @@ def training_arguments_model() -> type[BaseModel]:
 def validate_training_arguments(values: dict[str, Any], prefix: tuple, origins: dict, source: str) -> dict:
     """Check keys and types against `TrainingArguments`; return the values converted to their types."""
     model = training_arguments_model()
-    if "output_dir" in values:
-        raise RecipeError(_origin(origins, prefix + ("output_dir",), source), _key_path(prefix + ("output_dir",)),
-                          "is set by hf-modelopt (OUTPUT/stages/<name>/); pass --output-dir instead")
+    for key, reason in REFUSED_TRAINING_ARGUMENTS.items():
+        if key in values:
+            raise RecipeError(_origin(origins, prefix + (key,), source), _key_path(prefix + (key,)), reason)
     try:
         checked = model.model_validate(values)
     except ValidationError as err:
@@ -324,9 +357,13 @@ def validate_recipe(data: dict[str, Any], source: str = "<python>", origins: dic
         name = config.name or kind
         if name in used_names:  # a second `evaluate` becomes `evaluate-2`, unless named
             name = next(f"{name}-{n}" for n in range(2, len(recipe.stages) + 2) if f"{name}-{n}" not in used_names)
-        if "/" in name or name.startswith("."):
+        if "/" in name or "\\" in name or name.startswith("."):  # OUTPUT/stages/<name> must stay inside OUTPUT
             raise RecipeError(where, _key_path(loc + ("name",)),
-                              f"stage names cannot contain '/' or start with '.': {name!r}")
+                              f"stage names cannot contain '/' or '\\' or start with '.': {name!r}")
+        try:
+            config.check_after(stages)
+        except ValueError as err:
+            raise RecipeError(where, _key_path(loc), str(err)) from None
         used_names.add(name)
         stages.append(Stage(type=kind, name=name, config=config))
     recipe.resolved_stages = stages

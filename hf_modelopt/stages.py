@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
-    from .recipe import Recipe
+    from .recipe import Recipe, Stage
 
 logger = logging.getLogger("hf_modelopt")
 
@@ -27,6 +27,7 @@ BUILTIN_STAGE_MODULES = (
     "hf_modelopt.train",
     "hf_modelopt.metrics",
     "hf_modelopt.distill.stage",
+    "hf_modelopt.prune.stage",
     "hf_modelopt.quant.stage",
     "hf_modelopt.export.save",
 )
@@ -39,6 +40,13 @@ class StageConfig(BaseModel):
     name: str | None = Field(None, description="Name of the stage's output folder; defaults to the stage type.")
     # Data splits ("train", "eval") the stage reads; checked before any stage runs.
     requires_data: ClassVar[tuple[str, ...]] = ()
+
+    def check_after(self, earlier: list[Stage]) -> None:
+        """Refuse a contradictory order: raise `ValueError` naming the earlier stage that rules this one out.
+
+        `earlier` are the recipe's stages before this one (validated, with `type`, `name` and `config`).
+        Runs while the recipe is validated; the default accepts any order.
+        """
 
     def preflight(self, recipe: Recipe) -> None:
         """Checks that need more than the config (models, tokenizers), run before any stage starts.
@@ -67,6 +75,15 @@ class StageContext:
     stage_dir: Path
     output_dir: Path
     history: list[dict[str, Any]] = field(default_factory=list)  # records of the stages run so far
+    # A Trainer checkpoint of this stage's interrupted attempt to continue from (`run --resume`).
+    resume_from_checkpoint: Path | None = None
+    # The main process's folder for this stage (`stage_dir` itself there); other processes write into
+    # scratch folders, and read what the main process wrote (a teacher-logit cache) from here.
+    shared_stage_dir: Path | None = None
+
+    def __post_init__(self):
+        if self.shared_stage_dir is None:
+            self.shared_stage_dir = self.stage_dir
 
 
 @dataclass(frozen=True)

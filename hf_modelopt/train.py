@@ -13,8 +13,17 @@ from .stages import ModelState, StageConfig, StageContext, register_stage
 
 logger = logging.getLogger("hf_modelopt")
 
-# Where a recipe is silent: no external loggers, no mid-run checkpoints (stage outputs are the checkpoints).
-TRAINING_DEFAULTS = {"report_to": "none", "save_strategy": "no", "logging_steps": 50}
+# Where a recipe is silent: no external loggers; a checkpoint every 200 steps (and at the end), only the latest
+# kept, so that an interrupted stage resumes (`--resume`) with at most 200 steps lost. The pipeline deletes a
+# stage's checkpoints once the stage has finished: its saved model is the stage's output.
+TRAINING_DEFAULTS = {
+    "report_to": "none",
+    "logging_steps": 50,
+    "save_strategy": "steps",
+    "save_steps": 200,
+    "save_total_limit": 1,
+    "restore_callback_states_from_checkpoint": True,  # schedules kept in stateful callbacks resume where they were
+}
 
 
 def training_arguments(recipe, stage_training: dict[str, Any], output_dir: Path):
@@ -22,7 +31,11 @@ def training_arguments(recipe, stage_training: dict[str, Any], output_dir: Path)
     import torch
     from transformers import TrainingArguments
 
+    from .distributed import use_cpu
+
     defaults = {**TRAINING_DEFAULTS, "dataloader_pin_memory": torch.cuda.is_available()}
+    if use_cpu():
+        defaults["use_cpu"] = True  # accelerate joins CPU processes into one DDP group only when told so
     return TrainingArguments(output_dir=str(output_dir), **{**defaults, **recipe.training, **stage_training})
 
 
@@ -44,9 +57,35 @@ def training_data(recipe, tokenizer, raw_train=None):
     return train, evaluation, collator
 
 
+def last_checkpoint(folder: Path) -> Path | None:
+    """The newest complete Trainer checkpoint in `folder` (`checkpoint-STEP`), or None.
+
+    Trainer writes `trainer_state.json` after the weights, optimizer and RNG states, so a checkpoint
+    without it was cut short (the process was killed while saving) and is skipped.
+    """
+    complete = [path for path in Path(folder).glob("checkpoint-*")
+                if path.name.split("-")[-1].isdigit() and (path / "trainer_state.json").is_file()]
+    return max(complete, key=lambda path: int(path.name.split("-")[-1]), default=None)
+
+
 def train_and_record(trainer, context: StageContext):
-    """Run `trainer.train()` for a stage: keep its log history in the stage folder and say how it went."""
-    result = trainer.train()
+    """Run `trainer.train()` for a stage: keep its log history in the stage folder and say how it went.
+
+    Resumes from `context.resume_from_checkpoint` when set. A stop signal (see `hf_modelopt.interrupt`)
+    ends training after the current step with a checkpoint, then raises `RunInterrupted`.
+    """
+    from .interrupt import RunInterrupted, StopOnSignalCallback, stop_requested, training_in_progress
+
+    trainer.add_callback(StopOnSignalCallback())
+    resume = context.resume_from_checkpoint
+    if resume is not None:
+        logger.info("%s: resuming from %s", context.stage_name, resume)
+    with training_in_progress():
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    signum = stop_requested()
+    if signum is not None:
+        saved = last_checkpoint(Path(trainer.args.output_dir))
+        raise RunInterrupted(signum, context.stage_name, str(saved) if saved else None, trainer.state.global_step)
     checkpoints = Path(trainer.args.output_dir)
     if checkpoints.is_dir() and not any(checkpoints.iterdir()):  # no checkpoint was saved: no empty folder
         checkpoints.rmdir()
@@ -56,6 +95,20 @@ def train_and_record(trainer, context: StageContext):
     return result
 
 
+# Stage types whose output cannot be trained as a whole: bitsandbytes 8- and 4-bit weights are frozen integer
+# tensors (train LoRA adapters on them instead). Keyed by type name, so a stage module need not be imported.
+UNTRAINABLE_OUTPUT_STAGES = ("quantize",)
+
+
+def refuse_training_after(stage_type: str, earlier) -> None:
+    """`StageConfig.check_after` of stages that update every weight of the model they get."""
+    for stage in earlier:
+        if stage.type in UNTRAINABLE_OUTPUT_STAGES:
+            raise ValueError(f"a {stage_type} stage trains every weight, but stage '{stage.name}' before it quantized "
+                             f"them with bitsandbytes, which cannot be trained in place; put the {stage_type} stage "
+                             f"before '{stage.name}', or train LoRA adapters with its `recovery:` settings")
+
+
 class FinetuneConfig(StageConfig):
     """Train the current model on the recipe's training data with a plain task loss."""
 
@@ -63,6 +116,9 @@ class FinetuneConfig(StageConfig):
     training: dict[str, Any] = Field(
         default_factory=dict, description="TrainingArguments for this stage only, over the recipe's `training:`."
     )
+
+    def check_after(self, earlier) -> None:
+        refuse_training_after("finetune", earlier)
 
 
 @register_stage("finetune", FinetuneConfig)

@@ -5,12 +5,13 @@ functions, students built from their teacher's layers, a teacher-logit cache, an
 """
 
 from .cache import TeacherLogitCache, build_teacher_logit_cache
-from .config import DistillationConfig, StudentConfig
+from .config import DistillationConfig, KnowledgeDistillationConfig, StudentConfig
 from .losses import attention_kl, attention_mse, hidden_cosine, hidden_mse, soft_target_kl, sparse_soft_target_kl
 from .student import student_from_teacher
 
 __all__ = [
-    "DistillationConfig", "StudentConfig", "TeacherLogitCache", "build_teacher_logit_cache",
+    "DistillationConfig", "KnowledgeDistillationConfig", "StudentConfig", "TeacherLogitCache",
+    "build_teacher_logit_cache",
     "student_from_teacher", "soft_target_kl", "sparse_soft_target_kl", "hidden_mse", "hidden_cosine",
     "attention_kl", "attention_mse", "DistillationTrainer",
 ]

@@ -29,15 +29,16 @@ class StudentConfig(BaseModel):
         return self
 
 
-class DistillationConfig(StageConfig):
-    """Knowledge distillation of the incoming model (the teacher) into a student.
+class KnowledgeDistillationConfig(BaseModel):
+    """The distillation loss and its data: what `DistillationTrainer` is told.
 
     The loss is a weighted sum: `kd_weight`·soft-target KL at `temperature` (× T²) + `ce_weight`·task
     cross-entropy + `hidden_weight`·hidden-state MSE + `cosine_weight`·hidden-state cosine +
-    `attention_weight`·attention-map KL or MSE. Terms with weight 0 are not computed.
+    `attention_weight`·attention-map KL or MSE. Terms with weight 0 are not computed. Stages that train
+    with KD (`distill`, `prune`, ...) validate their `distillation` settings into this class.
     """
 
-    student: StudentConfig = Field(description="How the student is built.")
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
     temperature: float = Field(2.0, gt=0, description="Softmax temperature of the soft-target KL.")
     kd_weight: float = Field(1.0, ge=0, description="Weight of the soft-target KL (Hinton).")
     ce_weight: float = Field(0.0, ge=0, description="Weight of the hard-label cross-entropy.")
@@ -62,33 +63,25 @@ class DistillationConfig(StageConfig):
         "training set for KD only (classification).",
     )
     max_transfer_samples: int | None = Field(None, gt=0, description="Use only the first N transfer lines.")
-    training: dict[str, Any] = Field(
-        default_factory=dict, description="TrainingArguments for this stage only, over the recipe's `training:`.",
-    )
-    requires_data = ("train",)
 
-    def preflight(self, recipe) -> None:
-        """Transfer text must exist (classification only); token-level KD needs one vocabulary."""
+    def check_against(self, recipe, stage_training: dict[str, Any], key: str) -> None:
+        """Transfer text must exist (classification only); the logit cache excludes evaluation in training.
+
+        `key` is where these settings sit in the recipe (for the error message).
+        """
         from ..recipe import RecipeError
 
         if self.transfer_file is not None:
             if recipe.task != "text-classification":
-                raise RecipeError(recipe.source, "distill.transfer_file",
+                raise RecipeError(recipe.source, f"{key}.transfer_file",
                                   "for classification only; for causal LMs add the text to data.train_file")
             path = recipe.data.resolve(self.transfer_file)
             if not path.is_file():
-                raise RecipeError(recipe.source, "distill.transfer_file", f"file not found: {path}")
-        evaluates = {**recipe.training, **self.training}.get("eval_strategy", "no") not in ("no", None)
+                raise RecipeError(recipe.source, f"{key}.transfer_file", f"file not found: {path}")
+        evaluates = {**recipe.training, **stage_training}.get("eval_strategy", "no") not in ("no", None)
         if self.cache_teacher_logits and evaluates:
-            raise RecipeError(recipe.source, "distill.cache_teacher_logits", "the cache covers the training set "
+            raise RecipeError(recipe.source, f"{key}.cache_teacher_logits", "the cache covers the training set "
                               "only; set training.eval_strategy to 'no' in this stage or turn the cache off")
-        if recipe.task == "causal-lm" and self.student.name_or_path:
-            from ..modeling import load_tokenizer
-            from ..recipe import ModelConfig
-            from .stage import check_same_vocabulary
-
-            student = ModelConfig(name_or_path=self.student.name_or_path)
-            check_same_vocabulary(load_tokenizer(recipe.model), load_tokenizer(student))
 
     @model_validator(mode="after")
     def _some_loss(self):
@@ -99,3 +92,53 @@ class DistillationConfig(StageConfig):
             raise ValueError("cache_teacher_logits caches logits only: hidden / cosine / attention losses need "
                              "the live teacher (set their weights to 0 or turn the cache off)")
         return self
+
+
+class DistillationConfig(StageConfig, KnowledgeDistillationConfig):
+    """The `distill` stage: knowledge distillation of the incoming model (the teacher) into a student."""
+
+    student: StudentConfig = Field(description="How the student is built.")
+    training: dict[str, Any] = Field(
+        default_factory=dict, description="TrainingArguments for this stage only, over the recipe's `training:`.",
+    )
+    requires_data = ("train",)
+
+    def check_after(self, earlier) -> None:
+        from ..train import refuse_training_after
+
+        refuse_training_after("distill", earlier)
+
+    def preflight(self, recipe) -> None:
+        """Transfer text must exist (classification only); token-level KD needs one vocabulary."""
+        self.check_against(recipe, self.training, "distill")
+        if self.student.name_or_path:
+            self._check_student_labels(recipe)
+        if recipe.task == "causal-lm" and self.student.name_or_path:
+            from ..modeling import load_tokenizer
+            from ..recipe import ModelConfig
+            from .stage import check_same_vocabulary
+
+            student = ModelConfig(name_or_path=self.student.name_or_path)
+            check_same_vocabulary(load_tokenizer(recipe.model), load_tokenizer(student))
+
+    def _check_student_labels(self, recipe) -> None:
+        """A separate student must suit the task and, as a classifier, name its classes as the teacher does."""
+        from ..data import check_data_contents
+        from ..modeling import check_model_for_task
+        from ..recipe import ModelConfig, RecipeError
+
+        labels = check_data_contents(recipe.data, recipe.task, {"train"}, recipe.source)
+        key = "distill.student.name_or_path"
+        student = check_model_for_task(ModelConfig(name_or_path=self.student.name_or_path), recipe.task, labels,
+                                       key, recipe.source)
+        teacher = check_model_for_task(recipe.model, recipe.task, labels, "model.name_or_path", recipe.source)
+        if recipe.task != "text-classification":
+            return
+
+        def named(config) -> dict[int, str] | None:  # None: the default LABEL_0, LABEL_1, ... (no names given)
+            names = {int(i): str(label) for i, label in (config.id2label or {}).items()}
+            return None if all(label == f"LABEL_{i}" for i, label in names.items()) else names
+
+        if named(teacher) and named(student) and named(teacher) != named(student):
+            raise RecipeError(recipe.source, key, f"the student's classes {named(student)} are not the teacher's "
+                              f"{named(teacher)}: soft targets would teach the wrong classes")

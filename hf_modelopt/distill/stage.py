@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..stages import ModelState, StageContext, register_stage
-from .config import DistillationConfig
+from .config import DistillationConfig, KnowledgeDistillationConfig
 
 logger = logging.getLogger("hf_modelopt")
 
@@ -50,7 +50,7 @@ def transfer_sentences(path: Path, limit: int | None = None) -> list[str]:
     return sentences
 
 
-def _with_transfer_text(train, recipe, config: DistillationConfig):
+def _with_transfer_text(train, recipe, config: KnowledgeDistillationConfig):
     """Append unlabelled transfer sentences (label -100: KD only) to the raw training split."""
     import datasets
 
@@ -62,27 +62,18 @@ def _with_transfer_text(train, recipe, config: DistillationConfig):
     return datasets.concatenate_datasets([train.select_columns(list(columns)), extra])
 
 
-@register_stage("distill", DistillationConfig)
-def distill_stage(state: ModelState, config: DistillationConfig, context: StageContext) -> ModelState:
+def train_with_distillation(teacher, student, tokenizer, config: KnowledgeDistillationConfig,
+                            stage_training: dict, context: StageContext, copied_from=None, callbacks=()):
+    """Train `student` against the frozen `teacher` with `config`'s loss; returns the finished trainer.
+
+    Shared by every stage that trains with KD (`distill`, `prune`, ...); `callbacks` go to the Trainer.
+    """
     from ..data import load_split
-    from ..modeling import ensure_loaded, load_model
-    from ..recipe import ModelConfig
     from ..train import train_and_record, training_arguments, training_data
     from .cache import CachedTeacherCollator, TeacherLogitCache, build_teacher_logit_cache
-    from .student import student_from_teacher
     from .trainer import DistillationTrainer, default_layer_map
 
     recipe = context.recipe
-    ensure_loaded(state, recipe)
-    teacher, tokenizer = state.model, state.tokenizer
-    copied_from = None
-    if config.student.name_or_path:
-        # (a causal-LM student's vocabulary was compared with the teacher's in DistillationConfig.preflight)
-        spec = ModelConfig(name_or_path=config.student.name_or_path)
-        student = load_model(spec, recipe.task, num_labels=getattr(teacher.config, "num_labels", None))
-    else:
-        student, copied_from = student_from_teacher(teacher, config.student.layers, config.student.every)
-        logger.info("distill: student keeps teacher layers %s of %d", copied_from, teacher.config.num_hidden_layers)
     layer_map = config.layer_map or default_layer_map(
         student.config.num_hidden_layers, teacher.config.num_hidden_layers, copied_from)
     if config.attention_weight:  # attention maps are only returned by the eager implementation
@@ -94,12 +85,18 @@ def distill_stage(state: ModelState, config: DistillationConfig, context: StageC
         raw_train = _with_transfer_text(raw_train, recipe, config)
     train, evaluation, collator = training_data(recipe, tokenizer, raw_train=raw_train)
     train = train.add_column("example_index", list(range(len(train))))
-    args = training_arguments(recipe, {**config.training, "remove_unused_columns": False},
+    args = training_arguments(recipe, {**stage_training, "remove_unused_columns": False},
                               context.stage_dir / "checkpoints")
     teacher_for_trainer = teacher
     if config.cache_teacher_logits:
-        path = build_teacher_logit_cache(teacher, train, collator, context.stage_dir / "teacher_logits.safetensors",
-                                         config.top_k, batch_size=recipe.data.eval_batch_size)
+        from ..distributed import is_main_process, wait_for_everyone
+
+        # One cache, written by the main process; the others wait for it and read the same file.
+        path = context.shared_stage_dir / "teacher_logits.safetensors"
+        if is_main_process():
+            build_teacher_logit_cache(teacher, train, collator, path, config.top_k,
+                                      batch_size=recipe.data.eval_batch_size)
+        wait_for_everyone()
         collator = CachedTeacherCollator(collator, TeacherLogitCache(path))
         teacher_for_trainer = None  # the teacher is not needed any more: every logit comes from the cache
     trainer = DistillationTrainer(
@@ -112,8 +109,30 @@ def distill_stage(state: ModelState, config: DistillationConfig, context: StageC
         eval_dataset=evaluation if args.eval_strategy != "no" else None,
         data_collator=collator,
         processing_class=tokenizer,
+        callbacks=list(callbacks),
     )
     train_and_record(trainer, context)
     if config.attention_weight:
         student.set_attn_implementation("sdpa")
+    return trainer
+
+
+@register_stage("distill", DistillationConfig)
+def distill_stage(state: ModelState, config: DistillationConfig, context: StageContext) -> ModelState:
+    from ..modeling import ensure_loaded, load_model
+    from ..recipe import ModelConfig
+    from .student import student_from_teacher
+
+    recipe = context.recipe
+    ensure_loaded(state, recipe)
+    teacher, tokenizer = state.model, state.tokenizer
+    copied_from = None
+    if config.student.name_or_path:
+        # (a causal-LM student's vocabulary was compared with the teacher's in DistillationConfig.preflight)
+        spec = ModelConfig(name_or_path=config.student.name_or_path)
+        student = load_model(spec, recipe.task, num_labels=getattr(teacher.config, "num_labels", None))
+    else:
+        student, copied_from = student_from_teacher(teacher, config.student.layers, config.student.every)
+        logger.info("distill: student keeps teacher layers %s of %d", copied_from, teacher.config.num_hidden_layers)
+    trainer = train_with_distillation(teacher, student, tokenizer, config, config.training, context, copied_from)
     return ModelState(model=trainer.model, tokenizer=tokenizer)

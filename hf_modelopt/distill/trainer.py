@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from . import losses
 from .config import DistillationConfig
+
+PROJECTIONS_FILE = "distill_projections.safetensors"
 
 
 def default_layer_map(student_layers: int, teacher_layers: int, copied_from: list[int] | None = None) -> dict[int, int]:
@@ -33,6 +36,14 @@ def task_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     if not (labels != -100).any():  # a batch of unlabelled transfer text only
         return logits.sum() * 0.0
     return F.cross_entropy(logits.reshape(labels.numel(), -1).float(), labels, ignore_index=-100)
+
+
+class _ZeroProjectionGradients(TrainerCallback):
+    def __init__(self, trainer: DistillationTrainer):
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer.projections.zero_grad(set_to_none=True)
 
 
 class DistillationTrainer(Trainer):
@@ -64,6 +75,9 @@ class DistillationTrainer(Trainer):
                 self.projections = torch.nn.ModuleDict(
                     {str(i): torch.nn.Linear(s_width, t_width) for i in self.layer_map}
                 ).to(self.args.device)
+        # Trainer zeroes the gradients of the model only (`model.zero_grad()`); the projections' would add
+        # up over all steps.
+        self.add_callback(_ZeroProjectionGradients(self))
         # Our losses are means over the batch: let Trainer divide by the accumulation steps.
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
@@ -74,6 +88,23 @@ class DistillationTrainer(Trainer):
         if len(self.projections):
             optimizer.add_param_group({"params": list(self.projections.parameters()), "weight_decay": 0.0})
         return optimizer
+
+    # The projections are trained with the student but are not part of it: checkpoints keep them next to
+    # the optimizer state, so a resumed run continues with the same projections.
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if len(self.projections) and self.args.should_save:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in self.projections.state_dict().items()},
+                      os.path.join(output_dir, PROJECTIONS_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is not None and len(self.projections):
+            from safetensors.torch import load_file
+
+            self.projections.load_state_dict(load_file(os.path.join(checkpoint, PROJECTIONS_FILE)))
+        super()._load_optimizer_and_scheduler(checkpoint)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         config = self.distillation_config

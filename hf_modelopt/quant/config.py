@@ -8,10 +8,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..stages import StageConfig
 
-# Stages that need the full-precision weights of the model they get: bitsandbytes weights cannot be trained
-# in place, and quantizing them again is not supported by transformers.
-FULL_TRAINING_STAGES = ("finetune", "distill", "quantize")
-
 
 class SensitivityConfig(BaseModel):
     """Which layers stay in full precision: quantize one unit at a time and keep the ones that hurt most."""
@@ -130,9 +126,17 @@ class QuantizationConfig(StageConfig):
             llm_int8_skip_modules=skip,  # transformers' name for the skip list, for 4-bit too
         )
 
+    def check_after(self, earlier) -> None:
+        # (finetune / distill / prune after a quantize stage are refused by their own check_after, train.py)
+        for stage in earlier:
+            if stage.type == "quantize":
+                raise ValueError(f"stage '{stage.name}' before it already quantized the model with bitsandbytes; "
+                                 "quantizing bnb weights again is not supported: keep one quantize stage")
+
     def preflight(self, recipe) -> None:
-        """Refuse what bitsandbytes cannot do here before any stage runs: training all weights of a quantized
-        model, or scanning / recovering without training data."""
+        """Optional packages and training data that the scan and the recovery need, checked before any stage runs."""
+        import importlib.util
+
         from ..data import has_split
         from ..recipe import RecipeError
 
@@ -140,18 +144,6 @@ class QuantizationConfig(StageConfig):
         index = next((i for i, stage in enumerate(stages) if stage.config is self), None)
         if index is None:
             return
-        name = stages[index].name
-        for later_index, later in enumerate(stages[index + 1 :], start=index + 1):
-            if later.type in FULL_TRAINING_STAGES:
-                raise RecipeError(
-                    recipe.source, f"stages[{later_index}]",
-                    f"stage '{later.name}' ({later.type}) needs full-precision weights it can update, but stage "
-                    f"'{name}' quantized the model with bitsandbytes ({self.method}), whose weights cannot be "
-                    f"trained or re-quantized; put it before '{name}', or train LoRA adapters with "
-                    f"'{name}'.recovery",
-                )
-        import importlib.util
-
         optional_packages = (("recovery", self.recovery, "peft"), ("sensitivity", self.sensitivity, "matplotlib"))
         for key, part, package in optional_packages:
             if part is not None and importlib.util.find_spec(package) is None:

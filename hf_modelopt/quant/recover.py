@@ -47,13 +47,11 @@ def add_lora_adapters(quantized_model, config: RecoveryConfig, base_model_name_o
 def recover_with_distillation(adapted_model, teacher, args, train_dataset, data_collator, tokenizer,
                               config: RecoveryConfig):
     """Train the adapters of `adapted_model` against `teacher`'s logits; returns the `DistillationTrainer`."""
-    from ..distill.config import DistillationConfig, StudentConfig
+    from ..distill.config import KnowledgeDistillationConfig
     from ..distill.trainer import DistillationTrainer
 
-    distillation = DistillationConfig(
-        student=StudentConfig(name_or_path="quantized model with LoRA adapters"),
-        temperature=config.temperature, kd_weight=config.kd_weight, ce_weight=config.ce_weight,
-    )
+    distillation = KnowledgeDistillationConfig(temperature=config.temperature, kd_weight=config.kd_weight,
+                                               ce_weight=config.ce_weight)
     return DistillationTrainer(
         model=adapted_model,
         teacher=teacher,

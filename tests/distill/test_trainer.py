@@ -170,3 +170,25 @@ def test_default_layer_maps():
     assert default_layer_map(3, 3, copied_from=[0, 1, 2]) == {0: 0, 1: 1, 2: 2}
     assert default_layer_map(2, 4) == {0: 1, 1: 3}
     assert default_layer_map(3, 30) == {0: 9, 1: 19, 2: 29}
+
+
+def test_resumed_training_continues_with_the_saved_projections(tmp_path, tokenizer):
+    def trainer_for(max_steps):
+        teacher, student = tiny_bert(hidden=32, layers=4), tiny_bert(hidden=16, layers=2, seed=1)
+        config = DistillationConfig(student={"name_or_path": "unused"}, hidden_weight=1.0)
+        args = TrainingArguments(output_dir=str(tmp_path / "ckpt"), max_steps=max_steps, save_strategy="steps",
+                                 save_steps=2, per_device_train_batch_size=4, learning_rate=1e-2, report_to="none",
+                                 remove_unused_columns=False, disable_tqdm=True, use_cpu=True)
+        return DistillationTrainer(model=student, teacher=teacher, distillation_config=config, args=args,
+                                   train_dataset=sentence_dataset(tokenizer),
+                                   data_collator=DataCollatorWithPadding(tokenizer))
+
+    uninterrupted = trainer_for(4)
+    uninterrupted.train()  # saves checkpoint-2 on the way
+    assert all(p.grad is None for p in uninterrupted.projections.parameters())  # zeroed after every step
+    resumed = trainer_for(4)  # new random projections: only the checkpoint can make them equal
+    resumed.args.output_dir = str(tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "ckpt" / "checkpoint-2"))
+    for name, value in uninterrupted.projections.state_dict().items():
+        assert torch.equal(resumed.projections.state_dict()[name], value), name
+    assert all(torch.equal(resumed.model.state_dict()[k], v) for k, v in uninterrupted.model.state_dict().items())

@@ -44,13 +44,16 @@ def test_quantize_stage_with_sensitivity_scan_and_kd_recovery(wide_tiny_models, 
     assert log[-1]["train_loss"] >= 0 and "sensitivity.png" in (out / "README.md").read_text()
 
 
-def test_training_all_weights_after_quantize_is_refused_before_any_work(wide_tiny_models, sst2_files, tmp_path):
-    for later in ("finetune", {"type": "distill", "student": {"every": 2}}, {"type": "quantize", "method": "int8"}):
-        stages = [{"type": "quantize", "name": "q4"}, later]
-        recipe = validate_recipe(tiny_recipe(wide_tiny_models("bert"), sst2_files, stages=stages))
-        expected = r"stages\[1\]: stage '(finetune|distill|quantize)' \((finetune|distill|quantize)\) .* 'q4' quantized"
-        with pytest.raises(UserError, match=expected):
-            run_recipe(recipe, tmp_path / "o")
+def test_training_all_weights_or_quantizing_again_after_quantize_is_refused(wide_tiny_models, sst2_files,
+                                                                             tmp_path):
+    cases = {"finetune": "a finetune stage trains every weight, but stage 'q4' before it quantized them",
+             "distill": "a distill stage trains every weight",
+             "quantize": "stage 'q4' before it already quantized the model"}
+    for later, message in cases.items():
+        stage = {"type": later, "student": {"every": 2}} if later == "distill" else later
+        recipe = tiny_recipe(wide_tiny_models("bert"), sst2_files, stages=[{"type": "quantize", "name": "q4"}, stage])
+        with pytest.raises(UserError, match=r"stages\[1\]: " + message):
+            run_recipe(validate_recipe(recipe), tmp_path / "o")
         assert not (tmp_path / "o").exists()
 
 

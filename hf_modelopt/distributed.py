@@ -1,0 +1,65 @@
+"""Running a recipe in several processes (`accelerate launch`, torchrun): who writes, and when to wait.
+
+Every process runs every stage (the Trainer inside a stage does the data-parallel work). Only the main
+process writes into the output directory; the others write whatever a stage writes into a scratch
+directory of their own, deleted at the end, so no two processes ever write the same file. Between stages
+all processes wait for each other, so nobody reads a stage output before it is complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+logger = logging.getLogger("hf_modelopt")
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def process_index() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process() -> bool:
+    return process_index() == 0
+
+
+def init_distributed() -> None:
+    """Join the process group before any stage runs (launchers set WORLD_SIZE / RANK).
+
+    On a machine without a GPU the processes run DDP on CPU over gloo: accelerate only does so when told
+    `cpu=True`, so that is passed here (and `use_cpu` to every TrainingArguments, see `train.py`).
+    """
+    if world_size() <= 1:
+        return
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and "FSDP" or (
+        os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and "DeepSpeed") or None
+    if not is_main_process():
+        logger.setLevel(logging.WARNING)  # one process tells the story
+    if is_main_process():
+        logger.info("distributed: %d processes, %s (backend %s)", state.num_processes, state.distributed_type.value,
+                    state.backend)
+        if requested and not torch.cuda.is_available():
+            logger.warning("distributed: %s was requested but there is no GPU: accelerate runs plain data "
+                           "parallel (DDP) on CPU instead; every process holds the whole model", requested)
+
+
+def use_cpu() -> bool:
+    """Whether Trainer must be told `use_cpu=True` (several CPU processes, or the launcher asked for CPU)."""
+    import torch
+
+    asked = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
+    return asked or (world_size() > 1 and not torch.cuda.is_available())
+
+
+def wait_for_everyone() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

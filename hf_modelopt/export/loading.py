@@ -1,0 +1,190 @@
+"""Loading hf-modelopt's own formats with plain `from_pretrained`, after `import hf_modelopt`.
+
+Two things plain transformers cannot express are written into `config.json` as a
+`quantization_config` with `quant_method: "hf_modelopt"`, and read back by the quantizer registered
+here through transformers' own extension points (`register_quantization_config`, `register_quantizer`):
+
+- `sparse_format: "bitmask"`: pruned Linear weights stored compressed, as the kept values (`W.weight`,
+  one dimension) plus a bit per position (`W.weight_bitmask`, packed uint8, row-major). They are
+  decompressed to dense tensors while loading; the loaded model is a plain model (the config entry is
+  dropped), so it trains and saves like any other.
+- `layer_shapes: {module: [out, in]}`: Linear layers made smaller by structured pruning where the
+  architecture's config cannot say so (BERT derives the head size from hidden_size / num_attention_heads,
+  so a layer with fewer heads has no config field). Those modules are rebuilt at the recorded shape before
+  the weights load; the entry stays in the config so the model saves and reloads the same way.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
+
+QUANT_METHOD = "hf_modelopt"
+_TRANSFORMERS_QUANTIZERS = "transformers.quantizers.auto"
+_registered = False
+
+
+def register_when_transformers_loads() -> None:
+    """Register the hooks now if transformers' quantizer registry is loaded, else right after it loads.
+
+    `import hf_modelopt` calls this: it must not import transformers itself (importing the package stays
+    cheap), yet every `from_pretrained` afterwards must know the formats.
+    """
+    if _TRANSFORMERS_QUANTIZERS in sys.modules:
+        register_loading_hooks()
+    elif not any(isinstance(finder, _AfterImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport())
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs `register_loading_hooks` once `transformers.quantizers.auto` has been executed."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != _TRANSFORMERS_QUANTIZERS:
+            return None
+        sys.meta_path.remove(self)  # find the real module with the other finders, once
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        execute = spec.loader.exec_module
+
+        def exec_module(module):
+            execute(module)
+            register_loading_hooks()
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def register_loading_hooks() -> None:
+    """Teach `from_pretrained` the `hf_modelopt` formats (idempotent; `import hf_modelopt` calls it)."""
+    global _registered
+    if _registered:
+        return
+    from transformers.quantizers.auto import (
+        AUTO_QUANTIZATION_CONFIG_MAPPING,
+        AUTO_QUANTIZER_MAPPING,
+        register_quantization_config,
+        register_quantizer,
+    )
+
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(_config_class())
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(_quantizer_class())
+    _registered = True
+
+
+def pack_bitmask(mask):
+    """A bool tensor as packed bits (uint8, 8 positions per byte, row-major, little-endian bit order)."""
+    import torch
+
+    flat = mask.flatten().to(torch.uint8)
+    flat = torch.nn.functional.pad(flat, (0, (-flat.numel()) % 8))
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+    return (flat.view(-1, 8) * weights).sum(dim=1).to(torch.uint8)
+
+
+def unpack_bitmask(packed, shape):
+    import torch
+
+    numel = 1
+    for size in shape:
+        numel *= size
+    bits = (packed.view(-1, 1) >> torch.arange(8, dtype=torch.uint8)) & 1
+    return bits.flatten()[:numel].bool().view(*shape)
+
+
+def compress_weight(weight):
+    """(values, packed bitmask) of a sparse weight: the nonzero values in row-major order and their positions."""
+    mask = weight != 0
+    return weight[mask].contiguous(), pack_bitmask(mask)
+
+
+def decompress_weight(values, packed, shape):
+    import torch
+
+    mask = unpack_bitmask(packed, shape)
+    dense = torch.zeros(tuple(shape), dtype=values.dtype)
+    dense[mask] = values
+    return dense
+
+
+def _config_class():
+    from transformers.utils.quantization_config import QuantizationConfigMixin
+
+    class HfModelOptConfig(QuantizationConfigMixin):
+        """`quantization_config` of models saved in an hf-modelopt format (see the module docstring)."""
+
+        def __init__(self, sparse_format: str | None = None, layer_shapes: dict | None = None,
+                     attention_heads: dict | None = None, **kwargs):
+            self.quant_method = QUANT_METHOD
+            self.sparse_format = sparse_format
+            self.layer_shapes = layer_shapes or {}
+            self.attention_heads = attention_heads or {}
+
+        @property
+        def dequantize(self) -> bool:
+            # Only the compressed storage needs the hook: once decompressed, the model is plain. Layer
+            # shapes are part of the architecture, so they stay in the config.
+            return not self.layer_shapes
+
+    return HfModelOptConfig
+
+
+def _quantizer_class():
+    from transformers.core_model_loading import ConversionOps
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.quantizers.quantizers_utils import get_module_from_name
+
+    class BitmaskDecompress(ConversionOps):
+        def __init__(self, hf_quantizer):
+            self.hf_quantizer = hf_quantizer
+
+        def convert(self, input_dict, model=None, full_layer_name=None, **kwargs):
+            tensors = {k: v[0] if isinstance(v, list) else v for k, v in input_dict.items()}
+            packed = next((v for k, v in tensors.items() if k.endswith("weight_bitmask")), None)
+            values = next(v for k, v in tensors.items() if not k.endswith("weight_bitmask"))
+            if packed is None:  # a tensor stored dense (embeddings, norms, unpruned layers)
+                return {"weight": values}
+            module, _ = get_module_from_name(model, full_layer_name)
+            return {"weight": decompress_weight(values, packed, module.weight.shape).to(module.weight.dtype)}
+
+    class HfModelOptQuantizer(HfQuantizer):
+        """Reads hf-modelopt formats at load time; quantizes nothing."""
+
+        requires_calibration = False
+        serialized_names = {"weight": ["weight", "weight_bitmask"]}
+
+        def validate_environment(self, *args, **kwargs):
+            return
+
+        def get_load_operations(self):
+            if not self.quantization_config.sparse_format:
+                return {}
+            return {"deserialize": BitmaskDecompress, "dequantize": BitmaskDecompress}
+
+        def _process_model_before_weight_loading(self, model, **kwargs):
+            from ..prune.structured import resize_linear_
+
+            for name, (out_features, in_features) in self.quantization_config.layer_shapes.items():
+                resize_linear_(model, name, out_features, in_features)
+            return model
+
+        def _process_model_after_weight_loading(self, model, **kwargs):
+            return model
+
+        def is_serializable(self, *args, **kwargs):
+            return True
+
+        @property
+        def is_trainable(self):
+            return True
+
+        @property
+        def is_qat_trainable(self):
+            # Nothing is quantized: a structurally pruned model trains like any other (Trainer asks this).
+            return True
+
+    return HfModelOptQuantizer

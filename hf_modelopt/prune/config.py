@@ -1,0 +1,163 @@
+"""Configs of the pruning techniques: gradual unstructured, structured (heads / neurons) and one-shot LLM."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..distill.config import KnowledgeDistillationConfig
+from ..stages import StageConfig
+
+# Modules pruned by default: every Linear inside the transformer blocks. Embeddings, norms and the task
+# head are never targets: they are small, or (embeddings) pruning them costs much quality for little speed.
+DEFAULT_TARGETS = ("*",)
+
+
+class ScheduleConfig(BaseModel):
+    """When the target sparsity moves: all at once, or gradually between two optimizer steps."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["one_shot", "linear", "cubic"] = Field(
+        "cubic", description="one_shot: the final sparsity at start_step. linear / cubic: rise from "
+        "initial_sparsity at start_step to the final sparsity at end_step (cubic: Zhu & Gupta 2017).",
+    )
+    initial_sparsity: float = Field(0.0, ge=0.0, lt=1.0, description="Sparsity at start_step (gradual kinds).")
+    start_step: int = Field(0, ge=0, description="Optimizer step at which pruning starts.")
+    end_step: int | None = Field(
+        None, gt=0, description="Optimizer step at which the final sparsity is reached (gradual kinds). Default: "
+        "two thirds of the training steps, so the last third recovers at the final sparsity.",
+    )
+    update_every: int = Field(10, gt=0, description="Recompute the masks every this many optimizer steps.")
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.end_step is not None and self.end_step <= self.start_step:
+            raise ValueError(f"end_step ({self.end_step}) must be after start_step ({self.start_step})")
+        return self
+
+
+class PruningConfig(BaseModel):
+    """Gradual unstructured pruning of Linear weights during training (see `PruningCallback`)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    sparsity: float = Field(description="Final fraction of the targeted weights set to zero, in [0, 1).", ge=0.0,
+                            lt=1.0)
+    method: Literal["magnitude", "movement"] = Field(
+        "magnitude", description="Which weights go: smallest |W| (magnitude), or those moving towards zero "
+        "during fine-tuning, score -Σ W·∂L/∂W (movement pruning, Sanh et al. 2020).",
+    )
+    scope: Literal["layer", "global"] = Field(
+        "layer", description="layer: every targeted matrix reaches the sparsity. global: one threshold over "
+        "all targeted weights, so layers end with different sparsities.",
+    )
+    targets: list[str] = Field(
+        list(DEFAULT_TARGETS), description="Glob patterns over Linear module names inside the transformer "
+        "blocks, relative to the block list (e.g. '*.attention.*', '*.mlp.*'). Default: every Linear there.",
+    )
+    exclude: list[str] = Field(default_factory=list, description="Glob patterns of module names never pruned.")
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="When the sparsity rises.")
+
+
+class PruneStageConfig(StageConfig, PruningConfig):
+    """The `prune` stage: train the incoming model while `PruningCallback` raises its sparsity.
+
+    With `distillation:` the loss is KD from the incoming model (a frozen copy is the teacher).
+    """
+
+    distillation: KnowledgeDistillationConfig | None = Field(
+        None, description="Train with knowledge distillation from the incoming model (a frozen copy) instead of "
+        "the task loss; the same settings as the `distill` stage's loss.",
+    )
+    sparse_checkpoint: bool = Field(True, description="Also write the model in the compressed sparse format "
+                                    "(stage folder `sparse/`) and report both sizes on disk.")
+    training: dict[str, Any] = Field(
+        default_factory=dict, description="TrainingArguments for this stage only, over the recipe's `training:`.",
+    )
+    requires_data = ("train",)
+
+    def check_after(self, earlier) -> None:
+        from ..train import refuse_training_after
+
+        refuse_training_after("prune", earlier)
+
+    def preflight(self, recipe) -> None:
+        if self.distillation is not None:
+            self.distillation.check_against(recipe, self.training, "prune.distillation")
+
+
+class StructuredPruneStageConfig(StageConfig):
+    """The `prune_structured` stage: remove attention heads and FFN neurons, then recover by training.
+
+    Every layer keeps the same number of heads and of neurons, chosen by importance; the Linear layers are
+    rebuilt smaller (see `hf_modelopt.prune.structured`).
+    """
+
+    heads: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of attention heads removed in every layer.")
+    neurons: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of FFN neurons removed in every layer.")
+    importance: Literal["magnitude", "gradient"] = Field(
+        "gradient", description="gradient: E|∂L/∂gate| of a gate on each head / neuron over calibration batches "
+        "(Michel et al. 2019); magnitude: squared norms of their weights.",
+    )
+    calibration_batches: int = Field(32, gt=0, description="Training batches used to score heads and neurons.")
+    recover: bool = Field(True, description="Train after the removal (with `distillation:`, by KD).")
+    distillation: KnowledgeDistillationConfig | None = Field(
+        None, description="Recover with knowledge distillation from the unpruned incoming model.",
+    )
+    training: dict[str, Any] = Field(
+        default_factory=dict, description="TrainingArguments for this stage only, over the recipe's `training:`.",
+    )
+    requires_data = ("train",)
+
+    @model_validator(mode="after")
+    def _removes_something(self):
+        if not self.heads and not self.neurons:
+            raise ValueError("set heads and/or neurons above 0 (the fractions to remove)")
+        return self
+
+    def check_after(self, earlier) -> None:
+        from ..train import refuse_training_after
+
+        if self.recover:
+            refuse_training_after("prune_structured", earlier)
+
+    def preflight(self, recipe) -> None:
+        if self.distillation is not None:
+            self.distillation.check_against(recipe, self.training, "prune_structured.distillation")
+
+
+class OneShotPruneStageConfig(StageConfig):
+    """The `prune_oneshot` stage: prune a causal LM once from calibration data, no training."""
+
+    method: Literal["wanda", "sparsegpt", "magnitude"] = Field(
+        "wanda", description="wanda: |W|·||X|| per output row (Sun et al. 2023); sparsegpt: second-order with "
+        "weight updates (Frantar & Alistarh 2023); magnitude: |W| per matrix, the baseline.",
+    )
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="Fraction of the targeted weights zeroed "
+                            "(unstructured; an N:M pattern fixes it at N/M).")
+    pattern: str = Field("unstructured", pattern=r"^(unstructured|\d+:\d+)$",
+                         description="'unstructured' or 'N:M' (N of every M consecutive weights zeroed, e.g. '2:4').")
+    calibration_samples: int = Field(64, gt=0, description="Calibration sequences of data.max_length tokens, "
+                                     "from the training split.")
+    targets: list[str] = Field(list(DEFAULT_TARGETS), description="Glob patterns over Linear names in the blocks.")
+    exclude: list[str] = Field(default_factory=list, description="Glob patterns of module names never pruned.")
+    block_size: int = Field(128, gt=0, description="SparseGPT: columns processed together.")
+    dampening: float = Field(0.01, gt=0, description="SparseGPT: fraction of the mean Hessian diagonal added.")
+    sparse_checkpoint: bool = Field(True, description="Also write the compressed sparse format (`sparse/`).")
+    requires_data = ("train",)
+
+    @model_validator(mode="after")
+    def _valid_pattern(self):
+        if self.pattern != "unstructured":
+            n, m = (int(x) for x in self.pattern.split(":"))
+            if not 0 < n < m:
+                raise ValueError(f"pattern {self.pattern!r}: N:M needs 0 < N < M")
+            self.__dict__["sparsity"] = n / m
+        return self
+
+    def preflight(self, recipe) -> None:
+        from ..recipe import RecipeError
+
+        if recipe.task != "causal-lm":
+            raise RecipeError(recipe.source, "prune_oneshot", "one-shot calibration pruning is for causal LMs "
+                              f"(task is {recipe.task}); use the `prune` stage, which trains while pruning")

@@ -1,0 +1,116 @@
+"""Which weights are pruned: target selection and masks from scores. Masks are `True` where a weight stays."""
+
+from __future__ import annotations
+
+from fnmatch import fnmatch
+
+import torch
+
+from ..distill.student import transformer_layers
+
+
+def is_linear(module) -> bool:
+    """`nn.Linear`, or the `Conv1D` GPT-2 uses in its place (same matmul, weight stored transposed)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (torch.nn.Linear, Conv1D))
+
+
+def is_sharded(tensor) -> bool:
+    """A DTensor: a parameter sharded across processes (FSDP2 / tensor parallel)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def full_weight(module) -> torch.Tensor:
+    """The whole weight, gathered from every process if it is sharded (scores must see all of it)."""
+    weight = module.weight
+    return weight.full_tensor() if is_sharded(weight) else weight
+
+
+def linear_weight(module) -> torch.Tensor:
+    """The weight as (out_features, in_features), a view for `Conv1D` (which stores it transposed)."""
+    return module.weight if isinstance(module, torch.nn.Linear) else module.weight.t()
+
+
+def prunable_linears(model, targets=("*",), exclude=()) -> dict[str, torch.nn.Module]:
+    """Linear modules inside the transformer blocks whose name (relative to the block list, e.g.
+    `0.attention.self.query`) matches a `targets` glob and no `exclude` glob; keys are full module names.
+
+    Embeddings, norms and the task head live outside the blocks, so they are never selected.
+    """
+    prefix, layers = transformer_layers(model)
+    found, candidates = {}, []
+    for name, module in layers.named_modules():
+        if not is_linear(module):
+            continue
+        candidates.append(name)
+        if any(fnmatch(name, p) for p in targets) and not any(fnmatch(name, p) for p in exclude):
+            found[f"{prefix}.{name}"] = module
+    if not found:
+        shown = ", ".join(candidates[:8]) + (", ..." if len(candidates) > 8 else "")
+        raise ValueError(f"no Linear layer matches targets {list(targets)} (minus exclude {list(exclude)}); "
+                         f"layer names look like: {shown}")
+    return found
+
+
+def masks_from_scores(scores: dict[str, torch.Tensor], sparsity: float, scope: str = "layer",
+                      previous: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Keep-masks that drop the `sparsity` fraction of lowest-scored weights, per tensor or globally.
+
+    Weights already dropped in `previous` stay dropped (pruning only ever removes more), whatever their
+    score now. The count dropped is exact: round(sparsity × number of weights), ties broken by position.
+    """
+    def ranked(name):
+        score = scores[name].detach().float().flatten()
+        if previous is not None and name in previous:
+            score = score.masked_fill(~previous[name].flatten(), float("-inf"))
+        return score
+
+    masks = {}
+    if scope == "layer":
+        for name, score in scores.items():
+            flat = ranked(name)
+            masks[name] = _drop_lowest(flat, round(sparsity * flat.numel())).view_as(score)
+        return masks
+    names = list(scores)
+    flat = torch.cat([ranked(name) for name in names])
+    keep = _drop_lowest(flat, round(sparsity * flat.numel()))
+    for name, part in zip(names, keep.split([scores[n].numel() for n in names])):
+        masks[name] = part.view_as(scores[name])
+    return masks
+
+
+def _drop_lowest(flat: torch.Tensor, count: int) -> torch.Tensor:
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    if count > 0:
+        keep[torch.topk(flat, count, largest=False, sorted=False).indices] = False
+    return keep
+
+
+@torch.no_grad()
+def apply_masks_(modules: dict[str, torch.nn.Module], masks: dict[str, torch.Tensor]) -> None:
+    """Zero the dropped weights in place.
+
+    Masks are full-size; a sharded weight (FSDP2 DTensor) gets the mask sharded the same way, so each
+    process zeroes its own shard (multiplying a shard by a full mask would silently do nothing useful).
+    """
+    for name, mask in masks.items():
+        weight = modules[name].weight
+        if is_sharded(weight):
+            from torch.distributed.tensor import distribute_tensor
+
+            mask = distribute_tensor(mask.to(weight.device_mesh.device_type), weight.device_mesh, weight.placements)
+        elif mask.device != weight.device:
+            mask = masks[name] = mask.to(weight.device)
+        weight.mul_(mask)
+
+
+def sparsity_of(modules: dict[str, torch.nn.Module]) -> float:
+    """Fraction of exactly-zero weights over `modules` (what is measured, not what was asked)."""
+    zeros = sum(int((full_weight(m) == 0).sum()) for m in modules.values())
+    total = sum(m.weight.numel() for m in modules.values())
+    return zeros / max(total, 1)
