@@ -43,6 +43,11 @@ _EXPORTS = {
     "magnitude_importance": "prune.structured",
     "save_sparse": "export.sparse",
     "verify_reload": "export.verify",
+    "QuantizationConfig": "quant.config",
+    "SensitivityConfig": "quant.config",
+    "RecoveryConfig": "quant.config",
+    "quantize": "quant.bnb",
+    "save_quantized": "quant.bnb",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -28,6 +28,7 @@ BUILTIN_STAGE_MODULES = (
     "hf_modelopt.metrics",
     "hf_modelopt.distill.stage",
     "hf_modelopt.prune.stage",
+    "hf_modelopt.quant.stage",
     "hf_modelopt.export.save",
 )
 

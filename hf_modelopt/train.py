@@ -106,7 +106,7 @@ def refuse_training_after(stage_type: str, earlier) -> None:
         if stage.type in UNTRAINABLE_OUTPUT_STAGES:
             raise ValueError(f"a {stage_type} stage trains every weight, but stage '{stage.name}' before it quantized "
                              f"them with bitsandbytes, which cannot be trained in place; put the {stage_type} stage "
-                             f"before '{stage.name}'")
+                             f"before '{stage.name}', or train LoRA adapters with its `recovery:` settings")
 
 
 class FinetuneConfig(StageConfig):

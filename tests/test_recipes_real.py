@@ -51,3 +51,21 @@ def test_smollm2_distill_recipe_runs_and_reloads(tmp_path):
     from transformers import AutoConfig
 
     assert AutoConfig.from_pretrained(out).num_hidden_layers == 15
+
+
+def test_sst2_minilm_nf4_keeps_the_teachers_accuracy_and_reloads(tmp_path):
+    """NF4 of the fine-tuned teacher (reused from the stage cache when it exists): classifier skipped, >= 99 %."""
+    out = tmp_path / "out"
+    cli("run", "recipes/sst2-minilm/nf4.yaml", "--output-dir", out)
+    teacher, nf4 = (m["metrics"]["accuracy"] for m in json.loads((out / "metrics.json").read_text()))
+    assert nf4 >= 0.99 * teacher
+    report = json.loads((out / "quantization.json").read_text())
+    assert list(report["skipped"]) == ["classifier"] and report["metrics"]["reload_max_abs_diff"] <= 1e-4
+
+
+def test_smollm2_int8_recipe_runs_and_reloads(tmp_path):
+    out = tmp_path / "out"
+    cli("run", "recipes/smollm2/int8.yaml", "--output-dir", out, "--set", "data.max_eval_tokens=2048")
+    fp32, int8 = (m["metrics"]["perplexity"] for m in json.loads((out / "metrics.json").read_text()))
+    assert int8 < fp32 * 1.05
+    assert '"load_in_8bit": true' in (out / "config.json").read_text()

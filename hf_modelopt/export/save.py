@@ -321,6 +321,7 @@ def export_model(state: ModelState, recipe, output_dir, history: list[dict] = ()
         (staging / "recipe.yaml").write_text(recipe_yaml)
         (staging / "metrics.json").write_text(json.dumps(_metric_records(history), indent=2))
         export_format = detect_format(staging)
+        quantization = staging / "quantization.json"  # the quantize stage's report, saved with its model
         spec = recipe.model
         evaluations = [r for r in history if r["type"] == "evaluate" and r.get("metrics")]
         before = next((r for r in evaluations if r["model"] == spec.name_or_path), None)
@@ -338,6 +339,7 @@ def export_model(state: ModelState, recipe, output_dir, history: list[dict] = ()
             "before": {"stage": before["name"], "metrics": before["metrics"]} if before else None,
             "run_metrics": final[-1]["metrics"] if final else None,
             "plots": write_plots(history, output_dir / "stages", staging),
+            "quantization": json.loads(quantization.read_text()) if quantization.is_file() else None,
         }
         if config.verify:
             ensure_loaded(state, recipe)  # the reference the reloaded logits must match

@@ -1,0 +1,162 @@
+"""bitsandbytes quantization: which layers can be quantized, `quantize()`, and saving that cannot corrupt a model.
+
+Two things about bitsandbytes (0.50) on CPU shape this module:
+
+- Its 4-bit CPU kernels reject some layer shapes. The first forward pass repacks each 4-bit weight into a
+  CPU layout (`bitsandbytes.functional._convert_weight_packed_for_cpu`), which asserts that the output
+  features are a multiple of 32 (`N must be divisible by block_n`) and reshapes the per-block scales to
+  `[out_features, in_features // blocksize]`, so the input features must be a multiple of the 64-weight
+  quantization block. A 2-output classifier head fails the first rule; such layers stay in full precision.
+- That repacking happens in place, and the inverse applied when saving is only "best effort" (it leaves
+  the scales of non-double-quantized weights transposed): a model saved after a forward pass reloads as
+  garbage. So a quantized model is saved *before* it ever runs, and `save_quantized` (used for every
+  model hf-modelopt saves) refuses a model whose 4-bit weights were repacked.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import UserError
+from .config import QuantizationConfig
+
+logger = logging.getLogger("hf_modelopt")
+
+# bitsandbytes' CPU layout packs 32 output rows together; transformers quantizes 4-bit weights in blocks of 64.
+CPU_4BIT_ROW_BLOCK = 32
+BLOCKSIZE_4BIT = 64
+
+
+class QuantizationError(UserError):
+    """A model cannot be quantized or saved as asked."""
+
+
+@dataclass
+class QuantizationReport:
+    """What `quantize` did: the layers quantized, the ones kept in full precision and why, the footprint."""
+
+    method: str
+    quantized: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # module name -> reason
+    footprint_bytes: int = 0
+    reference_footprint_bytes: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def linear_layers(model) -> dict[str, tuple[int, int]]:
+    """Every linear layer bitsandbytes would replace: module name -> (in_features, out_features)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    layers = {}
+    for name, module in model.named_modules():
+        if type(module) is torch.nn.Linear:
+            layers[name] = (module.in_features, module.out_features)
+        elif isinstance(module, Conv1D):  # GPT-2 style: weight is [in, out]
+            layers[name] = tuple(module.weight.shape)
+    return layers
+
+
+def kernel_rejects(in_features: int, out_features: int, method: str) -> str | None:
+    """Why bitsandbytes' CPU kernels cannot run a `method` layer of this shape, or None when they can."""
+    if method == "int8":
+        return None  # LLM.int8 on CPU takes any shape (checked down to 2 x 32)
+    if out_features % CPU_4BIT_ROW_BLOCK:
+        return f"4-bit CPU kernel needs out_features divisible by {CPU_4BIT_ROW_BLOCK}, got {out_features}"
+    if in_features % BLOCKSIZE_4BIT:
+        return f"4-bit CPU kernel needs in_features divisible by {BLOCKSIZE_4BIT}, got {in_features}"
+    return None
+
+
+def plan_skips(model, config: QuantizationConfig, keep_modules=()) -> dict[str, str]:
+    """Linear layers that stay in full precision, with the reason: output head / tied weights (transformers'
+    defaults), shapes the kernels reject, `config.skip_modules`, and `keep_modules` (e.g. from a sensitivity scan).
+    """
+    from transformers.quantizers.base import get_keys_to_not_convert
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    layers = linear_layers(model)
+    skipped: dict[str, str] = {}
+    for name in get_keys_to_not_convert(model):
+        if name in layers:
+            skipped[name] = "output head or tied weights (transformers keeps them in full precision)"
+    for name, (in_features, out_features) in layers.items():
+        reason = kernel_rejects(in_features, out_features, config.method)
+        if name in skipped:
+            continue
+        if reason:
+            skipped[name] = reason
+        elif not should_convert_module(name, config.skip_modules):
+            skipped[name] = "skip_modules"
+        elif not should_convert_module(name, list(keep_modules)):
+            skipped[name] = "sensitivity scan: kept in full precision"
+    return skipped
+
+
+def quantize(model, config: QuantizationConfig, keep_modules=(), work_dir: str | Path | None = None):
+    """Quantize `model` with bitsandbytes as `config` says; returns `(quantized_model, QuantizationReport)`.
+
+    The model is written to a scratch folder (safetensors) and loaded back with a `BitsAndBytesConfig`,
+    transformers' supported way to quantize, so the result saves and loads like any bnb checkpoint. The
+    input model is not changed. Do not run the result before saving it (see `save_quantized`).
+    """
+    skipped = plan_skips(model, config, keep_modules)
+    layers = linear_layers(model)
+    quantized_names = [name for name in layers if name not in skipped]
+    if not quantized_names:
+        raise QuantizationError(
+            f"no linear layer of {type(model).__name__} can be quantized to {config.method}: "
+            + "; ".join(f"{name}: {reason}" for name, reason in list(skipped.items())[:3])
+        )
+    for name, reason in skipped.items():
+        logger.info("quantize: %s stays in full precision (%s)", name, reason)
+    logger.info("quantize: %d linear layers to %s, %d kept in full precision",
+                len(quantized_names), config.method, len(skipped))
+    bnb_config = config.to_bnb_config(skip_modules=sorted(skipped))
+    with tempfile.TemporaryDirectory(prefix="hf-modelopt-quantize-", dir=work_dir) as scratch:
+        model.save_pretrained(scratch)
+        quantized = type(model).from_pretrained(scratch, quantization_config=bnb_config)
+    quantized.eval()
+    # The scratch folder is gone: a name that points nowhere must not end up in saved configs and adapters.
+    quantized.config._name_or_path = getattr(model.config, "_name_or_path", "")
+    report = QuantizationReport(
+        method=config.method, quantized=quantized_names, skipped=skipped,
+        footprint_bytes=quantized.get_memory_footprint(), reference_footprint_bytes=model.get_memory_footprint(),
+    )
+    return quantized, report
+
+
+def repacked_layers(model) -> list[str]:
+    """Names of 4-bit layers whose weights bitsandbytes repacked in place for its CPU kernel (after a forward)."""
+    names = []
+    for name, module in model.named_modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            names.append(name)
+    return names
+
+
+def check_savable(model) -> None:
+    """Refuse to save a model whose 4-bit weights were repacked by a CPU forward pass: it would reload as garbage."""
+    repacked = repacked_layers(model)
+    if repacked:
+        raise QuantizationError(
+            f"{len(repacked)} 4-bit layers (first: {repacked[0]}) were repacked in place by a CPU forward pass; "
+            "bitsandbytes cannot save them faithfully. Save the quantized model before running it "
+            "(hf_modelopt.quant.save_quantized right after quantize), or quantize again and save first."
+        )
+
+
+def save_quantized(model, folder: str | Path, tokenizer=None) -> Path:
+    """Save a quantized model (safetensors) and its tokenizer; refuses a model that ran on CPU (see above)."""
+    check_savable(model)
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder

@@ -1,0 +1,107 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from hf_modelopt.export.verify import probe_batch, probe_logits, verify_reload
+from hf_modelopt.quant.bnb import (
+    QuantizationError,
+    check_savable,
+    kernel_rejects,
+    plan_skips,
+    quantize,
+    repacked_layers,
+    save_quantized,
+)
+from hf_modelopt.quant.config import QuantizationConfig
+
+
+@pytest.mark.parametrize("method,double_quant", [("int8", False), ("nf4", False), ("nf4", True), ("fp4", False)])
+def test_quantized_model_saves_and_reloads_with_equal_logits(wide_tiny_models, tmp_path, method, double_quant):
+    folder = wide_tiny_models("llama", "causal-lm")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    quantized, report = quantize(model, QuantizationConfig(method=method, double_quant=double_quant))
+    assert report.quantized and "lm_head" in report.skipped
+    assert report.footprint_bytes < report.reference_footprint_bytes
+    save_quantized(quantized, tmp_path / "q", tokenizer)
+    batch = probe_batch(tokenizer)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    expected = "Linear8bitLt" if method == "int8" else "Linear4bit"
+    assert type(reloaded.model.layers[0].mlp.down_proj).__name__ == expected
+    assert torch.allclose(probe_logits(reloaded, batch), probe_logits(quantized, batch), atol=1e-4, rtol=1e-4)
+    # The input model is untouched: still full precision.
+    assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear
+
+
+def test_quantized_model_reloads_in_a_fresh_process(wide_tiny_models, tmp_path):
+    folder = wide_tiny_models("llama", "causal-lm")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    quantized, _ = quantize(AutoModelForCausalLM.from_pretrained(folder), QuantizationConfig(method="fp4"))
+    save_quantized(quantized, tmp_path / "q", tokenizer)
+    assert verify_reload(tmp_path / "q", quantized, tokenizer, "causal-lm").max_abs_diff <= 1e-4
+
+
+def test_gpt2_conv1d_layers_are_quantized(wide_tiny_models):
+    model = AutoModelForCausalLM.from_pretrained(wide_tiny_models("gpt2", "causal-lm"))
+    _, report = quantize(model, QuantizationConfig(method="nf4"))
+    assert "transformer.h.0.mlp.c_fc" in report.quantized
+
+
+def test_kernel_shape_rules():
+    assert kernel_rejects(384, 2, "nf4").startswith("4-bit CPU kernel needs out_features divisible by 32")
+    assert "in_features divisible by 64" in kernel_rejects(32, 64, "fp4")
+    assert kernel_rejects(64, 96, "nf4") is None
+    assert kernel_rejects(32, 2, "int8") is None
+
+
+def test_classifier_head_is_skipped_for_4bit_only(wide_tiny_models):
+    model = AutoModelForSequenceClassification.from_pretrained(wide_tiny_models("bert"))
+    nf4_skips = plan_skips(model, QuantizationConfig(method="nf4"))
+    assert "out_features divisible by 32, got 2" in nf4_skips["classifier"]
+    # transformers keeps the last module in full precision by default; int8 kernels take any shape.
+    assert "divisible" not in plan_skips(model, QuantizationConfig(method="int8")).get("classifier", "")
+    skips = plan_skips(model, QuantizationConfig(method="nf4", skip_modules=["attention.self.query"]),
+                       keep_modules=["bert.encoder.layer.1"])
+    assert skips["bert.encoder.layer.0.attention.self.query"] == "skip_modules"
+    assert skips["bert.encoder.layer.1.output.dense"].startswith("sensitivity scan")
+    assert "bert.encoder.layer.0.output.dense" not in skips
+
+    quantized, report = quantize(model, QuantizationConfig(method="nf4"))
+    assert type(quantized.classifier) is torch.nn.Linear  # would crash the CPU kernel as Linear4bit
+    tokenizer = AutoTokenizer.from_pretrained(wide_tiny_models("bert"))
+    assert probe_logits(quantized, probe_batch(tokenizer)).shape[-1] == 2
+
+
+def test_model_without_any_quantizable_layer_is_refused(tiny_models):
+    # 32 features: too narrow for the 4-bit CPU kernels, except mlp.down_proj (64 in, 32 out), skipped by name.
+    model = AutoModelForCausalLM.from_pretrained(tiny_models("llama", "causal-lm"))
+    with pytest.raises(QuantizationError, match="no linear layer of LlamaForCausalLM can be quantized to nf4"):
+        quantize(model, QuantizationConfig(method="nf4", skip_modules=["mlp.down_proj"]))
+
+
+def test_a_4bit_model_that_ran_on_cpu_cannot_be_saved(wide_tiny_models, tmp_path):
+    from hf_modelopt.pipeline import save_model_state
+    from hf_modelopt.stages import ModelState
+
+    folder = wide_tiny_models("llama", "causal-lm")
+    quantized, _ = quantize(AutoModelForCausalLM.from_pretrained(folder), QuantizationConfig(method="nf4"))
+    check_savable(quantized)  # fresh: fine
+    probe_logits(quantized, probe_batch(AutoTokenizer.from_pretrained(folder)))
+    if not repacked_layers(quantized):
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not repack 4-bit weights here")
+    with pytest.raises(QuantizationError, match="repacked in place by a CPU forward pass"):
+        save_quantized(quantized, tmp_path / "q")
+    with pytest.raises(QuantizationError, match="repacked"):
+        save_model_state(ModelState(model=quantized), tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+
+
+def test_bnb_config_mapping():
+    config = QuantizationConfig(method="fp4", double_quant=True, compute_dtype="bfloat16", skip_modules=["x"])
+    bnb = config.to_bnb_config()
+    assert bnb.load_in_4bit and bnb.bnb_4bit_quant_type == "fp4" and bnb.bnb_4bit_use_double_quant
+    assert bnb.bnb_4bit_compute_dtype == torch.bfloat16 and bnb.llm_int8_skip_modules == ["x"]
+    int8 = QuantizationConfig(method="int8", int8_threshold=4.0).to_bnb_config(skip_modules=["lm_head"])
+    assert int8.load_in_8bit and int8.llm_int8_threshold == 4.0 and int8.llm_int8_skip_modules == ["lm_head"]
+    with pytest.raises(ValueError, match="double_quant is a 4-bit option"):
+        QuantizationConfig(method="int8", double_quant=True)
