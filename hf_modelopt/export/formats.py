@@ -49,7 +49,17 @@ def _is_hf_modelopt(folder: Path) -> bool:
     return _config(folder).get("quantization_config", {}).get("quant_method") == "hf_modelopt"
 
 
+def _is_base_with_adapter(folder: Path) -> bool:
+    return (folder / "adapter_config.json").is_file() and (folder / "config.json").is_file()
+
+
 EXPORT_FORMATS: list[ExportFormat] = [
+    # Base weights and adapters in one folder (the quantize stage's KD recovery): transformers loads the base
+    # from the folder itself and attaches the adapters; peft's AutoPeftModel would fetch the adapter config's
+    # original base instead.
+    ExportFormat("base-with-adapter", "transformers", _is_base_with_adapter,
+                 "a (bitsandbytes-quantized) base model with peft LoRA adapters in the same folder; transformers "
+                 "loads both (needs peft installed)"),
     ExportFormat("peft-adapter", "peft", lambda folder: (folder / "adapter_config.json").is_file(),
                  "a peft adapter over the base model named in adapter_config.json"),
     ExportFormat("hf-modelopt", "hf_modelopt", _is_hf_modelopt,
