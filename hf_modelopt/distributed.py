@@ -38,16 +38,16 @@ def init_distributed() -> None:
     from accelerate import PartialState
 
     state = PartialState(cpu=not torch.cuda.is_available())
-    requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and "FSDP" or (
-        os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and "DeepSpeed") or None
     if not is_main_process():
         logger.setLevel(logging.WARNING)  # one process tells the story
-    if is_main_process():
-        logger.info("distributed: %d processes, %s (backend %s)", state.num_processes, state.distributed_type.value,
-                    state.backend)
-        if requested and not torch.cuda.is_available():
-            logger.warning("distributed: %s was requested but there is no GPU: accelerate runs plain data "
-                           "parallel (DDP) on CPU instead; every process holds the whole model", requested)
+        return
+    logger.info("distributed: %d processes, %s (backend %s)", state.num_processes, state.distributed_type.value,
+                state.backend)
+    requested = [name for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+                 if os.environ.get(variable, "false").lower() == "true"]
+    if requested and not torch.cuda.is_available():
+        logger.warning("distributed: %s was requested but there is no GPU: accelerate runs plain data parallel "
+                       "(DDP) on CPU instead; every process holds the whole model", requested[0])
 
 
 def use_cpu() -> bool:

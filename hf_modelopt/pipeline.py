@@ -309,6 +309,7 @@ def run_recipe(recipe: Recipe, output_dir: str | os.PathLike, *, resume: bool = 
                 if spec.cacheable:
                     context.stage_dir.mkdir(parents=True, exist_ok=True)
                     (context.stage_dir / ATTEMPT_RECORD).write_text(json.dumps({"fingerprint": stage_fp}))
+                    wait_for_everyone()  # the shared checkpoint folder is cleared before any process trains
                 logger.info("Stage '%s' (%s) starting", stage.name, stage.type)
                 started = time.perf_counter()
                 state.metrics = None

@@ -85,6 +85,12 @@ class StageContext:
         if self.shared_stage_dir is None:
             self.shared_stage_dir = self.stage_dir
 
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Trainer checkpoints of this stage, one folder for every process: Trainer writes the weights from the
+        main process and each process's RNG state there, and reads them all back on resume."""
+        return self.shared_stage_dir / "checkpoints"
+
 
 @dataclass(frozen=True)
 class StageSpec:

@@ -87,7 +87,8 @@ def train_and_record(trainer, context: StageContext):
         saved = last_checkpoint(Path(trainer.args.output_dir))
         raise RunInterrupted(signum, context.stage_name, str(saved) if saved else None, trainer.state.global_step)
     checkpoints = Path(trainer.args.output_dir)
-    if checkpoints.is_dir() and not any(checkpoints.iterdir()):  # no checkpoint was saved: no empty folder
+    # No checkpoint was saved: no empty folder (removed by one process: the folder is shared by all).
+    if trainer.is_world_process_zero() and checkpoints.is_dir() and not any(checkpoints.iterdir()):
         checkpoints.rmdir()
     (context.stage_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
     logger.info("%s: trained %d steps in %.0f s (train loss %.4f)", context.stage_name,
@@ -129,7 +130,7 @@ def train_with_task_loss(model, tokenizer, stage_training: dict[str, Any], conte
     from transformers import Trainer
 
     recipe = context.recipe
-    args = training_arguments(recipe, stage_training, context.stage_dir / "checkpoints")
+    args = training_arguments(recipe, stage_training, context.checkpoint_dir)
     train, evaluation, collator = training_data(recipe, tokenizer)
     trainer = Trainer(
         model=model,

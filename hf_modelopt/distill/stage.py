@@ -86,7 +86,7 @@ def train_with_distillation(teacher, student, tokenizer, config: KnowledgeDistil
     train, evaluation, collator = training_data(recipe, tokenizer, raw_train=raw_train)
     train = train.add_column("example_index", list(range(len(train))))
     args = training_arguments(recipe, {**stage_training, "remove_unused_columns": False},
-                              context.stage_dir / "checkpoints")
+                              context.checkpoint_dir)
     teacher_for_trainer = teacher
     if config.cache_teacher_logits:
         from ..distributed import is_main_process, wait_for_everyone

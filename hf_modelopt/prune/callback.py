@@ -78,7 +78,8 @@ class PruningCallback(TrainerCallback):
         from safetensors.torch import save_file
 
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if os.path.isdir(folder) and self.masks:
+        # The masks are the same in every process; the main one writes them, beside the weights it wrote.
+        if state.is_world_process_zero and os.path.isdir(folder) and self.masks:
             tensors = {f"mask.{n}": m.cpu().contiguous() for n, m in self.masks.items()}
             tensors.update({f"movement.{n}": (s.full_tensor() if is_sharded(s) else s).cpu().contiguous()
                             for n, s in self.movement.items()})

@@ -60,7 +60,7 @@ def _recover(quantized, teacher, tokenizer, config: QuantizationConfig, context:
     adapted = add_lora_adapters(quantized, config.recovery, base_model_name_or_path=recipe.model.name_or_path)
     train, _, collator = training_data(recipe, tokenizer)
     args = training_arguments(recipe, {**config.recovery.training, "remove_unused_columns": False,
-                                       "eval_strategy": "no"}, context.stage_dir / "checkpoints")
+                                       "eval_strategy": "no"}, context.checkpoint_dir)
     trainer = recover_with_distillation(adapted, teacher, args, train, collator, tokenizer, config.recovery)
     train_and_record(trainer, context)
     adapted = trainer.model.eval()
