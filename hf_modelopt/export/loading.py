@@ -1,6 +1,6 @@
 """Loading hf-modelopt's own formats with plain `from_pretrained`, after `import hf_modelopt`.
 
-Two things plain transformers cannot express are written into `config.json` as a
+Three things plain transformers cannot express are written into `config.json` as a
 `quantization_config` with `quant_method: "hf_modelopt"`, and read back by the quantizer registered
 here through transformers' own extension points (`register_quantization_config`, `register_quantizer`):
 
@@ -8,6 +8,9 @@ here through transformers' own extension points (`register_quantization_config`,
   one dimension) plus a bit per position (`W.weight_bitmask`, packed uint8, row-major). They are
   decompressed to dense tensors while loading; the loaded model is a plain model (the config entry is
   dropped), so it trains and saves like any other.
+- `weight_format: "groupwise"` (with `group_size`): Linear and embedding weights stored as 8-bit or NF4 codes
+  (`W.weight`) with one fp16 scale per group (`W.weight_scale`), see `quant/storage.py`; dequantized to
+  full precision while loading, like the bitmask (the two combine: the kept values are quantized).
 - `layer_shapes: {module: [out, in]}`: Linear layers made smaller by structured pruning where the
   architecture's config cannot say so (BERT derives the head size from hidden_size / num_attention_heads,
   so a layer with fewer heads has no config field). Those modules are rebuilt at the recorded shape before
@@ -111,6 +114,26 @@ def decompress_weight(values, packed, shape):
     return dense
 
 
+def decode_weight(stored, scale, packed, shape, group_size: int | None):
+    """A weight as stored in the `hf_modelopt` formats, back to a dense tensor of `shape`.
+
+    `stored` holds every value (dense) or the kept values (with the `packed` bitmask), in full precision or
+    as group-wise codes with their `scale`s (`quant/storage.py`).
+    """
+    numel = 1
+    for size in shape:
+        numel *= size
+    if packed is not None:
+        numel = int(unpack_bitmask(packed, shape).sum())
+    if scale is not None:
+        from ..quant.storage import dequantize_groups
+
+        stored = dequantize_groups(stored, scale, numel, group_size)
+    if packed is not None:
+        return decompress_weight(stored, packed, shape)
+    return stored.reshape(tuple(shape))
+
+
 def _config_class():
     from transformers.utils.quantization_config import QuantizationConfigMixin
 
@@ -118,9 +141,12 @@ def _config_class():
         """`quantization_config` of models saved in an hf-modelopt format (see the module docstring)."""
 
         def __init__(self, sparse_format: str | None = None, layer_shapes: dict | None = None,
-                     attention_heads: dict | None = None, **kwargs):
+                     attention_heads: dict | None = None, weight_format: str | None = None,
+                     group_size: int | None = None, **kwargs):
             self.quant_method = QUANT_METHOD
             self.sparse_format = sparse_format
+            self.weight_format = weight_format
+            self.group_size = group_size
             self.layer_shapes = layer_shapes or {}
             self.attention_heads = attention_heads or {}
 
@@ -138,32 +164,35 @@ def _quantizer_class():
     from transformers.quantizers.base import HfQuantizer
     from transformers.quantizers.quantizers_utils import get_module_from_name
 
-    class BitmaskDecompress(ConversionOps):
+    class Decompress(ConversionOps):
         def __init__(self, hf_quantizer):
             self.hf_quantizer = hf_quantizer
 
         def convert(self, input_dict, model=None, full_layer_name=None, **kwargs):
             tensors = {k: v[0] if isinstance(v, list) else v for k, v in input_dict.items()}
             packed = next((v for k, v in tensors.items() if k.endswith("weight_bitmask")), None)
-            values = next(v for k, v in tensors.items() if not k.endswith("weight_bitmask"))
-            if packed is None:  # a tensor stored dense (embeddings, norms, unpruned layers)
-                return {"weight": values}
+            scale = next((v for k, v in tensors.items() if k.endswith("weight_scale")), None)
+            stored = next(v for k, v in tensors.items() if not k.endswith(("weight_bitmask", "weight_scale")))
+            if packed is None and scale is None:  # a tensor stored as it is (norms, biases, unpruned layers)
+                return {"weight": stored}
             module, _ = get_module_from_name(model, full_layer_name)
-            return {"weight": decompress_weight(values, packed, module.weight.shape).to(module.weight.dtype)}
+            group_size = self.hf_quantizer.quantization_config.group_size
+            weight = decode_weight(stored, scale, packed, module.weight.shape, group_size)
+            return {"weight": weight.to(module.weight.dtype)}
 
     class HfModelOptQuantizer(HfQuantizer):
         """Reads hf-modelopt formats at load time; quantizes nothing."""
 
         requires_calibration = False
-        serialized_names = {"weight": ["weight", "weight_bitmask"]}
+        serialized_names = {"weight": ["weight", "weight_bitmask", "weight_scale"]}
 
         def validate_environment(self, *args, **kwargs):
             return
 
         def get_load_operations(self):
-            if not self.quantization_config.sparse_format:
+            if not (self.quantization_config.sparse_format or self.quantization_config.weight_format):
                 return {}
-            return {"deserialize": BitmaskDecompress, "dequantize": BitmaskDecompress}
+            return {"deserialize": Decompress, "dequantize": Decompress}
 
         def _process_model_before_weight_loading(self, model, **kwargs):
             from ..prune.structured import resize_linear_
@@ -173,6 +202,11 @@ def _quantizer_class():
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
+            # The weights are dense full-precision tensors now; what stays in the config (layer shapes) must
+            # not claim a compressed storage when the model is saved again.
+            self.quantization_config.sparse_format = None
+            self.quantization_config.weight_format = None
+            self.quantization_config.group_size = None
             return model
 
         def is_serializable(self, *args, **kwargs):

@@ -45,7 +45,7 @@ def save_sparse(model, folder, tokenizer=None) -> list[str]:
     state, compressed = sparse_state_dict(model)
     original = getattr(model.config, "quantization_config", None)
     model.config.quantization_config = {"quant_method": QUANT_METHOD, "sparse_format": "bitmask",
-                                        **_structured_entries(original)}
+                                        **structured_entries(original)}
     try:
         model.save_pretrained(folder, state_dict=state)
     finally:
@@ -58,7 +58,7 @@ def save_sparse(model, folder, tokenizer=None) -> list[str]:
     return compressed
 
 
-def _structured_entries(original) -> dict:
+def structured_entries(original) -> dict:
     """Keep the layer shapes of a structurally pruned model when it is also saved sparse."""
     if original is None:
         return {}

@@ -153,3 +153,37 @@ class QuantizationConfig(StageConfig):
             if part is not None and not has_split(recipe.data, "train"):
                 raise RecipeError(recipe.source, f"stages[{index}].{key}",
                                   "needs training data (calibration text): set data.train_file or data.dataset")
+
+
+class StorageQuantizationConfig(StageConfig):
+    """Store the weights in 8 or 4 bits on disk (group-wise int8 / NF4 codes with fp16 scales); they load back
+    as a full-precision model (`quant/storage.py`). The download shrinks while speed and run-time memory stay
+    those of full precision: the fast choice on CPU, where bitsandbytes kernels are slower than fp32.
+
+    The model the next stages get is the dequantized one, so evaluations measure what users load.
+    """
+
+    linear_bits: Literal[4, 8] | None = Field(8, description="Bits per Linear weight (8: int8, 4: NF4); "
+                                              "null keeps them in full precision.")
+    embedding_bits: Literal[4, 8] | None = Field(8, description="Bits per embedding weight (the vocabulary matrix "
+                                                 "is most of a small model's size); null keeps them.")
+    group_size: int = Field(64, gt=0, description="Consecutive values sharing one fp16 scale (16 bits per group).")
+    skip_modules: list[str] = Field(
+        default_factory=lambda: ["classifier", "score"],
+        description="Modules stored in full precision: full names or name suffixes. The default keeps "
+        "classification heads, a few thousand weights whose rounding would move every prediction.",
+    )
+    verify: bool = Field(True, description="Reload the saved folder in a fresh process and require the logits of "
+                         "the dequantized model before succeeding.")
+
+    @model_validator(mode="after")
+    def _something_to_store(self):
+        if self.linear_bits is None and self.embedding_bits is None:
+            raise ValueError("linear_bits and embedding_bits are both null: nothing to quantize")
+        return self
+
+    def check_after(self, earlier) -> None:
+        for stage in earlier:
+            if stage.type == "quantize":
+                raise ValueError(f"stage '{stage.name}' before it already quantized the model with bitsandbytes: "
+                                 "its integer weights cannot be stored again; keep one of the two stages")

@@ -7,7 +7,7 @@ import json
 import logging
 
 from ..stages import ModelState, StageContext, register_stage
-from .config import QuantizationConfig
+from .config import QuantizationConfig, StorageQuantizationConfig
 
 logger = logging.getLogger("hf_modelopt")
 
@@ -117,3 +117,39 @@ def quantize_stage(state: ModelState, config: QuantizationConfig, context: Stage
                 config.method, metrics["footprint_mb"], metrics["footprint_ratio"], metrics["skipped_layers"])
     # No model in memory: later stages load the saved folder, so nothing repacked can ever be saved again.
     return ModelState(path=folder, tokenizer=tokenizer, metrics=metrics)
+
+
+@register_stage("quantize_storage", StorageQuantizationConfig)
+def quantize_storage_stage(state: ModelState, config: StorageQuantizationConfig,
+                           context: StageContext) -> ModelState:
+    from ..distributed import is_main_process
+    from ..export.sparse import weights_size_on_disk
+    from ..export.verify import verify_reload
+    from ..modeling import ensure_loaded
+    from ..pipeline import MODEL_SUBDIR
+    from .storage import dequantize_in_place_, save_with_quantized_storage
+
+    ensure_loaded(state, context.recipe)
+    model, tokenizer = state.model.eval(), state.tokenizer
+    options = dict(linear_bits=config.linear_bits, embedding_bits=config.embedding_bits,
+                   group_size=config.group_size, skip=tuple(config.skip_modules))
+    full_precision_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    folder = context.stage_dir / MODEL_SUBDIR
+    report = save_with_quantized_storage(model, folder, tokenizer, **options) if is_main_process() else None
+    dequantize_in_place_(model, **options)  # what `from_pretrained` gives back, for the next stages
+    metrics = {"linear_bits": config.linear_bits, "embedding_bits": config.embedding_bits}
+    if report is not None:
+        stored = weights_size_on_disk(folder)
+        metrics.update(full_precision_mb=round(full_precision_bytes / 1e6, 2), stored_mb=round(stored / 1e6, 2),
+                       stored_ratio=round(stored / full_precision_bytes, 4))
+        summary = {"method": "storage", **options, "skip": list(options.pop("skip")), **report.to_dict(),
+                   "metrics": metrics}
+        for target in (context.stage_dir, folder):
+            (target / REPORT_FILE).write_text(json.dumps(summary, indent=2))
+        if config.verify:
+            check = verify_reload(folder, model, tokenizer, context.recipe.task)
+            metrics["reload_max_abs_diff"] = check.max_abs_diff
+        logger.info("quantize_storage: %d weights stored quantized (%s), %.1f MB on disk (%.2f x full precision); "
+                    "they load back in full precision after `import hf_modelopt`", len(report.formats),
+                    ", ".join(sorted(set(report.formats.values()))), metrics["stored_mb"], metrics["stored_ratio"])
+    return ModelState(model=model, tokenizer=tokenizer, path=folder, metrics=metrics)
