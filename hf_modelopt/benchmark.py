@@ -1,13 +1,25 @@
-"""Side-by-side CPU/GPU latency of models, measured in one process so that ratios are fair.
+"""`hf-modelopt bench`: models side by side, measured in one process so that ratios are fair.
 
-Runs are interleaved (model A, model B, model A, ...) so that machine noise hits every model alike; the
-median over `repeats` timed runs is reported, after `warmup` untimed ones.
+For every model: the recipe's metric (accuracy or perplexity on its evaluation data), parameters, weights
+on disk, peak memory, and latency and throughput at batch 1 and 32. Latency runs are interleaved
+(model A, model B, model A, ...) so that machine noise hits every model alike; the median over `repeats`
+timed runs is reported, after `warmup` untimed ones. Peak memory is the one figure measured elsewhere: in
+a fresh process per model (the peak resident memory of loading it and running one batch, over a process
+that has only imported the libraries), since a process's peak cannot be taken apart per model.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 
 def random_batch(model, batch_size: int, seq_len: int, seed: int = 0) -> dict:
@@ -58,3 +70,247 @@ def format_latency_table(results: dict[str, dict[str, float]]) -> str:
         lines.append(f"{name:<40} {r['latency_ms']:>11.1f} {r['sequences_per_s']:>9.1f} "
                      f"{reference / r['latency_ms']:>8.2f}x")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the full benchmark
+
+
+@dataclass
+class Candidate:
+    """One model of a benchmark.
+
+    `load()` builds it in this process. `memory_loader` tells the peak-memory child process how to build
+    it: a folder (loaded as its export format says), or `FILE.py:FUNCTION` called with `memory_argument`.
+    """
+
+    name: str
+    load: Callable[[], Any]
+    tokenizer: Any = None
+    size_bytes: int | None = None
+    memory_loader: str | None = None
+    memory_argument: str = ""
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def folder_candidate(path, task: str, name: str | None = None) -> Candidate:
+    """A saved model (an export folder, a stage's `model/` folder, a Hub id in the cache) as a candidate."""
+    from .export.measure import weights_size
+
+    path = str(path)
+
+    def load():
+        if os.path.isdir(path):
+            from .export.formats import load_exported
+
+            return load_exported(path, task)
+        import transformers
+
+        from .export.formats import TASK_CLASSES
+
+        return getattr(transformers, TASK_CLASSES[task]).from_pretrained(path)
+
+    size = weights_size(path) if os.path.isdir(path) else None
+    return Candidate(name or path, load, tokenizer=_tokenizer(path), size_bytes=size, memory_loader=path)
+
+
+def _tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):  # a folder without a tokenizer: the recipe's model's tokenizer is used
+        return None
+
+
+def _status_kb(field_name: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _load_for_memory(loader: str, argument: str, task: str):
+    if os.path.isdir(loader) or ":" not in loader:
+        return folder_candidate(loader, task).load()
+    import importlib.util
+
+    file, function = loader.rsplit(":", 1)
+    spec = importlib.util.spec_from_file_location("hf_modelopt_bench_builder", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, function)(argument)
+
+
+def _peak_memory_main(argv: list[str]) -> None:
+    """Child process: print the peak resident memory (MB) of loading one model and running one forward."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    for name in ("loader", "argument", "task"):
+        parser.add_argument(name)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    import torch
+    import transformers  # noqa: F401  (the libraries count in the baseline, not in the model's memory)
+
+    import hf_modelopt  # noqa: F401
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    baseline = _status_kb("VmRSS")
+    model = _load_for_memory(args.loader, args.argument, args.task).eval()
+    with torch.inference_mode():
+        model(**random_batch(model, args.batch_size, args.seq_len))
+    peak = _status_kb("VmHWM")
+    if peak is None or baseline is None:  # not Linux: ru_maxrss (kB on Linux, bytes on macOS) has no baseline
+        import resource
+
+        peak, baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // (1024 if sys.platform == "darwin"
+                                                                                  else 1), 0
+    print(json.dumps({"peak_mb": (peak - baseline) / 1024}))
+
+
+def peak_memory_mb(candidate: Candidate, task: str, batch_size: int, seq_len: int) -> float | None:
+    """Peak memory of `candidate` (MB) measured in a fresh process; `None` when it cannot be rebuilt there."""
+    if candidate.memory_loader is None:
+        return None
+    import torch
+
+    command = [sys.executable, "-m", "hf_modelopt.benchmark", candidate.memory_loader, candidate.memory_argument or "-",
+               task, "--batch-size", str(batch_size), "--seq-len", str(seq_len),
+               "--threads", str(torch.get_num_threads())]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"peak memory of {candidate.name}: the measuring process failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+def run_benchmark(candidates: list[Candidate], recipe=None, batch_sizes=(1, 32), seq_len: int = 64,
+                  repeats: int = 20, warmup: int = 3, memory: bool = True) -> dict:
+    """Measure every candidate (see the module docstring); the first is the reference of every ratio."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .export.measure import cpu_name, parameter_count
+
+    task = recipe.task if recipe is not None else "text-classification"
+    models, rows = {}, []
+    for candidate in tqdm(candidates, desc="bench: loading and evaluating", unit="model"):
+        model = candidate.load().eval()
+        models[candidate.name] = model
+        row = {"name": candidate.name, "parameters": parameter_count(model), "size_mb": _mb(candidate.size_bytes),
+               "notes": candidate.notes, **candidate.extra}
+        if recipe is not None:
+            from .metrics import evaluate_model
+            from .modeling import load_tokenizer
+
+            tokenizer = candidate.tokenizer or load_tokenizer(recipe.model)
+            row["metrics"] = evaluate_model(model, tokenizer, recipe)
+        if memory:
+            row["peak_memory_mb"] = peak_memory_mb(candidate, task, max(batch_sizes), seq_len)
+        rows.append(row)
+    for batch_size in batch_sizes:
+        timings = compare_latency(models, batch_size, seq_len, repeats, warmup)
+        for row in rows:
+            timing = timings[row["name"]]
+            row.setdefault("latency_ms", {})[str(batch_size)] = timing["latency_ms"]
+            row.setdefault("sequences_per_s", {})[str(batch_size)] = timing["sequences_per_s"]
+    metric = _main_metric(rows)
+    return {"setup": {"task": task, "metric": metric, "batch_sizes": list(batch_sizes), "seq_len": seq_len,
+                      "repeats": repeats, "warmup": warmup, "threads": torch.get_num_threads(), "cpu": cpu_name(),
+                      "device": "cpu", "torch": torch.__version__,
+                      "recipe": None if recipe is None else str(recipe.source)},
+            "models": rows}
+
+
+def _mb(size: int | None) -> float | None:
+    return None if size is None else size / 1e6
+
+
+def _main_metric(rows: list[dict]) -> str | None:
+    names = rows[0].get("metrics", {}) if rows else {}
+    return next((m for m in ("accuracy", "perplexity") if m in names), None)
+
+
+def format_benchmark(result: dict) -> str:
+    """The Markdown table of `run_benchmark`'s result (ratios against the first model)."""
+    setup, rows = result["setup"], result["models"]
+    metric, reference = setup["metric"], rows[0]
+    big = str(max(setup["batch_sizes"]))
+
+    def ratio(value, base, inverse=False):
+        if value is None or base is None or not value:
+            return "n/a"
+        return f"{(base / value) if inverse else (value / base):.2f}×"
+
+    header = ["model"] + ([metric] if metric else []) + [
+        "parameters", "weights on disk (MB)", "smaller", f"peak memory (MB, batch {big})"]
+    header += [f"latency ms (batch {b})" for b in setup["batch_sizes"]]
+    header += [f"seq/s (batch {b})" for b in setup["batch_sizes"]] + [f"faster (batch {big})"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["name"]]
+        if metric:
+            value = row["metrics"][metric]
+            base = reference["metrics"][metric]
+            cells.append(f"{value:.4f} ({100 * value / base:.1f} %)" if metric == "accuracy" else f"{value:.2f}")
+        size = row["size_mb"]
+        peak = row.get("peak_memory_mb")
+        cells += [f"{row['parameters'] / 1e6:.1f} M", "n/a" if size is None else f"{size:.1f}",
+                  ratio(size, reference["size_mb"], inverse=True), "n/a" if peak is None else f"{peak:.0f}"]
+        cells += [f"{row['latency_ms'][str(b)]:.1f}" for b in setup["batch_sizes"]]
+        cells += [f"{row['sequences_per_s'][str(b)]:.1f}" for b in setup["batch_sizes"]]
+        cells.append(ratio(row["latency_ms"][big], reference["latency_ms"][big], inverse=True))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"{setup['device']}: {setup['cpu']}, {setup['threads']} threads, torch {setup['torch']}; sequences "
+                 f"of {setup['seq_len']} tokens; latency is the median of {setup['repeats']} interleaved runs after "
+                 f"{setup['warmup']} warm-up runs; ratios against the first row.")
+    notes = [f"- {row['name']}: {row['notes']}" for row in rows if row.get("notes")]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def write_benchmark(result: dict, output_dir) -> list[Path]:
+    """bench.json, bench.md and, with a metric, accuracy_vs_latency.png and accuracy_vs_size.png."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written = [output_dir / "bench.json", output_dir / "bench.md"]
+    written[0].write_text(json.dumps(result, indent=2))
+    written[1].write_text(format_benchmark(result))
+    metric = result["setup"]["metric"]
+    if metric is None:
+        return written
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["models"]
+    big = str(max(result["setup"]["batch_sizes"]))
+    for x_key, label, file in ((lambda r: r["latency_ms"][big], f"latency (ms, batch {big})", "accuracy_vs_latency"),
+                               (lambda r: r["size_mb"], "weights on disk (MB)", "accuracy_vs_size")):
+        points = [(x_key(r), r["metrics"][metric], r["name"]) for r in rows if x_key(r) is not None]
+        figure, axis = plt.subplots(figsize=(6.5, 4.5))
+        for x, y, name in points:
+            axis.scatter(x, y)
+            axis.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        axis.set_xlabel(label)
+        axis.set_ylabel(metric)
+        axis.set_xscale("log")
+        axis.grid(alpha=0.3)
+        figure.tight_layout()
+        path = output_dir / f"{metric}_vs_{file.split('_vs_')[1]}.png"
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    _peak_memory_main(sys.argv[1:])

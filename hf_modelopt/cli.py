@@ -61,11 +61,18 @@ def make_parser() -> argparse.ArgumentParser:
     inspect.add_argument("model", help="model folder or Hub id")
     inspect.add_argument("--gguf-file", help="GGUF file inside the folder or repository")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    bench = commands.add_parser("bench", help="latency of models side by side (speed-up vs the first)")
-    bench.add_argument("models", nargs="+", help="model folders or Hub ids; the first is the reference")
-    bench.add_argument("--batch-size", type=int, default=32)
+    bench = commands.add_parser(
+        "bench", help="models side by side: metric, parameters, size on disk, peak memory, latency, throughput")
+    bench.add_argument("models", nargs="+", help="model folders (exports, stage outputs) or Hub ids; the first is "
+                       "the reference of every ratio")
+    bench.add_argument("--recipe", help="measure the metric of this recipe's task on its evaluation data")
+    bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a recipe value (repeatable)")
+    bench.add_argument("--output-dir", help="write bench.json, bench.md and the plots (metric vs latency and size)")
+    bench.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     bench.add_argument("--seq-len", type=int, default=64)
-    bench.add_argument("--repeats", type=int, default=20, help="timed runs per model (median reported)")
+    bench.add_argument("--repeats", type=int, default=20, help="timed runs per model and batch size (median)")
+    bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
     push = commands.add_parser("push", help="upload a verified export folder to the Hugging Face Hub")
     push.add_argument("folder", help="an export folder (OUTPUT of `hf-modelopt run`)")
@@ -85,11 +92,23 @@ def _load_any(path: str, **kwargs):
 
 
 def _bench(args) -> int:
-    from .benchmark import compare_latency, format_latency_table
+    from .benchmark import folder_candidate, format_benchmark, run_benchmark, write_benchmark
 
-    models = {path: _load_any(path) for path in args.models}
-    results = compare_latency(models, args.batch_size, args.seq_len, args.repeats)
-    print(json.dumps(results, indent=2) if args.json else format_latency_table(results))
+    recipe = None
+    if args.recipe:
+        from .pipeline import preflight
+        from .recipe import load_recipe
+
+        recipe = load_recipe(args.recipe, args.overrides)
+        preflight(recipe)
+    task = recipe.task if recipe is not None else "text-classification"
+    candidates = [folder_candidate(path, task) for path in args.models]
+    result = run_benchmark(candidates, recipe, tuple(args.batch_sizes), args.seq_len, args.repeats,
+                           memory=not args.no_memory)
+    if args.output_dir:
+        for path in write_benchmark(result, args.output_dir):
+            logger.info("bench: wrote %s", path)
+    print(json.dumps(result, indent=2) if args.json else format_benchmark(result))
     return 0
 
 

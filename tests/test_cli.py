@@ -80,10 +80,22 @@ def test_run_recipe_script_is_the_same_entry_point(tmp_path):
     assert result.returncode == 2 and "recipe file not found" in result.stderr
 
 
-def test_bench_compares_models_side_by_side(tiny_models):
+def test_bench_measures_models_side_by_side(tiny_models, sst2_files, tmp_path):
     bert, distilbert = tiny_models("bert"), tiny_models("distilbert")
-    out = hf_modelopt("bench", bert, distilbert, "--repeats", "3", "--batch-size", "2", "--json").stdout
+    recipe = write_recipe(tmp_path / "tiny.yaml", tiny_recipe(bert, sst2_files))
+    out = hf_modelopt("bench", bert, distilbert, "--recipe", recipe, "--output-dir", tmp_path / "b",
+                      "--repeats", "3", "--batch-sizes", "1", "4", "--json").stdout
     result = json.loads(out)
-    assert list(result) == [str(bert), str(distilbert)]
-    assert all(r["latency_ms"] > 0 and r["batch_size"] == 2 and r["seq_len"] == 64 for r in result.values())
-    assert "speed-up" in hf_modelopt("bench", bert, distilbert, "--repeats", "2").stdout
+    assert result == json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert result["setup"]["metric"] == "accuracy" and result["setup"]["threads"] >= 1
+    rows = {row["name"]: row for row in result["models"]}
+    assert list(rows) == [str(bert), str(distilbert)]
+    for row in rows.values():
+        assert 0 <= row["metrics"]["accuracy"] <= 1 and row["metrics"]["eval_samples"] == 32
+        assert row["latency_ms"]["1"] > 0 and row["sequences_per_s"]["4"] > 0 and row["peak_memory_mb"] > 0
+        assert row["parameters"] > 0 and row["size_mb"] > 0
+    table = (tmp_path / "b" / "bench.md").read_text()
+    assert table.splitlines()[0].startswith("| model | accuracy | parameters |") and "1.00×" in table
+    assert (tmp_path / "b" / "accuracy_vs_latency.png").stat().st_size > 0
+    assert (tmp_path / "b" / "accuracy_vs_size.png").stat().st_size > 0
+    assert "latency ms (batch 32)" in hf_modelopt("bench", bert, "--repeats", "2", "--no-memory").stdout
