@@ -48,6 +48,10 @@ _EXPORTS = {
     "RecoveryConfig": "quant.config",
     "quantize": "quant.bnb",
     "save_quantized": "quant.bnb",
+    "StorageQuantizationConfig": "quant.config",
+    "save_with_quantized_storage": "quant.storage",
+    "run_benchmark": "benchmark",
+    "run_tasks": "parallel",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -10,6 +10,7 @@ import shlex
 import signal
 import socket
 import sys
+from pathlib import Path
 from urllib.parse import urlparse
 
 logger = logging.getLogger("hf_modelopt")
@@ -128,11 +129,35 @@ def _run(args) -> int:
         return stop.exit_code
     if not is_main_process():
         return 0  # the main process prints the summary
-    print(f"\nDone. Final model, card and metrics in {result['output_dir']}")
-    for record in result["metrics"]:
-        values = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record["metrics"].items())
-        print(f"  {record['name']:<16} {record['model']}: {values}")
+    print(run_summary(result))
     return 0
+
+
+def _values(metrics: dict | None) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in (metrics or {}).items())
+
+
+def run_summary(result) -> str:
+    """The end-of-run summary: each stage (run or reused, time, its figures) and the export's measurements."""
+    lines = [f"\nDone. Final model, card and metrics in {result['output_dir']}", "", "stages:"]
+    for record in result["stages"]:
+        how = "reused" if record.get("reused") else (f"{record['seconds']:.0f} s" if "seconds" in record else "")
+        lines.append(f"  {record['name']:<18} {record['type']:<17} {how:>8}  {_values(record.get('metrics'))}")
+    export = Path(result["output_dir"]) / "export.json"
+    if export.is_file():
+        figures = json.loads(export.read_text()).get("figures") or {}
+        mine, base = figures.get("export") or {}, figures.get("base") or {}
+        parts = []
+        if mine.get("size_on_disk_bytes"):
+            parts.append(f"{mine['size_on_disk_bytes'] / 1e6:.1f} MB on disk" + (
+                f" ({base['size_on_disk_bytes'] / mine['size_on_disk_bytes']:.2f}x smaller than the base)"
+                if base.get("size_on_disk_bytes") else ""))
+        if mine.get("latency_ms") and base.get("latency_ms"):
+            parts.append(f"{base['latency_ms'] / mine['latency_ms']:.2f}x the base model's CPU speed "
+                         f"({mine['latency_ms']:.0f} vs {base['latency_ms']:.0f} ms, batch 32 x 64)")
+        if parts:
+            lines += ["", "export (re-measured in a fresh process): " + "; ".join(parts)]
+    return "\n".join(lines)
 
 
 def resume_command(args) -> str:

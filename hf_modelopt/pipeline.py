@@ -292,7 +292,7 @@ def run_recipe(recipe: Recipe, output_dir: str | os.PathLike, *, resume: bool = 
                 if finished != stage_dir and main:
                     shutil.rmtree(stage_dir, ignore_errors=True)
                     _link_or_copy_tree(finished, stage_dir)
-                record = {**_read_record(finished), "name": stage.name}  # the name this recipe gives it
+                record = {**_read_record(finished), "name": stage.name, "reused": True}  # this recipe's name for it
                 logger.info("Stage '%s' reused from %s: inputs and config unchanged (fingerprint %s)",
                             stage.name, finished, stage_fp[:12])
                 if spec.changes_model:
