@@ -69,6 +69,10 @@ class PruneStageConfig(StageConfig, PruningConfig):
         None, description="Train with knowledge distillation from the incoming model (a frozen copy) instead of "
         "the task loss; the same settings as the `distill` stage's loss.",
     )
+    teacher: str | None = Field(
+        None, description="With `distillation:`, the name of an earlier stage whose model is the teacher (e.g. "
+        "`finetune`, when a distilled student is pruned); default: the incoming model, unpruned.",
+    )
     sparse_checkpoint: bool = Field(True, description="Also write the model in the compressed sparse format "
                                     "(stage folder `sparse/`) and report both sizes on disk.")
     training: dict[str, Any] = Field(
@@ -80,10 +84,25 @@ class PruneStageConfig(StageConfig, PruningConfig):
         from ..train import refuse_training_after
 
         refuse_training_after("prune", earlier)
+        check_teacher_stage(self, earlier)
 
     def preflight(self, recipe) -> None:
         if self.distillation is not None:
             self.distillation.check_against(recipe, self.training, "prune.distillation")
+
+
+def check_teacher_stage(config, earlier) -> None:
+    """`teacher` must name an earlier stage that produced a model, and needs `distillation:`."""
+    if config.teacher is None:
+        return
+    if config.distillation is None:
+        raise ValueError("teacher is the KD teacher: set distillation: as well")
+    from ..stages import STAGES
+
+    producers = [stage.name for stage in earlier if STAGES[stage.type].changes_model]
+    if config.teacher not in producers:
+        raise ValueError(f"teacher: no earlier stage named '{config.teacher}' produced a model (earlier model "
+                         f"stages: {', '.join(producers) or 'none'})")
 
 
 class StructuredPruneStageConfig(StageConfig):
@@ -104,6 +123,10 @@ class StructuredPruneStageConfig(StageConfig):
     distillation: KnowledgeDistillationConfig | None = Field(
         None, description="Recover with knowledge distillation from the unpruned incoming model.",
     )
+    teacher: str | None = Field(
+        None, description="With `distillation:`, the name of an earlier stage whose model is the teacher (e.g. "
+        "`finetune`, when a distilled student is pruned); default: the incoming model, unpruned.",
+    )
     training: dict[str, Any] = Field(
         default_factory=dict, description="TrainingArguments for this stage only, over the recipe's `training:`.",
     )
@@ -120,6 +143,7 @@ class StructuredPruneStageConfig(StageConfig):
 
         if self.recover:
             refuse_training_after("prune_structured", earlier)
+        check_teacher_stage(self, earlier)
 
     def preflight(self, recipe) -> None:
         if self.distillation is not None:

@@ -13,6 +13,20 @@ from .config import OneShotPruneStageConfig, PruneStageConfig, StructuredPruneSt
 logger = logging.getLogger("hf_modelopt")
 
 
+def kd_teacher(model, config, context: StageContext):
+    """The KD teacher: the model of the earlier stage `config.teacher`, else a frozen copy of the incoming one."""
+    if config.teacher is None:
+        return copy.deepcopy(model)  # the model itself is pruned and trained
+    from ..modeling import load_model
+
+    # The shared stage folders: every process reads the folder the main process wrote.
+    from ..pipeline import MODEL_SUBDIR
+
+    folder = context.shared_stage_dir.parent / config.teacher / MODEL_SUBDIR
+    logger.info("%s: KD teacher is the model of stage '%s' (%s)", context.stage_name, config.teacher, folder)
+    return load_model(context.recipe.model, context.recipe.task, path=str(folder))
+
+
 @register_stage("prune", PruneStageConfig)
 def prune_stage(state: ModelState, config: PruneStageConfig, context: StageContext) -> ModelState:
     from ..modeling import ensure_loaded
@@ -25,7 +39,7 @@ def prune_stage(state: ModelState, config: PruneStageConfig, context: StageConte
     if config.distillation is not None:
         from ..distill.stage import train_with_distillation
 
-        teacher = copy.deepcopy(model)  # the incoming model, frozen; the model itself is pruned and trained
+        teacher = kd_teacher(model, config, context)
         trainer = train_with_distillation(teacher, model, tokenizer, config.distillation, config.training, context,
                                           copied_from=list(range(model.config.num_hidden_layers)),
                                           callbacks=[callback])
@@ -83,7 +97,7 @@ def prune_structured_stage(state: ModelState, config: StructuredPruneStageConfig
     recipe = context.recipe
     ensure_loaded(state, recipe)
     model, tokenizer = state.model, state.tokenizer
-    teacher = copy.deepcopy(model) if config.distillation is not None else None
+    teacher = kd_teacher(model, config, context) if config.distillation is not None else None
     if config.importance == "gradient":
         train, _, collator = training_data(recipe, tokenizer)
         batch_size = {**recipe.training, **config.training}.get("per_device_train_batch_size", 8)

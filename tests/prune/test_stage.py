@@ -69,3 +69,31 @@ def test_pruned_exports_are_verified_and_load_per_the_matrix(tiny_models, sst2_f
         assert detect_format(folder).loads_with == "hf_modelopt"
         assert record["reload_check"]["passed"] and record["reload_check"]["max_abs_diff"] < 1e-4
     assert "weight_bitmask" in str(list((tmp_path / "u").glob("*.safetensors"))[0].read_bytes()[:20000])
+
+
+def test_kd_teacher_can_be_an_earlier_stage_model(tiny_models, sst2_files, tmp_path, monkeypatch):
+    from hf_modelopt.prune import stage as prune_stage
+
+    teachers = []
+    original = prune_stage.kd_teacher
+    monkeypatch.setattr(prune_stage, "kd_teacher", lambda *a: teachers.append(original(*a)) or teachers[-1])
+    stages = [{"type": "finetune", "training": {"max_steps": 2}},
+              {"type": "distill", "student": {"layers": [0]}, "training": {"max_steps": 2}},
+              {"type": "prune_structured", "heads": 0.5, "neurons": 0.5, "teacher": "finetune",
+               "distillation": {"kd_weight": 1.0}, "training": {"max_steps": 2}}]
+    run_recipe(validate_recipe(tiny_recipe(tiny_models("bert"), sst2_files, stages=stages)), tmp_path / "out")
+    finetuned = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out" / "stages" / "finetune" / "model")
+    (teacher,) = teachers
+    assert teacher.config.num_hidden_layers == 2  # the fine-tuned model, not the 1-layer student
+    for (name, a), b in zip(finetuned.state_dict().items(), teacher.state_dict().values()):
+        assert (a == b).all(), name
+
+
+@pytest.mark.parametrize("stage, message", [
+    ({"teacher": "nowhere", "distillation": {}}, "no earlier stage named 'nowhere' produced a model"),
+    ({"teacher": "finetune"}, "set distillation: as well"),
+])
+def test_kd_teacher_must_be_an_earlier_model_stage(tiny_models, sst2_files, stage, message):
+    stages = ["finetune", "evaluate", {"type": "prune", "sparsity": 0.5, **stage}]
+    with pytest.raises(RecipeError, match=message):
+        validate_recipe(tiny_recipe(tiny_models("bert"), sst2_files, stages=stages))
