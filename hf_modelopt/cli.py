@@ -51,6 +51,8 @@ def make_parser() -> argparse.ArgumentParser:
                      "checkpoint (finished stages are reused either way)")
     run.add_argument("--overwrite", action="store_true",
                      help="write into a non-empty --output-dir that holds no earlier run (same-name files replaced)")
+    run.add_argument("--rerun-from", metavar="STAGE", help="run this stage and the later ones even if the stage "
+                     "cache holds them (earlier stages are still reused)")
 
     evaluate = commands.add_parser("eval", help="metrics of a saved model on a recipe's evaluation data")
     evaluate.add_argument("model", help="model folder or Hub id")
@@ -122,7 +124,8 @@ def _run(args) -> int:
     from .distributed import is_main_process
 
     try:
-        result = run_recipe(recipe, args.output_dir, resume=args.resume, overwrite=args.overwrite)
+        result = run_recipe(recipe, args.output_dir, resume=args.resume, overwrite=args.overwrite,
+                            rerun_from=args.rerun_from)
     except RunInterrupted as stop:
         print(f"interrupted by {signal.Signals(stop.signum).name}{_where(stop)}; resume with: "
               f"{resume_command(args)}", file=sys.stderr)
@@ -165,6 +168,8 @@ def resume_command(args) -> str:
     words = ["hf-modelopt", "run", args.recipe, "--output-dir", args.output_dir]
     for override in args.overrides:
         words += ["--set", override]
+    if args.rerun_from:
+        words += ["--rerun-from", args.rerun_from]
     return shlex.join(words + ["--resume"])
 
 

@@ -218,13 +218,17 @@ def _plan(recipe: Recipe, stages: list[Stage]) -> list[tuple[Stage, str]]:
     return plan
 
 
-def _resume_point(recipe: Recipe, plan: list[tuple[Stage, str]], output_dir: Path) -> tuple[str, Path] | None:
-    """(stage name, checkpoint) to continue from: the first unfinished stage that has a complete checkpoint."""
+def _resume_point(recipe: Recipe, plan: list[tuple[Stage, str]], output_dir: Path,
+                  rerun_from: str | None = None) -> tuple[str, Path] | None:
+    """(stage name, checkpoint) to continue from: the first unfinished stage that has a complete checkpoint
+    (from `rerun_from` on, a stage counts as unfinished whatever the stage cache holds)."""
     from .train import last_checkpoint
 
+    rerunning = False
     for stage, stage_fp in plan:
         stage_dir = output_dir / "stages" / stage.name
-        if not STAGES[stage.type].cacheable or _find_finished(stage_fp, stage_dir) is not None:
+        rerunning = rerunning or stage.name == rerun_from
+        if not STAGES[stage.type].cacheable or (not rerunning and _find_finished(stage_fp, stage_dir) is not None):
             continue
         checkpoint = last_checkpoint(stage_dir / "checkpoints")
         if checkpoint is None:
@@ -243,11 +247,13 @@ def _resume_point(recipe: Recipe, plan: list[tuple[Stage, str]], output_dir: Pat
 
 
 def run_recipe(recipe: Recipe, output_dir: str | os.PathLike, *, resume: bool = False,
-               overwrite: bool = False) -> RunResult:
+               overwrite: bool = False, rerun_from: str | None = None) -> RunResult:
     """Run every stage of `recipe`, writing into `output_dir`; returns the stage records.
 
     `resume`: continue the stage an earlier run in `output_dir` left unfinished from its last checkpoint.
     `overwrite`: write into a non-empty folder that holds no earlier run (see `check_output_dir`).
+    `rerun_from`: run the stage of that name and every later one even where the stage cache has them (to
+    measure a stage again, or check that it reproduces); earlier stages are still reused.
     SIGINT / SIGTERM during training stop the run with a checkpoint (`hf_modelopt.interrupt`).
     Under `accelerate launch` with several processes only the main one writes (`hf_modelopt.distributed`).
     """
@@ -269,7 +275,11 @@ def run_recipe(recipe: Recipe, output_dir: str | os.PathLike, *, resume: bool = 
         # The final model is always written; an explicit export stage only adds options.
         stages.append(Stage(type="export", name="export", config=ExportConfig()))
     plan = _plan(recipe, stages)
-    resume_from = _resume_point(recipe, plan, output_dir) if resume else None
+    if rerun_from is not None and rerun_from not in [stage.name for stage in stages]:
+        raise UserError(f"--rerun-from {rerun_from}: the recipe has no stage of that name (stages: "
+                        f"{', '.join(stage.name for stage in stages)})")
+    rerunning = False
+    resume_from = _resume_point(recipe, plan, output_dir, rerun_from) if resume else None
     (output_dir / "stages").mkdir(parents=True, exist_ok=True)
 
     model_name = recipe.model.name_or_path  # grows "-> stage" with every stage that changes the model
@@ -287,7 +297,8 @@ def run_recipe(recipe: Recipe, output_dir: str | os.PathLike, *, resume: bool = 
                                    stage_dir=stage_dir if main else scratch / "stages" / stage.name,
                                    output_dir=output_dir if main else scratch, history=history,
                                    shared_stage_dir=stage_dir)
-            finished = _find_finished(stage_fp, stage_dir) if spec.cacheable else None
+            rerunning = rerunning or stage.name == rerun_from
+            finished = _find_finished(stage_fp, stage_dir) if spec.cacheable and not rerunning else None
             if finished is not None:
                 if finished != stage_dir and main:
                     shutil.rmtree(stage_dir, ignore_errors=True)

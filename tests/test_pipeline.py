@@ -101,3 +101,19 @@ def test_uncached_hub_model_offline_is_named(sst2_files, tmp_path):
     data["model"]["name_or_path"] = "nobody/not-a-cached-model"
     with pytest.raises(RecipeError, match="not in the Hugging Face cache"):
         run_recipe(validate_recipe(data), tmp_path / "out")
+
+
+def test_rerun_from_runs_that_stage_and_later_ones_again(tiny_models, sst2_files, tmp_path, caplog):
+    from hf_modelopt.errors import UserError
+
+    stages = [{"type": "evaluate", "name": "before"}, "finetune", {"type": "evaluate", "name": "after"}]
+    recipe = validate_recipe(tiny_recipe(tiny_models("bert"), sst2_files, stages=stages))
+    run_recipe(recipe, tmp_path / "first")
+    with caplog.at_level(logging.INFO, logger="hf_modelopt"):
+        run_recipe(recipe, tmp_path / "again", rerun_from="finetune")
+    logged = [record.getMessage() for record in caplog.records]
+    assert any("Stage 'before' reused" in line for line in logged)
+    assert any("Stage 'finetune' (finetune) starting" in line for line in logged)
+    assert any("Stage 'after' (evaluate) starting" in line for line in logged)
+    with pytest.raises(UserError, match="--rerun-from nowhere: the recipe has no stage of that name"):
+        run_recipe(recipe, tmp_path / "bad", rerun_from="nowhere")
