@@ -7,7 +7,7 @@ command it printed (`... --resume`), and prints the final metrics of both output
 `--reference`, an uninterrupted run of the same recipe.
 
 Usage: python scripts/interrupt_and_resume.py recipes/sst2-minilm/gmp-90.yaml --output-dir g-resumed \\
-           --reference g-uninterrupted [--when "pruning: step 700,"] [--signal KILL] [--set KEY=VALUE ...]
+           --reference g-uninterrupted --rerun-from prune [--when "pruning: step 700,"] [--signal KILL]
 """
 
 from __future__ import annotations
@@ -60,11 +60,15 @@ def main() -> None:
     parser.add_argument("--when", default=r"pruning: step 700,", help="regular expression over the run's output")
     parser.add_argument("--signal", default="TERM", choices=["TERM", "INT", "KILL"])
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--rerun-from", metavar="STAGE", help="passed to `hf-modelopt run`: train that stage "
+                        "again although the stage cache holds it (the uninterrupted run's, for instance)")
     args = parser.parse_args()
 
     command = [sys.executable, "-m", "hf_modelopt.cli", "run", args.recipe, "--output-dir", args.output_dir]
     for override in args.overrides:
         command += ["--set", override]
+    if args.rerun_from:
+        command += ["--rerun-from", args.rerun_from]
     code, seconds = run_until(command, args.when, getattr(signal, f"SIG{args.signal}"))
     print(f"\n>>> interrupted run exited with {code} after {seconds:.0f} s; resuming\n", flush=True)
     started = time.monotonic()
