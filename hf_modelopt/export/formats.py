@@ -63,8 +63,9 @@ EXPORT_FORMATS: list[ExportFormat] = [
     ExportFormat("peft-adapter", "peft", lambda folder: (folder / "adapter_config.json").is_file(),
                  "a peft adapter over the base model named in adapter_config.json"),
     ExportFormat("hf-modelopt", "hf_modelopt", _is_hf_modelopt,
-                 "compressed sparse weights (values + bitmask) and/or structurally pruned layer shapes that no "
-                 "config field can describe, read by the hf_modelopt loading hook (export/loading.py)"),
+                 "hf-modelopt's own storage: sparse weights as values + bitmask, weights stored in 8 / 4 bits, and/or "
+                 "structurally pruned layer shapes that no config field can describe, read by the hf_modelopt "
+                 "loading hook (export/loading.py)"),
     ExportFormat("bitsandbytes", "transformers", _is_bitsandbytes,
                  "bitsandbytes 8-bit / 4-bit weights (needs bitsandbytes installed)"),
     ExportFormat("dense", "transformers", lambda folder: (folder / "config.json").is_file(),
