@@ -152,9 +152,10 @@ def run_summary(result) -> str:
         mine, base = figures.get("export") or {}, figures.get("base") or {}
         parts = []
         if mine.get("size_on_disk_bytes"):
+            ratio = base["size_on_disk_bytes"] / mine["size_on_disk_bytes"] if base.get("size_on_disk_bytes") else None
             parts.append(f"{mine['size_on_disk_bytes'] / 1e6:.1f} MB on disk" + (
-                f" ({base['size_on_disk_bytes'] / mine['size_on_disk_bytes']:.2f}x smaller than the base)"
-                if base.get("size_on_disk_bytes") else ""))
+                "" if ratio is None else f" ({ratio:.2f}x smaller than the base's files)" if ratio >= 1 else
+                f" ({1 / ratio:.2f}x larger than the base's files)"))
         if mine.get("latency_ms") and base.get("latency_ms"):
             parts.append(f"{base['latency_ms'] / mine['latency_ms']:.2f}x the base model's CPU speed "
                          f"({mine['latency_ms']:.0f} vs {base['latency_ms']:.0f} ms, batch 32 x 64)")
