@@ -68,6 +68,10 @@ class PruningCallback(TrainerCallback):
         self._update(state)
 
     def on_train_end(self, args, state, control, **kwargs):
+        from ..interrupt import stop_requested
+
+        if stop_requested():  # interrupted: the checkpoint holds the schedule position; resuming continues it
+            return
         final = self.config.sparsity
         if self.target < final:  # training stopped before the schedule ended: the output still gets the target
             logger.warning("pruning: training ended at step %d before the schedule reached %.0f %% (end_step %s); "

@@ -84,3 +84,15 @@ def test_resume_restores_masks_and_ends_identical(tiny_models, tmp_path):
     resumed = resumed.model
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+def test_schedule_cut_short_prunes_the_rest_unless_the_run_was_interrupted(tiny_models, tmp_path, monkeypatch):
+    from hf_modelopt import interrupt
+
+    config = PruningConfig(sparsity=0.8, schedule=ScheduleConfig(end_step=20, update_every=1))
+    trainer, _ = _train(tiny_models("bert"), tmp_path / "a", config, max_steps=4)
+    assert sparsity_of(prunable_linears(trainer.model)) == pytest.approx(0.8, abs=1e-3)  # the output gets the target
+    monkeypatch.setattr(interrupt._state, "requested", 15)  # SIGTERM noted: the checkpoint keeps the schedule
+    trainer, callback = _train(tiny_models("bert"), tmp_path / "b", config, max_steps=4)
+    assert callback.target < 0.8
+    assert sparsity_of(prunable_linears(trainer.model)) == pytest.approx(callback.target, abs=1e-3)
