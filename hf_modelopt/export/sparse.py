@@ -41,21 +41,25 @@ def sparse_state_dict(model, min_sparsity: float | None = None) -> tuple[dict[st
 
 def save_sparse(model, folder, tokenizer=None) -> list[str]:
     """Save `model` to `folder` in the compressed sparse format; returns the compressed module names."""
-    folder = Path(folder)
     state, compressed = sparse_state_dict(model)
+    save_in_hf_modelopt_format(model, folder, state, {"sparse_format": "bitmask"}, tokenizer)
+    return compressed
+
+
+def save_in_hf_modelopt_format(model, folder, state: dict, entries: dict, tokenizer=None) -> None:
+    """`model.save_pretrained(folder, state_dict=state)` with a `quant_method: hf_modelopt` quantization_config
+    made of `entries` (plus the layer shapes of a structurally pruned model); the model itself is left as is."""
     original = getattr(model.config, "quantization_config", None)
-    model.config.quantization_config = {"quant_method": QUANT_METHOD, "sparse_format": "bitmask",
-                                        **structured_entries(original)}
+    model.config.quantization_config = {"quant_method": QUANT_METHOD, **entries, **structured_entries(original)}
     try:
-        model.save_pretrained(folder, state_dict=state)
+        model.save_pretrained(Path(folder), state_dict=state)
     finally:
         if original is None:
             del model.config.quantization_config
         else:
             model.config.quantization_config = original
     if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    return compressed
+        tokenizer.save_pretrained(Path(folder))
 
 
 def structured_entries(original) -> dict:

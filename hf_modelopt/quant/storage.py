@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -139,23 +138,11 @@ def save_with_quantized_storage(model, folder, tokenizer=None, linear_bits: int 
                                 skip: tuple[str, ...] = ()) -> StorageReport:
     """Save `model` into `folder` with quantized weight storage (loads back with `from_pretrained` after
     `import hf_modelopt`, as the dequantized full-precision model)."""
-    from ..export.loading import QUANT_METHOD
-    from ..export.sparse import structured_entries
+    from ..export.sparse import save_in_hf_modelopt_format
 
-    folder = Path(folder)
     state, report = storage_state_dict(model, linear_bits, embedding_bits, group_size, skip)
-    original = getattr(model.config, "quantization_config", None)
-    sparse = any(f.endswith("+bitmask") for f in report.formats.values())
-    model.config.quantization_config = {"quant_method": QUANT_METHOD, "weight_format": WEIGHT_FORMAT,
-                                        "group_size": group_size, **({"sparse_format": "bitmask"} if sparse else {}),
-                                        **structured_entries(original)}
-    try:
-        model.save_pretrained(folder, state_dict=state)
-    finally:
-        if original is None:
-            del model.config.quantization_config
-        else:
-            model.config.quantization_config = original
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+    entries = {"weight_format": WEIGHT_FORMAT, "group_size": group_size}
+    if any(label.endswith("+bitmask") for label in report.formats.values()):
+        entries["sparse_format"] = "bitmask"
+    save_in_hf_modelopt_format(model, folder, state, entries, tokenizer)
     return report
