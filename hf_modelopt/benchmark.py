@@ -34,16 +34,18 @@ def random_batch(model, batch_size: int, seq_len: int, seed: int = 0) -> dict:
 
 
 def compare_latency(models: dict[str, object], batch_size: int = 32, seq_len: int = 64, repeats: int = 20,
-                    warmup: int = 3) -> dict[str, dict[str, float]]:
+                    warmup: int = 3, progress: bool = False) -> dict[str, dict[str, float]]:
     """Median forward latency (ms) and throughput (sequences/s) of each model on the same random batch."""
     import torch
+    from tqdm.auto import tqdm
 
     batches = {name: random_batch(model, batch_size, seq_len) for name, model in models.items()}
     timings: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
         for model in models.values():
             model.eval()
-        for round_ in range(warmup + repeats):
+        rounds = tqdm(range(warmup + repeats), desc=f"latency, batch {batch_size}", unit="round", disable=not progress)
+        for round_ in rounds:
             for name, model in models.items():
                 started = time.perf_counter()
                 model(**batches[name])
@@ -216,7 +218,7 @@ def run_benchmark(candidates: list[Candidate], recipe=None, batch_sizes=(1, 32),
             row["peak_memory_mb"] = peak_memory_mb(candidate, task, max(batch_sizes), seq_len)
         rows.append(row)
     for batch_size in batch_sizes:
-        timings = compare_latency(models, batch_size, seq_len, repeats, warmup)
+        timings = compare_latency(models, batch_size, seq_len, repeats, warmup, progress=True)
         for row in rows:
             timing = timings[row["name"]]
             row.setdefault("latency_ms", {})[str(batch_size)] = timing["latency_ms"]
