@@ -26,7 +26,7 @@ class Task:
 
 
 def visible_gpus() -> list[str]:
-    """The GPU indices this process may use (honouring `CUDA_VISIBLE_DEVICES`), without initialising CUDA."""
+    """The GPU indices this process may use (`CUDA_VISIBLE_DEVICES` when set, else every device torch sees)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return [d for d in visible.split(",") if d.strip()]
