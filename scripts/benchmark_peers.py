@@ -94,13 +94,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", required=True, help="the recipe whose task metric and evaluation data are used")
     parser.add_argument("--base", required=True, help="folder of the model the peers start from (the reference row)")
+    parser.add_argument("--base-name", default="base (reference)", help="its name in the tables")
     parser.add_argument("--ours", action="append", default=[], metavar="NAME=FOLDER", help="one of our exports")
     parser.add_argument("--ce-student", help="folder of a cross-entropy-only student (ce-3l.yaml's output)")
     parser.add_argument("--prune-sparsities", type=float, nargs="*", default=[0.5, 0.9])
     parser.add_argument("--skip", nargs="*", default=[], help="peers to leave out (torch-prune, "
                         "torch-dynamic-int8, bnb-int8, bnb-nf4)")
     parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=20, help="timed forward passes per model and batch size")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed forward passes before them")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
@@ -116,7 +118,7 @@ def main() -> None:
     peers = output / "peers"
     peers.mkdir(parents=True, exist_ok=True)
 
-    candidates = [folder_candidate(args.base, task, name="base (reference)")]
+    candidates = [folder_candidate(args.base, task, name=args.base_name)]
     for entry in args.ours:
         name, _, folder = entry.partition("=")
         candidates.append(folder_candidate(folder, task, name=f"hf-modelopt {name}"))
@@ -143,7 +145,7 @@ def main() -> None:
             folder = bitsandbytes(args.base, method, peers / f"bnb-{method}")
             candidates.append(folder_candidate(folder, task, name=f"peer: bitsandbytes {method}"))
             candidates[-1].tokenizer = candidates[0].tokenizer
-    result = run_benchmark(candidates, recipe, tuple(args.batch_sizes), repeats=args.repeats)
+    result = run_benchmark(candidates, recipe, tuple(args.batch_sizes), repeats=args.repeats, warmup=args.warmup)
     result["setup"]["command"] = shlex.join(["python", "scripts/benchmark_peers.py", *sys.argv[1:]])
     write_benchmark(result, output)
     print(format_benchmark(result))
