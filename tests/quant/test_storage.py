@@ -15,7 +15,7 @@ from hf_modelopt.quant.storage import (
     quantize_groups,
     save_with_quantized_storage,
 )
-from hf_modelopt.recipe import validate_recipe
+from hf_modelopt.recipe import RecipeError, validate_recipe
 
 from ..conftest import tiny_recipe
 
@@ -95,7 +95,13 @@ def test_quantize_storage_stage_evaluates_what_loads_back(tiny_models, sst2_file
     assert "Kept in full precision: `classifier`" in card
 
 
-def test_quantize_storage_after_bitsandbytes_is_refused(tiny_models, sst2_files):
-    stages = [{"type": "quantize", "method": "int8"}, "quantize_storage"]
-    with pytest.raises(Exception, match="stage 'quantize' before it already quantized"):
+@pytest.mark.parametrize("stages, message", [
+    ([{"type": "quantize", "method": "int8"}, "quantize_storage"], r"stages\[1\]: stage 'quantize' before it already "
+     "quantized the model with bitsandbytes: its integer weights cannot be stored again"),
+    ([{"type": "quantize_storage", "linear_bits": None, "embedding_bits": None}],
+     r"stages\[0\]: linear_bits and embedding_bits are both null: nothing to quantize"),
+    ([{"type": "quantize_storage", "linear_bits": 6}], r"stages\[0\].linear_bits: input should be 4 or 8, got 6"),
+])
+def test_bad_storage_settings_are_refused_naming_the_key(tiny_models, sst2_files, stages, message):
+    with pytest.raises(RecipeError, match=message):
         validate_recipe(tiny_recipe(tiny_models("bert"), sst2_files, stages=stages))
