@@ -298,10 +298,11 @@ def write_benchmark(result: dict, output_dir) -> list[Path]:
     for x_key, label, file in ((lambda r: r["latency_ms"][big], f"latency (ms, batch {big})", "accuracy_vs_latency"),
                                (lambda r: r["size_mb"], "weights on disk (MB)", "accuracy_vs_size")):
         points = [(x_key(r), r["metrics"][metric], r["name"]) for r in rows if x_key(r) is not None]
-        figure, axis = plt.subplots(figsize=(6.5, 4.5))
-        for x, y, name in points:
-            axis.scatter(x, y)
-            axis.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        figure, axis = plt.subplots(figsize=(9, 4.5))
+        markers = "osD^v<>pP*Xh"
+        for index, (x, y, name) in enumerate(points):  # a legend entry each: labels of close points overlap
+            axis.scatter(x, y, label=name, marker=markers[index % len(markers)], s=45)
+        axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
         axis.set_xlabel(label)
         axis.set_ylabel(metric)
         axis.set_xscale("log")
