@@ -106,7 +106,8 @@ def test_uncached_hub_model_offline_is_named(sst2_files, tmp_path):
 def test_rerun_from_runs_that_stage_and_later_ones_again(tiny_models, sst2_files, tmp_path, caplog):
     from hf_modelopt.errors import UserError
 
-    stages = [{"type": "evaluate", "name": "before"}, "finetune", {"type": "evaluate", "name": "after"}]
+    stages = [{"type": "evaluate", "name": "before"}, "finetune", {"type": "evaluate", "name": "after"},
+              {"type": "export", "verify": False}]  # the reload check is tested elsewhere; it costs a process
     recipe = validate_recipe(tiny_recipe(tiny_models("bert"), sst2_files, stages=stages))
     run_recipe(recipe, tmp_path / "first")
     with caplog.at_level(logging.INFO, logger="hf_modelopt"):
