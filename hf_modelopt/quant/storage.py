@@ -15,7 +15,6 @@ stage also saves memory at run time.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -59,10 +58,6 @@ def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, numel: int, gro
         normalized = torch.tensor(NF4_LEVELS)[indices]
     normalized = torch.nn.functional.pad(normalized, (0, (-numel) % group_size)).view(-1, group_size)
     return (normalized * scales.float().unsqueeze(1)).flatten()[:numel]
-
-
-def stored_bytes(numel: int, bits: int, group_size: int) -> int:
-    return math.ceil(numel * bits / 8) + 2 * math.ceil(numel / group_size)
 
 
 @dataclass
