@@ -127,7 +127,7 @@ def quantize_storage_stage(state: ModelState, config: StorageQuantizationConfig,
     from ..export.verify import verify_reload
     from ..modeling import ensure_loaded
     from ..pipeline import MODEL_SUBDIR
-    from .storage import dequantize_in_place_, save_with_quantized_storage
+    from .storage import load_stored_weights_, storage_state_dict, write_stored_weights
 
     ensure_loaded(state, context.recipe)
     model, tokenizer = state.model.eval(), state.tokenizer
@@ -135,10 +135,13 @@ def quantize_storage_stage(state: ModelState, config: StorageQuantizationConfig,
                    group_size=config.group_size, skip=tuple(config.skip_modules))
     full_precision_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     folder = context.stage_dir / MODEL_SUBDIR
-    report = save_with_quantized_storage(model, folder, tokenizer, **options) if is_main_process() else None
-    dequantize_in_place_(model, **options)  # what `from_pretrained` gives back, for the next stages
+    stored_state, report = storage_state_dict(model, **options)  # quantized once: written, then decoded
+    if is_main_process():
+        write_stored_weights(model, folder, stored_state, report, config.group_size, tokenizer)
+    # The next stages get what `from_pretrained` gives back
+    load_stored_weights_(model, stored_state, config.group_size)
     metrics = {"linear_bits": config.linear_bits, "embedding_bits": config.embedding_bits}
-    if report is not None:
+    if is_main_process():
         stored = weights_size_on_disk(folder)
         metrics.update(full_precision_mb=round(full_precision_bytes / 1e6, 2), stored_mb=round(stored / 1e6, 2),
                        stored_ratio=round(stored / full_precision_bytes, 4))

@@ -114,9 +114,14 @@ def storage_state_dict(model, linear_bits: int | None = 8, embedding_bits: int |
 def dequantize_in_place_(model, linear_bits: int | None = 8, embedding_bits: int | None = 8, group_size: int = 64,
                          skip: tuple[str, ...] = ()) -> None:
     """Round `model`'s weights the way the storage format does: the model a user loads from it, in memory."""
+    state, _ = storage_state_dict(model, linear_bits, embedding_bits, group_size, skip)
+    load_stored_weights_(model, state, group_size)
+
+
+def load_stored_weights_(model, state: dict[str, torch.Tensor], group_size: int) -> None:
+    """Copy the decoded weights of a `storage_state_dict` into `model` (built from that same model)."""
     from ..export.loading import decode_weight
 
-    state, _ = storage_state_dict(model, linear_bits, embedding_bits, group_size, skip)
     with torch.no_grad():
         for name, module in model.named_modules():
             scale = state.get(f"{name}.weight_scale")
@@ -133,11 +138,17 @@ def save_with_quantized_storage(model, folder, tokenizer=None, linear_bits: int 
                                 skip: tuple[str, ...] = ()) -> StorageReport:
     """Save `model` into `folder` with quantized weight storage (loads back with `from_pretrained` after
     `import hf_modelopt`, as the dequantized full-precision model)."""
+    state, report = storage_state_dict(model, linear_bits, embedding_bits, group_size, skip)
+    write_stored_weights(model, folder, state, report, group_size, tokenizer)
+    return report
+
+
+def write_stored_weights(model, folder, state: dict[str, torch.Tensor], report: StorageReport, group_size: int,
+                         tokenizer=None) -> None:
+    """Write a `storage_state_dict` (and `model`'s config, with the format recorded in it) into `folder`."""
     from ..export.sparse import save_in_hf_modelopt_format
 
-    state, report = storage_state_dict(model, linear_bits, embedding_bits, group_size, skip)
     entries = {"weight_format": WEIGHT_FORMAT, "group_size": group_size}
     if any(label.endswith("+bitmask") for label in report.formats.values()):
         entries["sparse_format"] = "bitmask"
     save_in_hf_modelopt_format(model, folder, state, entries, tokenizer)
-    return report
