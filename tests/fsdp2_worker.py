@@ -33,7 +33,10 @@ model(input_ids=ids, labels=torch.tensor([0, 1, 0, 1])).loss.backward()
 optimizer.step()
 moved = sparsity_of(modules)  # Adam moved the pruned weights off zero
 apply_masks_(modules, masks)
-checksum = float(sum(full_weight(m).double().abs().sum() for m in modules.values()))
+checksum = float(sum(full_weight(m).detach().double().abs().sum() for m in modules.values()))
 with open(f"{output}/fsdp2-rank-{rank}.json", "w") as file:
     json.dump({"sharded": sharded, "sparsity": sparsity_of(modules), "after_step": moved, "checksum": checksum}, file)
+# Both processes are done before gloo is torn down: a process that destroys its group while the other still
+# has one open can abort ("terminate called without an active exception"), as seen on a loaded machine.
+dist.barrier()
 dist.destroy_process_group()
