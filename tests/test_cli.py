@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from .conftest import REPO, tiny_recipe
@@ -47,6 +48,10 @@ def test_run_then_reload_in_a_fresh_process(tiny_models, sst2_files, tmp_path):
     assert remeasured == recorded
 
 
+# Five subprocesses: `slow` for the default suite's time. The same errors are checked in-process in
+# tests/test_recipe.py and tests/test_bad_input.py, and the exit status of a bad run in a subprocess by
+# test_run_recipe_script_is_the_same_entry_point below.
+@pytest.mark.slow
 def test_bad_recipes_exit_non_zero_with_one_line_and_no_output(tiny_models, sst2_files, tmp_path):
     good = tiny_recipe(tiny_models("bert"), sst2_files)
     cases = {
