@@ -44,10 +44,15 @@ def test_mask_excludes_padded_positions():
 
 
 def test_sparse_kl_with_all_entries_equals_full_kl():
-    student, teacher = torch.randn(3, 6), torch.randn(3, 6)
-    values, indices = losses.top_k_logits(teacher, None)
-    assert losses.sparse_soft_target_kl(student, values, indices, 3.0).item() == pytest.approx(
-        losses.soft_target_kl(student, teacher, 3.0).item(), rel=1e-6)
+    # Its own generator: the global one's state depends on which tests ran before.
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        student, teacher = torch.randn(3, 6, generator=generator), torch.randn(3, 6, generator=generator)
+        values, indices = losses.top_k_logits(teacher, None)
+        # Both are float32 sums of the same terms in another order (top-k sorts them): they differ by rounding,
+        # up to 2e-6 relative over 300 random draws (rel=1e-6 failed once, in a fresh-clone run of .ci/run).
+        assert losses.sparse_soft_target_kl(student, values, indices, 3.0).item() == pytest.approx(
+            losses.soft_target_kl(student, teacher, 3.0).item(), rel=1e-5)
 
 
 def test_sparse_kl_top_k_by_hand():
