@@ -138,7 +138,8 @@ def quantize_storage_stage(state: ModelState, config: StorageQuantizationConfig,
     stored_state, report = storage_state_dict(model, **options)  # quantized once: written, then decoded
     if is_main_process():
         write_stored_weights(model, folder, stored_state, report, config.group_size, tokenizer)
-    # The next stages get what `from_pretrained` gives back
+    # Then the next stages get what `from_pretrained` gives back. Not before the write: the tied copy of a
+    # quantized weight (e.g. lm_head) in `stored_state` is the model's own tensor, which decoding overwrites.
     load_stored_weights_(model, stored_state, config.group_size)
     metrics = {"linear_bits": config.linear_bits, "embedding_bits": config.embedding_bits}
     if is_main_process():
