@@ -29,6 +29,7 @@ _EXPORTS = {
     "StudentConfig": "distill.config",
     "DistillationTrainer": "distill.trainer",
     "student_from_teacher": "distill.student",
+    "dispatch_teacher": "distill.placement",
     "KnowledgeDistillationConfig": "distill.config",
     "PruningConfig": "prune.config",
     "ScheduleConfig": "prune.config",

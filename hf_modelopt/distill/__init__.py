@@ -1,17 +1,19 @@
 """Knowledge distillation: a teacher's outputs train a smaller student.
 
 `DistillationTrainer` (a `transformers.Trainer` whose loss is the distillation loss), the losses as pure
-functions, students built from their teacher's layers, a teacher-logit cache, and the `distill` stage.
+functions, students built from their teacher's layers, a teacher-logit cache, a teacher spread over devices when it is
+too big for one, and the `distill` stage.
 """
 
 from .cache import TeacherLogitCache, build_teacher_logit_cache
 from .config import DistillationConfig, KnowledgeDistillationConfig, StudentConfig
 from .losses import attention_kl, attention_mse, hidden_cosine, hidden_mse, soft_target_kl, sparse_soft_target_kl
+from .placement import dispatch_teacher
 from .student import student_from_teacher
 
 __all__ = [
     "DistillationConfig", "KnowledgeDistillationConfig", "StudentConfig", "TeacherLogitCache",
-    "build_teacher_logit_cache",
+    "build_teacher_logit_cache", "dispatch_teacher",
     "student_from_teacher", "soft_target_kl", "sparse_soft_target_kl", "hidden_mse", "hidden_cosine",
     "attention_kl", "attention_mse", "DistillationTrainer",
 ]

@@ -63,6 +63,15 @@ class KnowledgeDistillationConfig(BaseModel):
         "training set for KD only (classification).",
     )
     max_transfer_samples: int | None = Field(None, gt=0, description="Use only the first N transfer lines.")
+    teacher_device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | None = Field(
+        None, description="For a teacher too big for one device: spread its layers over the GPUs, then CPU RAM, "
+        "then disk (accelerate big-model inference; `from_pretrained(device_map=...)` strategies). One process, "
+        "or several with cache_teacher_logits (the main process alone runs the teacher).",
+    )
+    teacher_max_memory: dict[int | str, int | str] | None = Field(
+        None, description="With teacher_device_map: memory the teacher may take per device, e.g. "
+        "{0: 20GiB, 1: 20GiB, cpu: 64GiB}; what does not fit is offloaded to disk. Default: what is free.",
+    )
 
     def check_against(self, recipe, stage_training: dict[str, Any], key: str) -> None:
         """Transfer text must exist (classification only); the logit cache excludes evaluation in training.
@@ -82,6 +91,12 @@ class KnowledgeDistillationConfig(BaseModel):
         if self.cache_teacher_logits and evaluates:
             raise RecipeError(recipe.source, f"{key}.cache_teacher_logits", "the cache covers the training set "
                               "only; set training.eval_strategy to 'no' in this stage or turn the cache off")
+        from ..distributed import world_size
+
+        if self.teacher_device_map and world_size() > 1 and not self.cache_teacher_logits:
+            raise RecipeError(recipe.source, f"{key}.teacher_device_map", f"{world_size()} processes would each "
+                              "spread a teacher over the same devices; set cache_teacher_logits: true (the main "
+                              "process alone runs the teacher) or run one process")
 
     @model_validator(mode="after")
     def _some_loss(self):
@@ -91,6 +106,8 @@ class KnowledgeDistillationConfig(BaseModel):
         if self.cache_teacher_logits and (self.hidden_weight or self.cosine_weight or self.attention_weight):
             raise ValueError("cache_teacher_logits caches logits only: hidden / cosine / attention losses need "
                              "the live teacher (set their weights to 0 or turn the cache off)")
+        if self.teacher_max_memory is not None and self.teacher_device_map is None:
+            raise ValueError("teacher_max_memory is read only with teacher_device_map: set that too")
         return self
 
 

@@ -69,8 +69,10 @@ def train_with_distillation(teacher, student, tokenizer, config: KnowledgeDistil
     Shared by every stage that trains with KD (`distill`, `prune`, ...); `callbacks` go to the Trainer.
     """
     from ..data import load_split
+    from ..distributed import is_main_process, wait_for_everyone
     from ..train import train_and_record, training_arguments, training_data
     from .cache import CachedTeacherCollator, TeacherLogitCache, build_teacher_logit_cache
+    from .placement import placed_teacher
     from .trainer import DistillationTrainer, default_layer_map
 
     recipe = context.recipe
@@ -87,31 +89,33 @@ def train_with_distillation(teacher, student, tokenizer, config: KnowledgeDistil
     train = train.add_column("example_index", list(range(len(train))))
     args = training_arguments(recipe, {**stage_training, "remove_unused_columns": False},
                               context.checkpoint_dir)
-    teacher_for_trainer = teacher
-    if config.cache_teacher_logits:
-        from ..distributed import is_main_process, wait_for_everyone
-
-        # One cache, written by the main process; the others wait for it and read the same file.
-        path = context.shared_stage_dir / "teacher_logits.safetensors"
-        if is_main_process():
-            build_teacher_logit_cache(teacher, train, collator, path, config.top_k,
-                                      batch_size=recipe.data.eval_batch_size)
-        wait_for_everyone()
-        collator = CachedTeacherCollator(collator, TeacherLogitCache(path))
-        teacher_for_trainer = None  # the teacher is not needed any more: every logit comes from the cache
-    trainer = DistillationTrainer(
-        model=student,
-        teacher=teacher_for_trainer,
-        distillation_config=config,
-        layer_map=layer_map if teacher_for_trainer is not None else {},
-        args=args,
-        train_dataset=train,
-        eval_dataset=evaluation if args.eval_strategy != "no" else None,
-        data_collator=collator,
-        processing_class=tokenizer,
-        callbacks=list(callbacks),
-    )
-    train_and_record(trainer, context)
+    # With teacher_device_map the teacher is spread over the devices, by the one process that runs it: under
+    # several processes check_against allows it only with the logit cache, which the main process builds.
+    spread = config if config.teacher_device_map and is_main_process() else None
+    with placed_teacher(teacher, spread, context.stage_dir):
+        teacher_for_trainer = teacher
+        if config.cache_teacher_logits:
+            # One cache, written by the main process; the others wait for it and read the same file.
+            path = context.shared_stage_dir / "teacher_logits.safetensors"
+            if is_main_process():
+                build_teacher_logit_cache(teacher, train, collator, path, config.top_k,
+                                          batch_size=recipe.data.eval_batch_size)
+            wait_for_everyone()
+            collator = CachedTeacherCollator(collator, TeacherLogitCache(path))
+            teacher_for_trainer = None  # the teacher is not needed any more: every logit comes from the cache
+        trainer = DistillationTrainer(
+            model=student,
+            teacher=teacher_for_trainer,
+            distillation_config=config,
+            layer_map=layer_map if teacher_for_trainer is not None else {},
+            args=args,
+            train_dataset=train,
+            eval_dataset=evaluation if args.eval_strategy != "no" else None,
+            data_collator=collator,
+            processing_class=tokenizer,
+            callbacks=list(callbacks),
+        )
+        train_and_record(trainer, context)
     if config.attention_weight:
         student.set_attn_implementation("sdpa")
     return trainer

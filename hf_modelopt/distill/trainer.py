@@ -11,6 +11,7 @@ from transformers import Trainer, TrainerCallback
 
 from . import losses
 from .config import DistillationConfig
+from .placement import is_dispatched
 
 PROJECTIONS_FILE = "distill_projections.safetensors"
 
@@ -66,7 +67,10 @@ class DistillationTrainer(Trainer):
         self.teacher = None
         if teacher is not None:
             teacher.eval().requires_grad_(False)
-            self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+            # A teacher spread over devices (`teacher_device_map`) stays where it is; accelerate's hooks move
+            # the student's inputs to it and its outputs back.
+            self.teacher = teacher if is_dispatched(teacher) else self.accelerator.prepare_model(
+                teacher, evaluation_mode=True)
         # Widths differ: a learned projection per mapped layer (trained, never saved with the student).
         self.projections = torch.nn.ModuleDict()
         if teacher is not None and (config.hidden_weight or config.cosine_weight):
