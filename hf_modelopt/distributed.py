@@ -63,3 +63,34 @@ def wait_for_everyone() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def _process_group_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def share_of_work(items: list) -> list:
+    """This process's share of `items` (every n-th of n processes, from its rank); all of them in one process.
+
+    For independent trials (the sensitivity scan's units): each process runs its share on its own device,
+    then `gather_work` gives every process all the results.
+    """
+    import torch.distributed as dist
+
+    size = _process_group_size()
+    return items if size == 1 else items[dist.get_rank()::size]
+
+
+def gather_work(results: list) -> list:
+    """Every process's `share_of_work` results, in the order of the items they were shared out from."""
+    import torch.distributed as dist
+
+    size = _process_group_size()
+    if size == 1:
+        return results
+    shares: list[list | None] = [None] * size
+    dist.all_gather_object(shares, results)
+    # Process r had items r, r + n, r + 2n, ...: interleave the shares back into item order.
+    return [shares[i % size][i // size] for i in range(sum(len(share) for share in shares))]

@@ -94,11 +94,15 @@ def sensitivity_scan(model, batches, method: str, candidates: list[str], granula
     import torch
     from tqdm.auto import tqdm
 
+    from ..distributed import gather_work, share_of_work
+
     model.eval()
     modules = dict(model.named_modules())
     base_loss, _, reference = _outputs(model, batches)
     results = []
-    for unit, layers in tqdm(scan_units(candidates, granularity).items(), desc="Sensitivity", unit="unit"):
+    # The units are independent trials: under several processes each one measures its share of them.
+    units = share_of_work(list(scan_units(candidates, granularity).items()))
+    for unit, layers in tqdm(units, desc="Sensitivity", unit="unit"):
         originals = {name: modules[name].weight.data for name in layers}
         try:
             with torch.no_grad():
@@ -110,6 +114,7 @@ def sensitivity_scan(model, batches, method: str, candidates: list[str], granula
                 modules[name].weight.data = originals[name]
         results.append(UnitSensitivity(unit=unit, layers=layers, parameters=sum(
             modules[name].weight.numel() for name in layers), kl=kl, loss=loss, loss_delta=loss - base_loss))
+    results = gather_work(results)
     results.sort(key=lambda r: r.kl, reverse=True)
     logger.info("sensitivity: %d units scanned, full-precision loss %.4f; most sensitive: %s", len(results),
                 base_loss, ", ".join(f"{r.unit} (KL {r.kl:.2e})" for r in results[:3]))

@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +16,8 @@ from hf_modelopt.quant.sensitivity import (
     sensitivity_scan,
     write_sensitivity_report,
 )
+
+from ..conftest import REPO
 
 
 def test_units_group_layers_by_block():
@@ -69,3 +74,29 @@ def test_scan_measures_each_block_and_restores_the_weights(wide_tiny_models, tmp
     assert json.loads(paths["json"].read_text())[0]["kept"] is True
     assert "| `model.layers" in paths["markdown"].read_text()
     assert paths["plot"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sensitivity_scan_units_are_shared_out_over_two_processes(wide_tiny_models, tmp_path):
+    folder = wide_tiny_models("llama", "causal-lm")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    worker = str(REPO / "tests" / "sensitivity_worker.py")
+    (tmp_path / "two").mkdir()
+    (tmp_path / "one").mkdir()
+    for command, output in (
+            ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535"], "two"),
+            ([sys.executable], "one")):
+        result = subprocess.run(command + [worker, str(folder), str(tmp_path / output)], capture_output=True,
+                                text=True, env=env, cwd=REPO, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "sensitivity-rank-0.json").read_text())
+    ranks = [json.loads((tmp_path / "two" / f"sensitivity-rank-{i}.json").read_text()) for i in (0, 1)]
+    everything = [r["unit"] for r in one["results"]]
+    assert len(everything) == 14 and sorted(one["measured"]) == sorted(everything)
+    # Each process measured half of the units, and ended with every unit's result, as one process does.
+    assert sorted(ranks[0]["measured"] + ranks[1]["measured"]) == sorted(everything)
+    assert len(ranks[0]["measured"]) == len(ranks[1]["measured"]) == 7
+    for rank in ranks:
+        assert [r["unit"] for r in rank["results"]] == everything
+        for mine, alone in zip(rank["results"], one["results"]):
+            assert mine["kl"] == pytest.approx(alone["kl"], rel=1e-6)
+            assert mine["loss"] == pytest.approx(alone["loss"], rel=1e-6)
