@@ -65,6 +65,29 @@ def wait_for_everyone() -> None:
         dist.barrier()
 
 
+def is_sharded(tensor) -> bool:
+    """A DTensor: a parameter sharded across processes (FSDP2 / tensor parallel)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def full_state_dict(model) -> dict | None:
+    """The model's state dict with whole tensors if any parameter is sharded (FSDP2), else None.
+
+    Gathering is a collective: every process must call this at the same point, as every process saves
+    each stage's model (the main one into the output folder, the others into their scratch folders).
+    transformers' `save_pretrained` gathers only models it sharded itself; on a model sharded by
+    accelerate / `fully_shard` it fails on the DTensors' storage.
+    """
+    if not any(is_sharded(p) for p in model.parameters()):
+        return None
+    return {name: (value.full_tensor() if is_sharded(value) else value).cpu()
+            for name, value in model.state_dict().items()}
+
+
 def _process_group_size() -> int:
     import torch.distributed as dist
 

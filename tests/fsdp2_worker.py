@@ -1,11 +1,13 @@
 """Run with torchrun by tests/test_distributed.py: pruning masks on FSDP2-sharded parameters (CPU, gloo).
 
 Shards a tiny BERT with `fully_shard`, prunes it with the functions `PruningCallback` uses, takes an
-optimizer step, re-applies the masks and writes the gathered sparsity and a checksum per process.
+optimizer step, re-applies the masks and writes the gathered sparsity and a checksum per process, then saves
+the model from every process.
 """
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -13,7 +15,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForSequenceClassification
 
+from hf_modelopt.pipeline import save_model_state
 from hf_modelopt.prune.masks import apply_masks_, full_weight, masks_from_scores, prunable_linears, sparsity_of
+from hf_modelopt.stages import ModelState
 
 folder, output = sys.argv[1], sys.argv[2]
 dist.init_process_group("gloo")
@@ -36,6 +40,8 @@ apply_masks_(modules, masks)
 checksum = float(sum(full_weight(m).detach().double().abs().sum() for m in modules.values()))
 with open(f"{output}/fsdp2-rank-{rank}.json", "w") as file:
     json.dump({"sharded": sharded, "sparsity": sparsity_of(modules), "after_step": moved, "checksum": checksum}, file)
+# The export: every process saves (into its own folder), as the pipeline does after every stage.
+save_model_state(ModelState(model=model), Path(output) / f"saved-rank-{rank}")
 # Both processes are done before gloo is torn down: a process that destroys its group while the other still
 # has one open can abort ("terminate called without an active exception"), as seen on a loaded machine.
 dist.barrier()

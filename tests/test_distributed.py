@@ -72,3 +72,10 @@ def test_masks_act_on_fsdp2_sharded_parameters(tiny_models, tmp_path):
     assert all(r["after_step"] < 0.7 for r in ranks)  # the optimizer step undid some zeros...
     assert all(r["sparsity"] == pytest.approx(0.7, abs=1e-3) for r in ranks)  # ...the masks put them back
     assert ranks[0]["checksum"] == ranks[1]["checksum"]
+    # Saved from sharded parameters: whole weights, with the masks' zeros.
+    from transformers import AutoModelForSequenceClassification
+
+    saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "saved-rank-0")
+    original = AutoModelForSequenceClassification.from_pretrained(tiny_models("bert"))
+    assert {k: v.shape for k, v in saved.state_dict().items()} == {k: v.shape for k, v in original.state_dict().items()}
+    assert sparsity_of(prunable_linears(saved)) == pytest.approx(0.7, abs=1e-3)

@@ -8,8 +8,9 @@ import os
 import torch
 from transformers import TrainerCallback
 
+from ..distributed import is_sharded
 from .config import PruningConfig
-from .masks import apply_masks_, full_weight, is_sharded, masks_from_scores, prunable_linears, sparsity_of
+from .masks import apply_masks_, full_weight, masks_from_scores, prunable_linears, sparsity_of
 from .schedule import scheduled_sparsity
 
 logger = logging.getLogger("hf_modelopt")

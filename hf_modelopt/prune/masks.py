@@ -8,6 +8,7 @@ from fnmatch import fnmatch
 import torch
 
 from ..distill.student import transformer_layers
+from ..distributed import is_sharded
 
 
 def is_linear(module) -> bool:
@@ -15,15 +16,6 @@ def is_linear(module) -> bool:
     from transformers.pytorch_utils import Conv1D
 
     return isinstance(module, (torch.nn.Linear, Conv1D))
-
-
-def is_sharded(tensor) -> bool:
-    """A DTensor: a parameter sharded across processes (FSDP2 / tensor parallel)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return isinstance(tensor, DTensor)
 
 
 def full_weight(module) -> torch.Tensor:
