@@ -1,7 +1,9 @@
 #!/bin/bash
 # GPU checks, to run when a GPU machine is lent (device tool): FSDP2 and DeepSpeed ZeRO-3 smoke tests of
-# distillation + gradual pruning on a tiny BERT, one process per GPU. Each check passes when the run
-# finishes and the saved model has the requested sparsity. Writes a summary to ${OUT:-/tmp}/gpu_check.txt.
+# distillation + gradual pruning on a tiny BERT, one process per GPU, and a teacher spread over the GPUs
+# (teacher_device_map) in one process. A check passes when its run finishes and the saved model has the
+# requested sparsity (the teacher check: the log says where the teacher went). Writes a summary to
+# ${OUT:-/tmp}/gpu_check.txt.
 # Usage: bash scripts/gpu_check.sh     (from the repository root, hf-modelopt installed)
 set -uo pipefail
 out=${OUT:-/tmp}/gpu-check
@@ -29,6 +31,10 @@ stages = [{"type": "prune", "sparsity": 0.8, "schedule": {"end_step": 10, "updat
            "distillation": {"kd_weight": 1.0, "ce_weight": 0.5}, "training": {"max_steps": 16}},
           {"type": "evaluate"}]
 (out / "recipe.yaml").write_text(yaml.safe_dump(tiny_recipe(model, out / "data", stages=stages)))
+# A teacher spread over the devices (teacher_device_map), live KD into a one-layer student.
+stages = [{"type": "distill", "student": {"layers": [0]}, "ce_weight": 0.5, "hidden_weight": 1.0,
+           "teacher_device_map": "auto", "training": {"max_steps": 8}}, {"type": "evaluate"}]
+(out / "teacher-map.yaml").write_text(yaml.safe_dump(tiny_recipe(model, out / "data", stages=stages)))
 PY
 
 check() {  # name, accelerate config
@@ -55,5 +61,13 @@ if python -c "import deepspeed" 2>/dev/null; then
   check zero3 recipes/accelerate/deepspeed-zero3.yaml
 else
   echo "zero3: SKIPPED (deepspeed is not installed)" >> "$summary"
+fi
+# One process (the teacher spread over every GPU; the student on GPU 0).
+rm -rf "$out/teacher-map"
+if python scripts/run_recipe.py "$out/teacher-map.yaml" --output-dir "$out/teacher-map" > "$out/teacher-map.log" 2>&1 \
+     && grep -q "teacher spread over" "$out/teacher-map.log"; then
+  echo "teacher-map: PASS ($(grep -o 'teacher spread over.*' "$out/teacher-map.log" | head -1))" >> "$summary"
+else
+  echo "teacher-map: FAIL (see $out/teacher-map.log): $(tail -1 "$out/teacher-map.log")" >> "$summary"
 fi
 cat "$summary"
