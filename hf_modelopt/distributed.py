@@ -41,13 +41,27 @@ def init_distributed() -> None:
     if not is_main_process():
         logger.setLevel(logging.WARNING)  # one process tells the story
         return
-    logger.info("distributed: %d processes, %s (backend %s)", state.num_processes, state.distributed_type.value,
-                state.backend)
-    requested = [name for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+    logger.info("distributed: %d processes joined (backend %s)", state.num_processes, state.backend)
+
+
+def report_training_mode(accelerator, stage_name: str) -> None:
+    """Say how a training stage runs over several processes, and warn when it is not what the launch asked for.
+
+    The Trainer's accelerator knows what really runs: on a machine without GPUs accelerate runs an FSDP config
+    as plain data parallel without a word (a DeepSpeed config runs DeepSpeed on its CPU accelerator).
+    """
+    if accelerator.num_processes <= 1 or not is_main_process():
+        return
+    running = accelerator.distributed_type.value  # MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED, ...
+    if running == "DEEPSPEED":
+        running += f" ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
+    logger.info("%s: training in %d processes, %s", stage_name, accelerator.num_processes, running)
+    requested = [mode for mode, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DEEPSPEED", "ACCELERATE_USE_DEEPSPEED"))
                  if os.environ.get(variable, "false").lower() == "true"]
-    if requested and not torch.cuda.is_available():
-        logger.warning("distributed: %s was requested but there is no GPU: accelerate runs plain data parallel "
-                       "(DDP) on CPU instead; every process holds the whole model", requested[0])
+    if requested and not running.startswith(requested[0]):
+        plain = running in ("MULTI_CPU", "MULTI_GPU")
+        logger.warning("%s: the launch asked for %s, but accelerate runs %s%s", stage_name, requested[0], running,
+                       " (plain data parallel: every process holds the whole model)" if plain else "")
 
 
 def use_cpu() -> bool:
@@ -74,18 +88,40 @@ def is_sharded(tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
-def full_state_dict(model) -> dict | None:
-    """The model's state dict with whole tensors if any parameter is sharded (FSDP2), else None.
+def is_zero3_partitioned(tensor) -> bool:
+    """A DeepSpeed ZeRO-3 parameter: between forwards each process holds only a flat slice of it (`ds_tensor`)."""
+    return hasattr(tensor, "ds_id")
 
-    Gathering is a collective: every process must call this at the same point, as every process saves
-    each stage's model (the main one into the output folder, the others into their scratch folders).
-    transformers' `save_pretrained` gathers only models it sharded itself; on a model sharded by
-    accelerate / `fully_shard` it fails on the DTensors' storage.
+
+def whole_model(model):
+    """`model` itself, or, when its weights are sharded over the processes (FSDP2, ZeRO-3), a plain copy of it
+    with whole weights.
+
+    A collective: every process calls it at the same point, when a training stage ends (`train_and_record`).
+    What follows (evaluation, the main process saving alone, export) then needs no communication.
+    transformers' `save_pretrained` gathers only models it sharded itself: on a model sharded by accelerate
+    or `fully_shard` it fails on the DTensors' storage, and under ZeRO-3 it would save empty tensors.
     """
-    if not any(is_sharded(p) for p in model.parameters()):
-        return None
-    return {name: (value.full_tensor() if is_sharded(value) else value).cpu()
-            for name, value in model.state_dict().items()}
+    if not any(is_sharded(p) or is_zero3_partitioned(p) for p in model.parameters()):
+        return model
+    state = {}
+    for name, value in model.state_dict(keep_vars=True).items():
+        if is_zero3_partitioned(value):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([value]):  # one parameter at a time: little extra memory
+                state[name] = value.detach().cpu().clone()
+        else:
+            state[name] = (value.full_tensor() if is_sharded(value) else value).detach().cpu()
+    # FSDP2 changes the model's class to a subclass of its own; the copy is of the model class itself.
+    from torch.distributed.fsdp import FSDPModule
+
+    model_class = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+    plain = model_class(model.config)
+    plain.load_state_dict(state)
+    if getattr(model, "generation_config", None) is not None:
+        plain.generation_config = model.generation_config
+    return plain.train(model.training)
 
 
 def _process_group_size() -> int:

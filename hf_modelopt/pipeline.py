@@ -174,11 +174,10 @@ def _link_or_copy_tree(source: Path, target: Path) -> None:
 
 def save_model_state(state: ModelState, folder: Path) -> None:
     """Save model (safetensors) and tokenizer so `from_pretrained(folder)` loads them."""
-    from .distributed import full_state_dict
     from .quant.bnb import check_savable
 
     check_savable(state.model)  # a 4-bit model that ran on CPU would save as garbage
-    state.model.save_pretrained(folder, state_dict=full_state_dict(state.model))
+    state.model.save_pretrained(folder)
     if state.tokenizer is not None:
         state.tokenizer.save_pretrained(folder)
     state.path = folder

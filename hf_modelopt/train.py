@@ -74,9 +74,11 @@ def train_and_record(trainer, context: StageContext):
     Resumes from `context.resume_from_checkpoint` when set. A stop signal (see `hf_modelopt.interrupt`)
     ends training after the current step with a checkpoint, then raises `RunInterrupted`.
     """
+    from .distributed import report_training_mode, whole_model
     from .interrupt import RunInterrupted, StopOnSignalCallback, stop_requested, training_in_progress
 
     trainer.add_callback(StopOnSignalCallback())
+    report_training_mode(trainer.accelerator, context.stage_name)
     resume = context.resume_from_checkpoint
     if resume is not None:
         logger.info("%s: resuming from %s", context.stage_name, resume)
@@ -91,6 +93,7 @@ def train_and_record(trainer, context: StageContext):
     if trainer.is_world_process_zero() and checkpoints.is_dir() and not any(checkpoints.iterdir()):
         checkpoints.rmdir()
     (context.stage_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+    trainer.model = whole_model(trainer.model)  # every process, together: weights sharded by FSDP2 / ZeRO-3
     logger.info("%s: trained %d steps in %.0f s (train loss %.4f)", context.stage_name,
                 result.global_step, result.metrics["train_runtime"], result.training_loss)
     return result

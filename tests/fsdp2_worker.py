@@ -1,8 +1,8 @@
 """Run with torchrun by tests/test_distributed.py: pruning masks on FSDP2-sharded parameters (CPU, gloo).
 
 Shards a tiny BERT with `fully_shard`, prunes it with the functions `PruningCallback` uses, takes an
-optimizer step, re-applies the masks and writes the gathered sparsity and a checksum per process, then saves
-the model from every process.
+optimizer step, re-applies the masks and writes the gathered sparsity and a checksum per process; then
+gathers the whole model in every process and saves it from the main one, as a training stage ends.
 """
 
 import json
@@ -15,6 +15,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForSequenceClassification
 
+from hf_modelopt.distributed import whole_model
 from hf_modelopt.pipeline import save_model_state
 from hf_modelopt.prune.masks import apply_masks_, full_weight, masks_from_scores, prunable_linears, sparsity_of
 from hf_modelopt.stages import ModelState
@@ -40,8 +41,10 @@ apply_masks_(modules, masks)
 checksum = float(sum(full_weight(m).detach().double().abs().sum() for m in modules.values()))
 with open(f"{output}/fsdp2-rank-{rank}.json", "w") as file:
     json.dump({"sharded": sharded, "sparsity": sparsity_of(modules), "after_step": moved, "checksum": checksum}, file)
-# The export: every process saves (into its own folder), as the pipeline does after every stage.
-save_model_state(ModelState(model=model), Path(output) / f"saved-rank-{rank}")
+# As a training stage ends: every process gathers the whole model, then the main process alone saves it.
+model = whole_model(model)
+if rank == 0:
+    save_model_state(ModelState(model=model), Path(output) / "saved")
 # Both processes are done before gloo is torn down: a process that destroys its group while the other still
 # has one open can abort ("terminate called without an active exception"), as seen on a loaded machine.
 dist.barrier()

@@ -75,7 +75,53 @@ def test_masks_act_on_fsdp2_sharded_parameters(tiny_models, tmp_path):
     # Saved from sharded parameters: whole weights, with the masks' zeros.
     from transformers import AutoModelForSequenceClassification
 
-    saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "saved-rank-0")
+    saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "saved")
     original = AutoModelForSequenceClassification.from_pretrained(tiny_models("bert"))
     assert {k: v.shape for k, v in saved.state_dict().items()} == {k: v.shape for k, v in original.state_dict().items()}
     assert sparsity_of(prunable_linears(saved)) == pytest.approx(0.7, abs=1e-3)
+
+
+def test_masks_act_on_zero3_partitioned_parameters(tiny_models, tmp_path):
+    pytest.importorskip("deepspeed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29539",
+               str(REPO / "tests" / "zero3_worker.py"), str(tiny_models("bert")), str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"zero3-rank-{i}.json").read_text()) for i in (0, 1)]
+    assert all(r["partitioned"] for r in ranks)  # each process holds slices only: weight.numel() == 0
+    assert all(r["after_step"] < 0.7 for r in ranks)  # the optimizer step undid some zeros...
+    assert all(r["sparsity"] == pytest.approx(0.7, abs=1e-3) for r in ranks)  # ...the masks put them back
+    assert all(r["masters_zero"] for r in ranks)  # in the optimizer's fp32 copy too
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]
+    from transformers import AutoModelForSequenceClassification
+
+    saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "saved")
+    original = AutoModelForSequenceClassification.from_pretrained(tiny_models("bert"))
+    assert {k: v.shape for k, v in saved.state_dict().items()} == {k: v.shape for k, v in original.state_dict().items()}
+    assert sparsity_of(prunable_linears(saved)) == pytest.approx(0.7, abs=1e-3)
+
+
+@pytest.mark.parametrize("config, running", [("fsdp2", "MULTI_CPU"), ("deepspeed-zero3", "DEEPSPEED ZeRO-3")])
+def test_fsdp_and_zero3_configs_on_cpu_run_distill_and_prune(config, running, tiny_models, sst2_files, tmp_path):
+    """What runs is what the log says: FSDP on CPU is plain DDP (and warned about), ZeRO-3 really partitions."""
+    if config.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")
+    stages = [{"type": "prune", "sparsity": 0.6, "schedule": {"end_step": 4, "update_every": 1},
+               "distillation": {"kd_weight": 1.0, "ce_weight": 0.5}, "training": {"max_steps": 6}}, "evaluate"]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(tiny_models("bert"), sst2_files, stages=stages, verify_export=False)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "recipes" / "accelerate" / f"{config}.yaml"), "--mixed_precision", "no",
+               "--main_process_port", "29547", str(REPO / "scripts" / "run_recipe.py"), str(path),
+               "--output-dir", str(tmp_path / "out")]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert f"prune: training in 2 processes, {running}" in log
+    assert ("the launch asked for FSDP, but accelerate runs MULTI_CPU" in log) == (config == "fsdp2")
+    from transformers import AutoModelForSequenceClassification
+
+    saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
+    assert sparsity_of(prunable_linears(saved)) == pytest.approx(0.6, abs=1e-3)

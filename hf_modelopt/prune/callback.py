@@ -8,9 +8,9 @@ import os
 import torch
 from transformers import TrainerCallback
 
-from ..distributed import is_sharded
+from ..distributed import is_sharded, is_zero3_partitioned
 from .config import PruningConfig
-from .masks import apply_masks_, full_weight, masks_from_scores, prunable_linears, sparsity_of
+from .masks import apply_masks_, full_weight, masks_from_scores, prunable_linears, sparsity_of, weight_numel
 from .schedule import scheduled_sparsity
 
 logger = logging.getLogger("hf_modelopt")
@@ -49,6 +49,10 @@ class PruningCallback(TrainerCallback):
             # Default: reach the final sparsity after two thirds of training, recover during the last third.
             self.schedule.end_step = max(self.schedule.start_step + 1, round(state.max_steps * 2 / 3))
         if self.config.method == "movement":
+            if any(is_zero3_partitioned(m.weight) for m in self.modules.values()):
+                # Its scores need each weight and its gradient whole at every step; ZeRO-3 keeps slices of both.
+                raise ValueError("movement pruning does not run under DeepSpeed ZeRO-3; use method: magnitude, or "
+                                 "FSDP2 (recipes/accelerate/fsdp2.yaml) or ZeRO-2")
             self.movement = {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in self.modules.items()}
         if state.global_step > 0:
             self._restore(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
@@ -110,7 +114,7 @@ class PruningCallback(TrainerCallback):
                                   "sparsity": round(measured, 6)})
         if int(target * 20) > int(previous * 20) or target >= self.config.sparsity:  # every 5 points
             logger.info("pruning: step %d, sparsity %.1f %% of %d targeted weights (target %.1f %%)",
-                        state.global_step, measured * 100, sum(m.weight.numel() for m in self.modules.values()),
+                        state.global_step, measured * 100, sum(weight_numel(m) for m in self.modules.values()),
                         target * 100)
 
     def _restore(self, checkpoint: str) -> None:

@@ -8,7 +8,7 @@ from fnmatch import fnmatch
 import torch
 
 from ..distill.student import transformer_layers
-from ..distributed import is_sharded
+from ..distributed import is_sharded, is_zero3_partitioned
 
 
 def is_linear(module) -> bool:
@@ -19,9 +19,25 @@ def is_linear(module) -> bool:
 
 
 def full_weight(module) -> torch.Tensor:
-    """The whole weight, gathered from every process if it is sharded (scores must see all of it)."""
+    """The whole weight, gathered from every process if it is sharded (scores must see all of it).
+
+    Gathering is a collective: every process calls this for the same modules in the same order.
+    """
     weight = module.weight
-    return weight.full_tensor() if is_sharded(weight) else weight
+    if is_sharded(weight):
+        return weight.full_tensor()
+    if is_zero3_partitioned(weight):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([weight]):
+            return weight.detach().clone()
+    return weight
+
+
+def weight_numel(module) -> int:
+    """Number of elements of the whole weight (a ZeRO-3 parameter's own `numel()` is 0 between forwards)."""
+    weight = module.weight
+    return weight.ds_numel if is_zero3_partitioned(weight) else weight.numel()
 
 
 def linear_weight(module) -> torch.Tensor:
@@ -93,10 +109,14 @@ def apply_masks_(modules: dict[str, torch.nn.Module], masks: dict[str, torch.Ten
     """Zero the dropped weights in place.
 
     Masks are full-size; a sharded weight (FSDP2 DTensor) gets the mask sharded the same way, so each
-    process zeroes its own shard (multiplying a shard by a full mask would silently do nothing useful).
+    process zeroes its own shard (multiplying a shard by a full mask would silently do nothing useful); a
+    ZeRO-3 weight gets its slice of the mask.
     """
     for name, mask in masks.items():
         weight = modules[name].weight
+        if is_zero3_partitioned(weight):
+            _apply_mask_to_zero3_partition_(weight, mask)
+            continue
         if is_sharded(weight):
             from torch.distributed.tensor import distribute_tensor
 
@@ -106,8 +126,30 @@ def apply_masks_(modules: dict[str, torch.nn.Module], masks: dict[str, torch.Ten
         weight.mul_(mask)
 
 
+def _apply_mask_to_zero3_partition_(weight, mask: torch.Tensor) -> None:
+    """DeepSpeed ZeRO-3: zero the dropped weights in this process's slice of `weight`, and in the optimizer's
+    fp32 copy of that slice (copied back into the weight after every step, so it must be masked as well).
+
+    Each process holds the elements [r·n, (r + 1)·n) of the flattened weight in `ds_tensor` (process r of
+    the parameter's group, n elements each; the last slice is padded).
+    """
+    import torch.distributed as dist
+
+    local = weight.ds_tensor
+    start = dist.get_rank(group=weight.ds_process_group) * local.numel()
+    keep = mask.flatten()[start : start + local.numel()].to(local.device, local.dtype)
+    keep = torch.nn.functional.pad(keep, (0, local.numel() - keep.numel()), value=1.0).view_as(local)
+    local.data.mul_(keep)
+    if getattr(weight, "_z3_optimizer", None) is not None:  # set once DeepSpeed built the optimizer
+        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+        master = safe_get_local_fp32_param(weight)
+        if master is not None:
+            safe_set_local_fp32_param(weight, master * keep.to(master.dtype).view_as(master))
+
+
 def sparsity_of(modules: dict[str, torch.nn.Module]) -> float:
     """Fraction of exactly-zero weights over `modules` (what is measured, not what was asked)."""
     zeros = sum(int((full_weight(m) == 0).sum()) for m in modules.values())
-    total = sum(m.weight.numel() for m in modules.values())
+    total = sum(weight_numel(m) for m in modules.values())
     return zeros / max(total, 1)

@@ -53,11 +53,11 @@ def _finish_unstructured(state: ModelState, config, context: StageContext) -> Mo
     from ..distributed import is_main_process
     from ..export.sparse import save_sparse, weights_size_on_disk
     from ..pipeline import MODEL_SUBDIR, save_model_state
-    from .masks import prunable_linears, sparsity_of
+    from .masks import prunable_linears, sparsity_of, weight_numel
 
     targeted = prunable_linears(state.model, config.targets, config.exclude)
     report = {"target_sparsity": config.sparsity, "sparsity": sparsity_of(targeted),
-              "targeted_weights": sum(m.weight.numel() for m in targeted.values()),
+              "targeted_weights": sum(weight_numel(m) for m in targeted.values()),
               "per_layer": {name: sparsity_of({name: m}) for name, m in targeted.items()}}
     logger.info("%s: %.2f %% of %d targeted weights are zero (target %.1f %%)", context.stage_name,
                 report["sparsity"] * 100, report["targeted_weights"], config.sparsity * 100)
