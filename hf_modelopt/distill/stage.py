@@ -116,8 +116,8 @@ def train_with_distillation(teacher, student, tokenizer, config: KnowledgeDistil
             callbacks=list(callbacks),
         )
         train_and_record(trainer, context)
-    if config.attention_weight:
-        student.set_attn_implementation("sdpa")
+    if config.attention_weight:  # (trainer.model: the student, or its gathered copy when it was sharded)
+        trainer.model.set_attn_implementation("sdpa")
     return trainer
 
 
