@@ -116,23 +116,10 @@ def whole_model(model):
     # FSDP2 changes the model's class to a subclass of its own; the copy is of the model class itself.
     from torch.distributed.fsdp import FSDPModule
 
+    from .modeling import plain_copy
+
     model_class = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
-    plain = model_class(model.config)
-    # Structured pruning may have left Linear layers at shapes the config cannot describe (BERT with fewer
-    # heads in a layer): the copy takes its shapes from the weights, as `from_pretrained` does from
-    # `layer_shapes` (see export/loading.py).
-    from torch.nn import Linear
-
-    from .prune.structured import resize_linear_
-
-    for name, module in list(plain.named_modules()):
-        weight = state.get(f"{name}.weight")
-        if isinstance(module, Linear) and weight is not None and weight.shape != module.weight.shape:
-            resize_linear_(plain, name, *weight.shape)
-    plain.load_state_dict(state)
-    if getattr(model, "generation_config", None) is not None:
-        plain.generation_config = model.generation_config
-    return plain.train(model.training)
+    return plain_copy(model, state, model_class).train(model.training)
 
 
 def _process_group_size() -> int:

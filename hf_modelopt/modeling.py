@@ -23,14 +23,31 @@ def _drop_gguf_quantizer(model):
     already dense, so a model built from the same config without `quantization_config` that loads the
     state dict is the same model, and a serializable one.
     """
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = type(model)(config)
-    plain.load_state_dict(model.state_dict(), strict=True)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return plain_copy(model, model.state_dict()).eval()
+
+
+def plain_copy(model, state_dict: dict, model_class=None):
+    """A new `model_class` (default: the model's own class) built from `model.config`, with `state_dict` loaded.
+
+    Nothing of how `model` is held comes along: no quantizer, accelerate hooks or sharding. Linear layers take
+    the shapes of their weights in `state_dict`: structured pruning may leave shapes the config cannot describe
+    (BERT with fewer heads in a layer), which `from_pretrained` reads from `layer_shapes` (export/loading.py).
+    """
+    from torch.nn import Linear
+
+    from .prune.structured import resize_linear_
+
+    plain = (model_class or type(model))(model.config)
+    for name, module in list(plain.named_modules()):
+        weight = state_dict.get(f"{name}.weight")
+        if isinstance(module, Linear) and weight is not None and weight.shape != module.weight.shape:
+            resize_linear_(plain, name, *weight.shape)
+    plain.load_state_dict(state_dict, strict=True)
     if getattr(model, "generation_config", None) is not None:
         plain.generation_config = model.generation_config
-    return plain.eval()
+    return plain
 
 
 def check_model_for_task(spec: ModelConfig, task: str, num_labels: int | None, key: str, source: str):
