@@ -31,6 +31,8 @@ _EXPORTS = {
     "student_from_teacher": "distill.student",
     "dispatch_teacher": "distill.placement",
     "KnowledgeDistillationConfig": "distill.config",
+    "AugmentationConfig": "distill.augment",
+    "augmented_sentences": "distill.augment",
     "PruningConfig": "prune.config",
     "ScheduleConfig": "prune.config",
     "PruneStageConfig": "prune.config",

@@ -2,9 +2,10 @@
 
 `DistillationTrainer` (a `transformers.Trainer` whose loss is the distillation loss), the losses as pure
 functions, students built from their teacher's layers, a teacher-logit cache, a teacher spread over devices when it is
-too big for one, and the `distill` stage.
+too big for one, perturbed copies of the labelled sentences as extra KD inputs, and the `distill` stage.
 """
 
+from .augment import AugmentationConfig, augmented_sentences
 from .cache import TeacherLogitCache, build_teacher_logit_cache
 from .config import DistillationConfig, KnowledgeDistillationConfig, StudentConfig
 from .losses import attention_kl, attention_mse, hidden_cosine, hidden_mse, soft_target_kl, sparse_soft_target_kl
@@ -12,7 +13,8 @@ from .placement import dispatch_teacher
 from .student import student_from_teacher
 
 __all__ = [
-    "DistillationConfig", "KnowledgeDistillationConfig", "StudentConfig", "TeacherLogitCache",
+    "AugmentationConfig", "DistillationConfig", "KnowledgeDistillationConfig", "StudentConfig", "TeacherLogitCache",
+    "augmented_sentences",
     "build_teacher_logit_cache", "dispatch_teacher",
     "student_from_teacher", "soft_target_kl", "sparse_soft_target_kl", "hidden_mse", "hidden_cosine",
     "attention_kl", "attention_mse", "DistillationTrainer",

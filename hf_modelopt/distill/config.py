@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..stages import StageConfig
+from .augment import AugmentationConfig
 
 
 class StudentConfig(BaseModel):
@@ -63,6 +64,10 @@ class KnowledgeDistillationConfig(BaseModel):
         "training set for KD only (classification).",
     )
     max_transfer_samples: int | None = Field(None, gt=0, description="Use only the first N transfer lines.")
+    augmentation: AugmentationConfig | None = Field(
+        None, description="Perturbed copies of the labelled training sentences (n-grams, masked words) added "
+        "to the training set for KD only (classification; Tang et al. 2019).",
+    )
     teacher_device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | None = Field(
         None, description="For a teacher too big for one device: spread its layers over the GPUs, then CPU RAM, "
         "then disk (accelerate big-model inference; `from_pretrained(device_map=...)` strategies). One process, "
@@ -74,7 +79,8 @@ class KnowledgeDistillationConfig(BaseModel):
     )
 
     def check_against(self, recipe, stage_training: dict[str, Any], key: str) -> None:
-        """Transfer text must exist (classification only); the logit cache excludes evaluation in training.
+        """Transfer text must exist; it and augmentation are for classification; the logit cache excludes
+        evaluation in training.
 
         `key` is where these settings sit in the recipe (for the error message).
         """
@@ -87,6 +93,9 @@ class KnowledgeDistillationConfig(BaseModel):
             path = recipe.data.resolve(self.transfer_file)
             if not path.is_file():
                 raise RecipeError(recipe.source, f"{key}.transfer_file", f"file not found: {path}")
+        if self.augmentation is not None and recipe.task != "text-classification":
+            raise RecipeError(recipe.source, f"{key}.augmentation", "for classification only: a causal LM's "
+                              "training text is its own target")
         evaluates = {**recipe.training, **stage_training}.get("eval_strategy", "no") not in ("no", None)
         if self.cache_teacher_logits and evaluates:
             raise RecipeError(recipe.source, f"{key}.cache_teacher_logits", "the cache covers the training set "

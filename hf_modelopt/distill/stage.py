@@ -50,15 +50,24 @@ def transfer_sentences(path: Path, limit: int | None = None) -> list[str]:
     return sentences
 
 
-def _with_transfer_text(train, recipe, config: KnowledgeDistillationConfig):
-    """Append unlabelled transfer sentences (label -100: KD only) to the raw training split."""
+def _with_kd_only_text(train, recipe, config: KnowledgeDistillationConfig, mask_token: str | None):
+    """Append the unlabelled KD examples (label -100) to the raw training split: transfer sentences, then
+    perturbed copies of the labelled sentences."""
     import datasets
 
-    path = recipe.data.resolve(config.transfer_file)  # checked in DistillationConfig.preflight
-    sentences = transfer_sentences(path, config.max_transfer_samples)
+    from .augment import augmented_sentences
+
+    sentences = []
+    if config.transfer_file:
+        path = recipe.data.resolve(config.transfer_file)  # checked in DistillationConfig.preflight
+        sentences = transfer_sentences(path, config.max_transfer_samples)
+        logger.info("distill: %d unlabelled transfer sentences from %s added for KD", len(sentences), path)
+    if config.augmentation is not None:
+        copies = augmented_sentences(list(train[recipe.data.text_column]), config.augmentation, mask_token)
+        logger.info("distill: %d perturbed copies of the %d labelled sentences added for KD", len(copies), len(train))
+        sentences += copies
     columns = {recipe.data.text_column: sentences, recipe.data.label_column: [-100] * len(sentences)}
     extra = datasets.Dataset.from_dict(columns).cast(train.features)
-    logger.info("distill: %d unlabelled transfer sentences from %s added for KD", len(sentences), path)
     return datasets.concatenate_datasets([train.select_columns(list(columns)), extra])
 
 
@@ -83,8 +92,8 @@ def train_with_distillation(teacher, student, tokenizer, config: KnowledgeDistil
         student.set_attn_implementation("eager")
 
     raw_train = load_split(recipe.data, "train")
-    if config.transfer_file:
-        raw_train = _with_transfer_text(raw_train, recipe, config)
+    if config.transfer_file or config.augmentation is not None:
+        raw_train = _with_kd_only_text(raw_train, recipe, config, tokenizer.mask_token)
     train, evaluation, collator = training_data(recipe, tokenizer, raw_train=raw_train)
     train = train.add_column("example_index", list(range(len(train))))
     args = training_arguments(recipe, {**stage_training, "remove_unused_columns": False},

@@ -22,6 +22,23 @@ def test_distill_stage_classification_with_transfer_text_and_cache(tiny_models, 
     assert logged[-1]["train_loss"] > 0
 
 
+
+def test_augmented_copies_join_the_training_set_for_kd_only(tiny_models, sst2_files, tmp_path):
+    from safetensors.torch import load_file
+
+    from hf_modelopt.distill.augment import AugmentationConfig, augmented_sentences
+
+    augmentation = {"copies": 3, "ngram_probability": 0.5, "mask_probability": 0.2}
+    stages = [{"type": "prune", "sparsity": 0.5, "schedule": {"kind": "one_shot"},
+               "distillation": {"ce_weight": 0.5, "cache_teacher_logits": True, "augmentation": augmentation},
+               "training": {"max_steps": 3}}]
+    run_recipe(validate_recipe(tiny_recipe(tiny_models("bert"), sst2_files, stages=stages)), tmp_path / "o")
+    labelled = [line.split("\t")[0] for line in (sst2_files / "sst2" / "train.tsv").read_text().splitlines()[1:]]
+    copies = augmented_sentences(labelled, AugmentationConfig(**augmentation), "[MASK]")
+    assert len(copies) > len(labelled)
+    cached = load_file(tmp_path / "o" / "stages" / "prune" / "teacher_logits.safetensors")
+    assert cached["values"].shape[0] == len(labelled) + len(copies)  # the teacher labelled every copy once
+
 def test_distill_stage_causal_lm_with_hidden_and_attention_losses(tiny_models, sst2_files, tmp_path):
     stages = [{"type": "distill", "student": {"every": 2}, "hidden_weight": 1.0, "attention_weight": 0.5},
               "evaluate"]
@@ -60,6 +77,11 @@ def test_transfer_text_problems_are_found_before_any_work(tiny_models, sst2_file
     with pytest.raises(UserError, match="for classification only"):
         run_recipe(validate_recipe(recipe), tmp_path / "o")
     assert not (tmp_path / "o").exists()
+    stages[0].pop("transfer_file")
+    stages[0]["augmentation"] = {"copies": 2}
+    recipe = tiny_recipe(tiny_models("gpt2", "causal-lm"), sst2_files, task="causal-lm", stages=stages)
+    with pytest.raises(UserError, match="distill.augmentation: for classification only"):
+        run_recipe(validate_recipe(recipe), tmp_path / "o")
 
 
 def test_logit_cache_with_evaluation_during_training_is_refused(tiny_models, sst2_files, tmp_path):
