@@ -4,6 +4,8 @@ Task-Specific Knowledge from BERT into Simple Neural Networks").
 A student trained on a few thousand labelled sentences sees each of them many times and fits them; the
 teacher's soft targets on perturbed copies (short n-grams, masked words) give it new inputs from the same
 domain without new labels. The copies carry label -100: they train the KD terms, never the task loss.
+Measured on `recipes/sst2-minilm/gmp-90.yaml` (README, Pruning), 4 copies per sentence did not help the 90 %
+sparse student, so that recipe does not use it.
 """
 
 from __future__ import annotations
