@@ -22,7 +22,6 @@ def test_distill_stage_classification_with_transfer_text_and_cache(tiny_models, 
     assert logged[-1]["train_loss"] > 0
 
 
-
 def test_augmented_copies_join_the_training_set_for_kd_only(tiny_models, sst2_files, tmp_path):
     from safetensors.torch import load_file
 
@@ -38,6 +37,7 @@ def test_augmented_copies_join_the_training_set_for_kd_only(tiny_models, sst2_fi
     assert len(copies) > len(labelled)
     cached = load_file(tmp_path / "o" / "stages" / "prune" / "teacher_logits.safetensors")
     assert cached["values"].shape[0] == len(labelled) + len(copies)  # the teacher labelled every copy once
+
 
 def test_distill_stage_causal_lm_with_hidden_and_attention_losses(tiny_models, sst2_files, tmp_path):
     stages = [{"type": "distill", "student": {"every": 2}, "hidden_weight": 1.0, "attention_weight": 0.5},
