@@ -1,60 +1,33 @@
-"""hf-modelopt: distill, prune and quantize 🤗 Transformers models from YAML recipes.
+"""hf-modelopt: distill, prune and quantize 🤗 Transformers models, from your own Trainer scripts or YAML recipes.
 
-Importing the package is cheap: the public names below load their modules (and torch / transformers)
-only when first used.
+    from hf_modelopt import DistillationTrainer, DistillationConfig, PruningCallback, PruningConfig, prune_, quantize
+
+Each technique is one verb or class taking its own config; the recipe runner (`run_recipe`, `hf-modelopt run`)
+is a thin layer over the same functions. Everything else lives in the sub-packages: `distill`, `prune`, `quant`
+(techniques), `formats` (on-disk formats), `export` (writing models), `stages` (the recipe stages), `recipe`.
+
+Importing the package is cheap: the names below load their modules (and torch / transformers) only when first
+used.
 """
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Recipe": "recipe",
-    "RecipeError": "recipe",
+    "DistillationTrainer": "distill.trainer",
+    "DistillationConfig": "distill.config",
+    "PruningCallback": "prune.callback",
+    "PruningConfig": "prune.config",
+    "StructuredPruningConfig": "prune.config",
+    "OneShotPruningConfig": "prune.config",
+    "prune_": "prune.prune",
+    "QuantizationConfig": "quant.config",
+    "quantize": "quant.quantize",
+    "save_compressed": "export.compressed",
+    "evaluate_model": "metrics",
     "load_recipe": "recipe",
-    "validate_recipe": "recipe",
     "run_recipe": "pipeline",
     "register_stage": "stages",
-    "StageConfig": "stages",
-    "ModelState": "stages",
-    "StageContext": "stages",
-    "FinetuneConfig": "train",
-    "EvaluateConfig": "metrics",
-    "evaluate_model": "metrics",
-    "ExportConfig": "export.save",
-    "export_model": "export.save",
-    "load_exported": "export.formats",
-    "push_export": "export.hub",
-    "inspect_model": "inspection",
     "UserError": "errors",
-    "DistillationConfig": "distill.config",
-    "StudentConfig": "distill.config",
-    "DistillationTrainer": "distill.trainer",
-    "student_from_teacher": "distill.student",
-    "dispatch_teacher": "distill.placement",
-    "KnowledgeDistillationConfig": "distill.config",
-    "AugmentationConfig": "distill.augment",
-    "augmented_sentences": "distill.augment",
-    "PruningConfig": "prune.config",
-    "ScheduleConfig": "prune.config",
-    "PruneStageConfig": "prune.config",
-    "StructuredPruneStageConfig": "prune.config",
-    "OneShotPruneStageConfig": "prune.config",
-    "PruningCallback": "prune.callback",
-    "cubic_sparsity": "prune.schedule",
-    "prune_oneshot_": "prune.oneshot",
-    "remove_heads_and_neurons_": "prune.structured",
-    "gradient_importance": "prune.structured",
-    "magnitude_importance": "prune.structured",
-    "save_sparse": "export.sparse",
-    "verify_reload": "export.verify",
-    "QuantizationConfig": "quant.config",
-    "SensitivityConfig": "quant.config",
-    "RecoveryConfig": "quant.config",
-    "quantize": "quant.bnb",
-    "save_quantized": "quant.bnb",
-    "StorageQuantizationConfig": "quant.config",
-    "save_with_quantized_storage": "quant.storage",
-    "run_benchmark": "benchmark",
-    "run_tasks": "parallel",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -74,6 +47,6 @@ def __dir__():
 
 # `from_pretrained` learns hf-modelopt's formats (sparse checkpoints, structurally pruned shapes) as soon
 # as transformers loads, without this import loading transformers.
-from .export.loading import register_when_transformers_loads as _register  # noqa: E402
+from .formats.hf_modelopt import register_when_transformers_loads as _register  # noqa: E402
 
 _register()

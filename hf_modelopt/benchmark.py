@@ -12,67 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-def random_batch(model, batch_size: int, seq_len: int, seed: int = 0) -> dict:
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-    vocab = model.config.vocab_size
-    ids = torch.randint(5, vocab, (batch_size, seq_len), generator=generator)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    device = next(model.parameters()).device
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def compare_latency(models: dict[str, object], batch_size: int = 32, seq_len: int = 64, repeats: int = 20,
-                    warmup: int = 3, progress: bool = False) -> dict[str, dict[str, float]]:
-    """Median forward latency (ms) and throughput (sequences/s) of each model on the same random batch."""
-    import torch
-    from tqdm.auto import tqdm
-
-    batches = {name: random_batch(model, batch_size, seq_len) for name, model in models.items()}
-    timings: dict[str, list[float]] = {name: [] for name in models}
-    with torch.inference_mode():
-        for model in models.values():
-            model.eval()
-        rounds = tqdm(range(warmup + repeats), desc=f"latency, batch {batch_size}", unit="round", disable=not progress)
-        for round_ in rounds:
-            for name, model in models.items():
-                started = time.perf_counter()
-                model(**batches[name])
-                if round_ >= warmup:
-                    timings[name].append(time.perf_counter() - started)
-    results = {}
-    for name, values in timings.items():
-        median = statistics.median(values)
-        results[name] = {"latency_ms": median * 1000, "sequences_per_s": batch_size / median,
-                         "batch_size": batch_size, "seq_len": seq_len, "threads": torch.get_num_threads(),
-                         "repeats": repeats}
-    return results
-
-
-def format_latency_table(results: dict[str, dict[str, float]]) -> str:
-    names = list(results)
-    reference = results[names[0]]["latency_ms"]
-    any_result = results[names[0]]
-    lines = [f"batch {any_result['batch_size']}, length {any_result['seq_len']}, {any_result['threads']} threads, "
-             f"median of {any_result['repeats']} interleaved runs",
-             f"{'model':<40} {'latency ms':>11} {'seq/s':>9} {'speed-up':>9}"]
-    for name in names:
-        r = results[name]
-        lines.append(f"{name:<40} {r['latency_ms']:>11.1f} {r['sequences_per_s']:>9.1f} "
-                     f"{reference / r['latency_ms']:>8.2f}x")
-    return "\n".join(lines)
-
+from .export.measure import compare_latency, format_latency_table, random_batch  # noqa: F401  (re-exported)
 
 # --------------------------------------------------------------------------- the full benchmark
 
@@ -103,12 +50,12 @@ def folder_candidate(path, task: str, name: str | None = None) -> Candidate:
 
     def load():
         if os.path.isdir(path):
-            from .export.formats import load_exported
+            from .formats.detect import load_exported
 
             return load_exported(path, task)
         import transformers
 
-        from .export.formats import TASK_CLASSES
+        from .formats.detect import TASK_CLASSES
 
         return getattr(transformers, TASK_CLASSES[task]).from_pretrained(path)
 
@@ -213,7 +160,7 @@ def run_benchmark(candidates: list[Candidate], recipe=None, batch_sizes=(1, 32),
             from .modeling import load_tokenizer
 
             tokenizer = candidate.tokenizer or load_tokenizer(recipe.model)
-            row["metrics"] = evaluate_model(model, tokenizer, recipe)
+            row["metrics"] = evaluate_model(model, tokenizer, recipe.data, task=recipe.task)
         if memory:
             row["peak_memory_mb"] = peak_memory_mb(candidate, task, max(batch_sizes), seq_len)
         rows.append(row)

@@ -1,4 +1,4 @@
-"""`hf-modelopt`: a thin command line over the Python API (run, eval, inspect)."""
+"""`hf-modelopt`: a thin command line over the Python API (run, eval, inspect, bench, stages, push)."""
 
 from __future__ import annotations
 
@@ -77,6 +77,9 @@ def make_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=20, help="timed runs per model and batch size (median)")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    stages = commands.add_parser("stages", help="the recipe stages this installation knows: built-in ones and those "
+                                 "that installed packages register (entry point group hf_modelopt.stages)")
+    stages.add_argument("--json", action="store_true", help="print JSON instead of a table")
     push = commands.add_parser("push", help="upload a verified export folder to the Hugging Face Hub")
     push.add_argument("folder", help="an export folder (OUTPUT of `hf-modelopt run`)")
     push.add_argument("--repo-id", required=True, help="Hub model repository ORG/NAME (created if missing)")
@@ -189,13 +192,13 @@ def _eval(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     preflight(recipe)
     if os.path.isdir(args.model):  # an export folder loads the way its format does (peft adapters, ...)
-        from .export.formats import load_exported
+        from .formats.detect import load_exported
 
         model = load_exported(args.model, recipe.task, trust_remote_code=recipe.model.trust_remote_code)
     else:
         model = load_model(recipe.model, recipe.task, path=args.model)
     tokenizer = load_tokenizer(recipe.model, path=args.model)
-    metrics = evaluate_model(model, tokenizer, recipe)
+    metrics = evaluate_model(model, tokenizer, recipe.data, task=recipe.task)
     print(json.dumps(metrics, indent=None if args.json else 2))
     return 0
 
@@ -210,6 +213,22 @@ def _push(args) -> int:
         print(f"\n{plan.card}")
         return 0
     print(push_export(args.folder, args.repo_id, private=args.private))
+    return 0
+
+
+def _stages(args) -> int:
+    from .stages import STAGES, load_builtin_stages
+
+    load_builtin_stages()
+    rows = [{"stage": name, "config": spec.config_cls.__name__, "module": spec.origin,
+             "description": (spec.config_cls.__doc__ or "").strip().splitlines()[0] if spec.config_cls.__doc__ else ""}
+            for name, spec in sorted(STAGES.items())]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(len(row["stage"]) for row in rows)
+    for row in rows:
+        print(f"{row['stage']:<{width}}  {row['module']:<28}  {row['description']}")
     return 0
 
 
@@ -234,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.setLevel(logging.INFO)
     use_offline_mode_if_hub_unreachable()
     try:
-        return {"run": _run, "eval": _eval, "inspect": _inspect, "bench": _bench,
+        return {"run": _run, "eval": _eval, "inspect": _inspect, "bench": _bench, "stages": _stages,
                 "push": _push}[args.command](args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

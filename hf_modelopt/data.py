@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from .errors import UserError
-from .recipe import DataConfig, RecipeError
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import RecipeError, UserError
+
+DEFAULT_DATA_DIR = "../shared/data"
 
 # File suffix -> (datasets builder, extra load_dataset arguments)
 FILE_FORMATS = {
@@ -17,6 +21,41 @@ FILE_FORMATS = {
     ".txt": ("text", {}),
 }
 SPLIT_KEYS = {"train": "train_file", "eval": "eval_file"}
+
+
+class DataConfig(BaseModel):
+    """Where the data is and how it is read (the recipe's `data:`)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    data_dir: str = Field(
+        default_factory=lambda: os.environ.get("HF_MODELOPT_DATA_DIR", DEFAULT_DATA_DIR),
+        description="Folder that `train_file` / `eval_file` are relative to (relative paths resolve from the "
+        "current directory). Default: $HF_MODELOPT_DATA_DIR, else ../shared/data.",
+    )
+    train_file: str | None = Field(None, description="Training data: .tsv, .csv, .json(l), .parquet or .txt.")
+    eval_file: str | None = Field(None, description="Evaluation data, same formats as `train_file`.")
+    dataset: str | None = Field(None, description="A Hub dataset name, used instead of files (e.g. `glue`).")
+    dataset_config: str | None = Field(None, description="The Hub dataset's configuration (e.g. `sst2`).")
+    train_split: str = Field("train", description="Split of `dataset` used for training.")
+    eval_split: str = Field("validation", description="Split of `dataset` used for evaluation.")
+    text_column: str = Field("text", description="Column holding the input text.")
+    text_pair_column: str | None = Field(None, description="Second text column for sentence-pair tasks.")
+    label_column: str = Field("label", description="Column holding integer class labels (classification).")
+    max_length: int = Field(128, gt=0, description="Tokens per example (classification) or per training block.")
+    max_train_samples: int | None = Field(None, gt=0, description="Use only the first N training examples.")
+    max_eval_samples: int | None = Field(None, gt=0, description="Use only the first N evaluation examples.")
+    eval_fraction: float | None = Field(
+        None, gt=0, lt=1, description="Hold out this fraction of the training rows (the last ones) as evaluation "
+        "data, instead of eval_file / eval_split.",
+    )
+    eval_window: int = Field(
+        512, gt=1, description="causal-lm: perplexity is computed over non-overlapping windows of this many tokens."
+    )
+    max_eval_tokens: int | None = Field(None, gt=1, description="causal-lm: evaluate on the first N tokens only.")
+    eval_batch_size: int = Field(32, gt=0, description="Batch size of the evaluate stage.")
+
+    def resolve(self, name: str | None) -> Path | None:
+        return None if name is None else Path(self.data_dir).expanduser() / name
 
 
 class DataError(UserError):

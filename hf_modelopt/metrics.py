@@ -1,4 +1,4 @@
-"""Metrics and the `evaluate` stage.
+"""Metrics of a model on evaluation data (`evaluate_model`).
 
 Classification: accuracy and F1 (binary F1 of class 1 for two labels, macro F1 otherwise), computed with
 `evaluate` modules defined here, so that they work offline (the Hub-hosted `evaluate.load("accuracy")`
@@ -12,13 +12,10 @@ window has no context and is not predicted; this is the standard "non-overlappin
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 
 import numpy as np
-
-from .stages import ModelState, StageConfig, StageContext, register_stage
 
 logger = logging.getLogger("hf_modelopt")
 
@@ -121,32 +118,39 @@ def evaluate_perplexity(model, token_ids: list[int], window: int, batch_size: in
     return {"perplexity": math.exp(total_nll / predicted), "eval_tokens": len(token_ids)}
 
 
-def evaluate_model(model, tokenizer, recipe) -> dict[str, float]:
-    """Metrics of `model` on the recipe's evaluation data, for the recipe's task."""
-    from .data import eval_token_ids, load_split, tokenize_classification
-
-    data = recipe.data
-    dataset = load_split(data, "eval")
-    if recipe.task == "text-classification":
-        encoded = tokenize_classification(dataset, tokenizer, data)
-        return evaluate_classification(model, tokenizer, encoded, data.eval_batch_size)
-    ids = eval_token_ids(dataset, tokenizer, data)
-    return evaluate_perplexity(model, ids, data.eval_window, data.eval_batch_size)
+def infer_task(model) -> str:
+    """The task of a model from its class: `causal-lm` or `text-classification`."""
+    name = type(getattr(model, "get_base_model", lambda: model)()).__name__
+    if name.endswith("ForCausalLM"):
+        return "causal-lm"
+    if name.endswith("ForSequenceClassification"):
+        return "text-classification"
+    raise ValueError(f"cannot tell the task of a {name}: pass task='text-classification' or task='causal-lm'")
 
 
-class EvaluateConfig(StageConfig):
-    """Measure the current model on the recipe's evaluation data (`data.eval_file` or `data.eval_split`)."""
+def evaluate_model(model, tokenizer, data, *, task: str | None = None, config=None) -> dict[str, float]:
+    """Metrics of `model` on evaluation data: accuracy and F1 (classification) or perplexity (causal LM).
 
-    requires_data = ("eval",)
+    Args:
+        data: a `DataConfig` (its evaluation split: `eval_file`, `eval_split` or `eval_fraction`), or a
+            `datasets.Dataset` of raw rows (text, and labels for classification).
+        task: `"text-classification"` or `"causal-lm"`; default: from the model's class.
+        config: with a `Dataset`, the `DataConfig` that names its columns and lengths (default `DataConfig()`:
+            columns `text` and `label`, 128 tokens, batches of 32).
 
+    Example:
+        evaluate_model(model, tokenizer, DataConfig(data_dir="data", eval_file="validation.tsv",
+                                                     text_column="sentence"))
+    """
+    from .data import DataConfig, eval_token_ids, load_split, tokenize_classification
 
-@register_stage("evaluate", EvaluateConfig, changes_model=False)
-def evaluate_stage(state: ModelState, config: EvaluateConfig, context: StageContext) -> ModelState:
-    from .modeling import ensure_loaded
-
-    ensure_loaded(state, context.recipe)
-    metrics = evaluate_model(state.model, state.tokenizer, context.recipe)
-    (context.stage_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    logger.info("%s: %s", context.stage_name, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-    state.metrics = metrics
-    return state
+    task = task or infer_task(model)
+    if isinstance(data, DataConfig):
+        config, dataset = data, load_split(data, "eval")
+    else:
+        config, dataset = config or DataConfig(), data
+    if task == "text-classification":
+        encoded = tokenize_classification(dataset, tokenizer, config)
+        return evaluate_classification(model, tokenizer, encoded, config.eval_batch_size)
+    ids = eval_token_ids(dataset, tokenizer, config)
+    return evaluate_perplexity(model, ids, config.eval_window, config.eval_batch_size)

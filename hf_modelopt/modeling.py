@@ -3,10 +3,40 @@
 from __future__ import annotations
 
 import logging
+import os
 
-from .recipe import ModelConfig
+from pydantic import BaseModel, ConfigDict, Field
 
 logger = logging.getLogger("hf_modelopt")
+
+
+class ModelConfig(BaseModel):
+    """Which model to load, and how (the recipe's `model:`)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    name_or_path: str = Field(description="Hub model id (ORG/NAME) or a local folder.")
+    gguf_file: str | None = Field(
+        None, description="GGUF file inside the repository or folder; its weights are dequantized to fp32."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    tokenizer: str | None = Field(None, description="Tokenizer id or folder; defaults to `name_or_path`.")
+    trust_remote_code: bool = Field(
+        False, description="Run code shipped with the model. Off unless you trust its author."
+    )
+
+    @property
+    def is_local(self) -> bool:
+        return looks_like_local_path(self.name_or_path)
+
+
+def looks_like_local_path(name: str) -> bool:
+    """A Hub id is `NAME` or `ORG/NAME`; anything that exists, or reads as a path, is local."""
+    return (
+        os.path.exists(name)
+        or name.startswith((".", "/", "~"))
+        or name.count("/") > 1
+        or os.sep in name and os.sep != "/"
+    )
 
 
 def auto_model_class(task: str):
@@ -15,7 +45,7 @@ def auto_model_class(task: str):
     return {"text-classification": AutoModelForSequenceClassification, "causal-lm": AutoModelForCausalLM}[task]
 
 
-def _drop_gguf_quantizer(model):
+def drop_gguf_quantizer(model):
     """Rebuild a GGUF-loaded model as a plain one.
 
     transformers dequantizes GGUF weights to full precision but keeps the GGUF quantizer attached, and
@@ -33,11 +63,11 @@ def plain_copy(model, state_dict: dict, model_class=None):
 
     Nothing of how `model` is held comes along: no quantizer, accelerate hooks or sharding. Linear layers take
     the shapes of their weights in `state_dict`: structured pruning may leave shapes the config cannot describe
-    (BERT with fewer heads in a layer), which `from_pretrained` reads from `layer_shapes` (export/loading.py).
+    (BERT with fewer heads in a layer), which `from_pretrained` reads from `layer_shapes` (formats/hf_modelopt.py).
     """
     from torch.nn import Linear
 
-    from .prune.structured import resize_linear_
+    from .formats.modules import resize_linear_
 
     plain = (model_class or type(model))(model.config)
     for name, module in list(plain.named_modules()):
@@ -59,7 +89,7 @@ def check_model_for_task(spec: ModelConfig, task: str, num_labels: int | None, k
     """
     from transformers import AutoConfig
 
-    from .recipe import RecipeError
+    from .errors import RecipeError
 
     kwargs = {"trust_remote_code": spec.trust_remote_code, "revision": spec.revision}
     if spec.gguf_file:
@@ -96,7 +126,7 @@ def load_model(spec: ModelConfig, task: str, num_labels: int | None = None, path
             kwargs["num_labels"] = num_labels
     model = auto_model_class(task).from_pretrained(path or spec.name_or_path, **kwargs)
     if path is None and spec.gguf_file:
-        model = _drop_gguf_quantizer(model)
+        model = drop_gguf_quantizer(model)
     return model
 
 
@@ -113,24 +143,3 @@ def load_tokenizer(spec: ModelConfig, path: str | None = None):
         # Causal LMs often ship without a pad token; padding positions are masked out of every loss.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def ensure_loaded(state, recipe):
-    """Give `state` a model and tokenizer in memory, loading them from `state.path` if needed."""
-    if state.model is None and state.path is not None:
-        state.model = load_model(recipe.model, recipe.task, path=str(state.path))
-    elif state.model is None:
-        from transformers import set_seed
-
-        # Seed before building the model, so newly initialised weights (a task head) are reproducible.
-        set_seed(recipe.training.get("seed", 42))
-        labels = None
-        if recipe.task == "text-classification":
-            from .data import has_split, load_split, num_labels
-
-            split = "train" if has_split(recipe.data, "train") else "eval"
-            labels = num_labels(load_split(recipe.data, split), recipe.data)
-        state.model = load_model(recipe.model, recipe.task, num_labels=labels)
-    if state.tokenizer is None:
-        state.tokenizer = load_tokenizer(recipe.model, path=str(state.path) if state.path else None)
-    return state

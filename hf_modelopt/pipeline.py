@@ -21,14 +21,13 @@ from typing import Any
 
 from . import __version__
 from .errors import UserError
-from .recipe import Recipe, RecipeError, Stage
-from .stages import STAGES, ModelState, StageContext
+from .recipe import Recipe, RecipeError, Stage, load_recipe
+from .stages import MODEL_SUBDIR, STAGES, ModelState, StageContext, link_or_copy, save_model_state
 
 logger = logging.getLogger("hf_modelopt")
 
 STAGE_RECORD = "stage.json"
 ATTEMPT_RECORD = "attempt.json"  # written when a stage starts: the fingerprint its checkpoints belong to
-MODEL_SUBDIR = "model"
 # Content hashes for data files up to this size; larger files are identified by size and mtime.
 HASH_FILES_UP_TO = 64 << 20
 
@@ -101,7 +100,7 @@ def check_model_available(recipe: Recipe) -> None:
 
 def check_training_arguments(recipe: Recipe) -> None:
     """Build each training stage's `TrainingArguments` once, so that their own checks fail before any work."""
-    from .train import training_arguments
+    from .stages.train import training_arguments
 
     for index, stage in enumerate(recipe.resolved_stages):
         training = getattr(stage.config, "training", None)
@@ -160,27 +159,8 @@ def _find_finished(fingerprint: str, stage_dir: Path) -> Path | None:
     return None
 
 
-def link_or_copy(source, target) -> None:
-    """Hard-link a file (no second copy of the weights on the same file system), else copy it."""
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
-
-
 def _link_or_copy_tree(source: Path, target: Path) -> None:
     shutil.copytree(source, target, copy_function=link_or_copy, ignore=shutil.ignore_patterns("checkpoints"))
-
-
-def save_model_state(state: ModelState, folder: Path) -> None:
-    """Save model (safetensors) and tokenizer so `from_pretrained(folder)` loads them."""
-    from .quant.bnb import check_savable
-
-    check_savable(state.model)  # a 4-bit model that ran on CPU would save as garbage
-    state.model.save_pretrained(folder)
-    if state.tokenizer is not None:
-        state.tokenizer.save_pretrained(folder)
-    state.path = folder
 
 
 class RunResult(dict):
@@ -222,7 +202,7 @@ def _resume_point(recipe: Recipe, plan: list[tuple[Stage, str]], output_dir: Pat
                   rerun_from: str | None = None) -> tuple[str, Path] | None:
     """(stage name, checkpoint) to continue from: the first unfinished stage that has a complete checkpoint
     (from `rerun_from` on, a stage counts as unfinished whatever the stage cache holds)."""
-    from .train import last_checkpoint
+    from .stages.train import last_checkpoint
 
     rerunning = False
     for stage, stage_fp in plan:
@@ -246,9 +226,10 @@ def _resume_point(recipe: Recipe, plan: list[tuple[Stage, str]], output_dir: Pat
     return None
 
 
-def run_recipe(recipe: Recipe, output_dir: str | os.PathLike, *, resume: bool = False,
+def run_recipe(recipe: Recipe | str | os.PathLike, output_dir: str | os.PathLike, *, resume: bool = False,
                overwrite: bool = False, rerun_from: str | None = None) -> RunResult:
-    """Run every stage of `recipe`, writing into `output_dir`; returns the stage records.
+    """Run every stage of `recipe` (a `Recipe`, or the path of a recipe file), writing into `output_dir`; returns
+    the stage records.
 
     `resume`: continue the stage an earlier run in `output_dir` left unfinished from its last checkpoint.
     `overwrite`: write into a non-empty folder that holds no earlier run (see `check_output_dir`).
@@ -258,10 +239,12 @@ def run_recipe(recipe: Recipe, output_dir: str | os.PathLike, *, resume: bool = 
     Under `accelerate launch` with several processes only the main one writes (`hf_modelopt.distributed`).
     """
     from .distributed import init_distributed, is_main_process, process_index, wait_for_everyone
-    from .export.save import ExportConfig
     from .interrupt import stop_cleanly_on_signals
-    from .train import last_checkpoint
+    from .stages.export import ExportStageConfig
+    from .stages.train import last_checkpoint
 
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
     output_dir = Path(output_dir)
     main = is_main_process()
     if main:
@@ -273,7 +256,7 @@ def run_recipe(recipe: Recipe, output_dir: str | os.PathLike, *, resume: bool = 
     stages = list(recipe.resolved_stages)
     if not any(stage.type == "export" for stage in stages):
         # The final model is always written; an explicit export stage only adds options.
-        stages.append(Stage(type="export", name="export", config=ExportConfig()))
+        stages.append(Stage(type="export", name="export", config=ExportStageConfig()))
     plan = _plan(recipe, stages)
     if rerun_from is not None and rerun_from not in [stage.name for stage in stages]:
         raise UserError(f"--rerun-from {rerun_from}: the recipe has no stage of that name (stages: "

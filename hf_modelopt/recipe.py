@@ -18,72 +18,17 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from .errors import UserError
+from .data import DataConfig
+from .errors import RecipeError, UserError  # noqa: F401  (RecipeError: re-exported)
+from .modeling import ModelConfig, looks_like_local_path  # noqa: F401  (re-exported)
 from .stages import STAGES, StageConfig, load_builtin_stages
 
 TASKS = ("text-classification", "causal-lm")
-DEFAULT_DATA_DIR = "../shared/data"
-
-
-class RecipeError(UserError):
-    """A recipe problem: `source: key: what was expected`."""
-
-    def __init__(self, source: str, key: str, message: str):
-        self.source, self.key, self.message = source, key, message
-        super().__init__(f"{source}: {key}: {message}" if key else f"{source}: {message}")
 
 
 class StrictModel(BaseModel):
     # Unknown keys are errors: a typo must never silently fall back to a default.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ModelConfig(StrictModel):
-    name_or_path: str = Field(description="Hub model id (ORG/NAME) or a local folder.")
-    gguf_file: str | None = Field(
-        None, description="GGUF file inside the repository or folder; its weights are dequantized to fp32."
-    )
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
-    tokenizer: str | None = Field(None, description="Tokenizer id or folder; defaults to `name_or_path`.")
-    trust_remote_code: bool = Field(
-        False, description="Run code shipped with the model. Off unless you trust its author."
-    )
-
-    @property
-    def is_local(self) -> bool:
-        return looks_like_local_path(self.name_or_path)
-
-
-class DataConfig(StrictModel):
-    data_dir: str = Field(
-        default_factory=lambda: os.environ.get("HF_MODELOPT_DATA_DIR", DEFAULT_DATA_DIR),
-        description="Folder that `train_file` / `eval_file` are relative to (relative paths resolve from the "
-        "current directory). Default: $HF_MODELOPT_DATA_DIR, else ../shared/data.",
-    )
-    train_file: str | None = Field(None, description="Training data: .tsv, .csv, .json(l), .parquet or .txt.")
-    eval_file: str | None = Field(None, description="Evaluation data, same formats as `train_file`.")
-    dataset: str | None = Field(None, description="A Hub dataset name, used instead of files (e.g. `glue`).")
-    dataset_config: str | None = Field(None, description="The Hub dataset's configuration (e.g. `sst2`).")
-    train_split: str = Field("train", description="Split of `dataset` used for training.")
-    eval_split: str = Field("validation", description="Split of `dataset` used for evaluation.")
-    text_column: str = Field("text", description="Column holding the input text.")
-    text_pair_column: str | None = Field(None, description="Second text column for sentence-pair tasks.")
-    label_column: str = Field("label", description="Column holding integer class labels (classification).")
-    max_length: int = Field(128, gt=0, description="Tokens per example (classification) or per training block.")
-    max_train_samples: int | None = Field(None, gt=0, description="Use only the first N training examples.")
-    max_eval_samples: int | None = Field(None, gt=0, description="Use only the first N evaluation examples.")
-    eval_fraction: float | None = Field(
-        None, gt=0, lt=1, description="Hold out this fraction of the training rows (the last ones) as evaluation "
-        "data, instead of eval_file / eval_split.",
-    )
-    eval_window: int = Field(
-        512, gt=1, description="causal-lm: perplexity is computed over non-overlapping windows of this many tokens."
-    )
-    max_eval_tokens: int | None = Field(None, gt=1, description="causal-lm: evaluate on the first N tokens only.")
-    eval_batch_size: int = Field(32, gt=0, description="Batch size of the evaluate stage.")
-
-    def resolve(self, name: str | None) -> Path | None:
-        return None if name is None else Path(self.data_dir).expanduser() / name
 
 
 class Stage(BaseModel):
@@ -111,16 +56,6 @@ class Recipe(StrictModel):
     def to_yaml(self) -> str:
         """The fully resolved recipe (extends and --set applied), reloadable as a recipe."""
         return yaml.safe_dump(self.model_dump(mode="json", exclude={"source", "resolved_stages"}), sort_keys=False)
-
-
-def looks_like_local_path(name: str) -> bool:
-    """A Hub id is `NAME` or `ORG/NAME`; anything that exists, or reads as a path, is local."""
-    return (
-        os.path.exists(name)
-        or name.startswith((".", "/", "~"))
-        or name.count("/") > 1
-        or os.sep in name and os.sep != "/"
-    )
 
 
 # --------------------------------------------------------------------------- YAML, extends, --set

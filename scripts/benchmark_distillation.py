@@ -66,9 +66,9 @@ def main() -> None:
     plain = trainer_for(Trainer, student_from_teacher(teacher, args.layers)[0])
     config = DistillationConfig(student={"layers": args.layers}, ce_weight=0.5)
     live = trainer_for(DistillationTrainer, student_from_teacher(teacher, args.layers)[0], teacher=teacher,
-                       distillation_config=config)
+                       distillation=config)
     cached = trainer_for(DistillationTrainer, student_from_teacher(teacher, args.layers)[0], teacher=None,
-                         distillation_config=config)
+                         distillation=config)
     with torch.no_grad():
         cached_logits = [top_k_logits(teacher(**{k: v for k, v in b.items() if k != "labels"}).logits, None)
                          for b in batches]

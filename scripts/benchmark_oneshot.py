@@ -28,12 +28,11 @@ def main() -> None:
 
     from hf_modelopt.data import eval_token_ids, load_split, tokenize_causal_lm
     from hf_modelopt.metrics import evaluate_perplexity
-    from hf_modelopt.modeling import ensure_loaded
     from hf_modelopt.pipeline import preflight
     from hf_modelopt.prune.masks import prunable_linears, sparsity_of
     from hf_modelopt.prune.oneshot import calibration_batches, prune_oneshot_
     from hf_modelopt.recipe import load_recipe
-    from hf_modelopt.stages import ModelState
+    from hf_modelopt.stages import ModelState, ensure_loaded
 
     recipe = load_recipe(args.recipe)
     preflight(recipe)

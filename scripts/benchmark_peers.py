@@ -38,7 +38,7 @@ BLOCK_LINEAR = re.compile(r"\.(layer|layers|h)\.\d+\.")  # Linear layers inside 
 def _task_class(task: str):
     import transformers
 
-    from hf_modelopt.export.formats import TASK_CLASSES
+    from hf_modelopt.formats.detect import TASK_CLASSES
 
     return getattr(transformers, TASK_CLASSES[task])
 

@@ -17,7 +17,8 @@ MEASURE = """
 import json, sys
 from hf_modelopt.metrics import evaluate_model
 from hf_modelopt.recipe import load_recipe
-print(json.dumps(evaluate_model(model, tokenizer, load_recipe(sys.argv[1]))))
+recipe = load_recipe(sys.argv[1])
+print(json.dumps(evaluate_model(model, tokenizer, recipe.data, task=recipe.task)))
 """
 
 

@@ -49,3 +49,23 @@ def test_perplexity_matches_the_models_own_loss(tiny_models):
                 for i in (0, 32)]
     metrics = evaluate_perplexity(model, ids, window=32, batch_size=2)
     assert metrics["perplexity"] == pytest.approx(math.exp(sum(expected) / 2), rel=1e-4)
+
+
+def test_evaluate_model_takes_a_data_config_or_a_dataset_and_infers_the_task(tiny_models, sst2_files):
+    import datasets
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from hf_modelopt import evaluate_model
+    from hf_modelopt.data import DataConfig, load_split
+    from hf_modelopt.metrics import infer_task
+
+    folder = tiny_models("bert")
+    model, tokenizer = AutoModelForSequenceClassification.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    config = DataConfig(data_dir=str(sst2_files), eval_file="sst2/validation.tsv", text_column="sentence")
+    from_config = evaluate_model(model, tokenizer, config)
+    rows = load_split(config, "eval")
+    from_dataset = evaluate_model(model, tokenizer, datasets.Dataset.from_dict(rows.to_dict()), config=config)
+    assert from_config == from_dataset and from_config["eval_samples"] == len(rows)
+    assert infer_task(model) == "text-classification"
+    with pytest.raises(ValueError, match="pass task="):
+        infer_task(torch.nn.Linear(2, 2))

@@ -2,6 +2,7 @@ import json
 import logging
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from hf_modelopt.pipeline import run_recipe
@@ -77,7 +78,12 @@ def test_unfinished_stage_is_not_reused(tiny_models, sst2_files, tmp_path, caplo
 def test_recipe_without_training_exports_the_base_model(tiny_models, sst2_files, tmp_path):
     recipe = validate_recipe(tiny_recipe(tiny_models("bert"), sst2_files, stages=["evaluate"]))
     run_recipe(recipe, tmp_path / "out")
-    assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "out") is not None
+    # No stage changed the model: the export holds the base model's weights, unchanged.
+    from safetensors.torch import load_file
+
+    exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").state_dict()
+    base = load_file(tiny_models("bert") / "model.safetensors")
+    assert set(base) <= set(exported) and all(torch.equal(exported[k], v) for k, v in base.items())
 
 
 def test_missing_data_file_fails_before_any_output(tiny_models, sst2_files, tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from hf_modelopt.recipe import RecipeError, load_recipe, validate_recipe
-from hf_modelopt.train import FinetuneConfig
+from hf_modelopt.stages.train import FinetuneConfig
 
 from .conftest import REPO, tiny_recipe
 

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hf_modelopt.recipe import DataConfig, ModelConfig, Recipe, RecipeError, load_recipe, training_arguments_model
-from hf_modelopt.train import FinetuneConfig
+from hf_modelopt.stages.train import FinetuneConfig
 
 # The parser is pure Python (no model, no data): many examples are cheap. tmp_path is reused across
 # examples on purpose: every example writes its own files first.

@@ -18,9 +18,8 @@ from deepspeed.utils import safe_get_local_fp32_param
 from transformers import AutoModelForSequenceClassification
 
 from hf_modelopt.distributed import is_zero3_partitioned, whole_model
-from hf_modelopt.pipeline import save_model_state
 from hf_modelopt.prune.masks import apply_masks_, full_weight, masks_from_scores, prunable_linears, sparsity_of
-from hf_modelopt.stages import ModelState
+from hf_modelopt.stages import ModelState, save_model_state
 
 folder, output = sys.argv[1], sys.argv[2]
 deepspeed.init_distributed(dist_backend="gloo")

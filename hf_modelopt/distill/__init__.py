@@ -1,8 +1,8 @@
 """Knowledge distillation: a teacher's outputs train a smaller student.
 
-`DistillationTrainer` (a `transformers.Trainer` whose loss is the distillation loss), the losses as pure
-functions, students built from their teacher's layers, a teacher-logit cache, a teacher spread over devices when it is
-too big for one, perturbed copies of the labelled sentences as extra KD inputs, and the `distill` stage.
+`DistillationTrainer` (a `transformers.Trainer` whose loss is the distillation loss, `DistillationConfig`), the
+losses as pure functions, students built from their teacher's layers, a teacher-logit cache, a teacher spread over
+devices when it is too big for one, and perturbed copies of the labelled sentences as extra KD inputs.
 """
 
 from .augment import AugmentationConfig, augmented_sentences

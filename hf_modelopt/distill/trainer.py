@@ -48,18 +48,25 @@ class _ZeroProjectionGradients(TrainerCallback):
 
 
 class DistillationTrainer(Trainer):
-    """Trains `model` (the student) against a frozen `teacher` with the losses of a `DistillationConfig`.
+    """Trains `model` (the student) against a frozen `teacher` with the loss of a `DistillationConfig`.
 
     The teacher is put in eval mode, never receives gradients, runs under `torch.no_grad()`, is placed on
     the student's device(s) by accelerate and is not part of the student's checkpoints. Each loss term is
     logged on its own (`kd_loss`, `ce_loss`, `hidden_loss`, `cosine_loss`, `attention_loss`).
     Batches may carry `teacher_top_values` / `teacher_top_indices` (from a `TeacherLogitCache`): then the
     teacher does not run at all.
+
+    Example:
+        trainer = DistillationTrainer(model=student, teacher=teacher, distillation=DistillationConfig(ce_weight=0.5),
+                                      args=TrainingArguments(...), train_dataset=..., data_collator=...)
     """
 
-    def __init__(self, *args, teacher=None, distillation_config: DistillationConfig, layer_map=None, **kwargs):
+    def __init__(self, *args, teacher=None, distillation: DistillationConfig | None = None, layer_map=None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        self.distillation_config = config = distillation_config
+        self.distillation = config = distillation if distillation is not None else DistillationConfig()
+        if teacher is None and config.needs_hidden_states:
+            raise ValueError("hidden / cosine / attention losses compare the teacher's internals: pass teacher=")
         student = self.model
         if layer_map is None and teacher is not None:
             layer_map = default_layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
@@ -111,7 +118,7 @@ class DistillationTrainer(Trainer):
         super()._load_optimizer_and_scheduler(checkpoint)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        config = self.distillation_config
+        config = self.distillation
         inputs = dict(inputs)
         labels = inputs.pop("labels", None)
         inputs.pop("example_index", None)

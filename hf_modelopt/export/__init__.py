@@ -1,8 +1,11 @@
-"""Writing the final model, verified in a fresh process, with its record, model card and Hub upload."""
+"""Writing models: `save_compressed` (a model in the format that expresses it) and, for the recipe runner, the final
+export folder verified in a fresh process, with its record, model card and Hub upload (`export_model`)."""
 
 from .card import render_model_card
-from .formats import ExportFormat, detect_format, load_exported, register_export_format
-from .save import ExportConfig, HubPushConfig, export_model, export_stage, read_export_record
+from .compressed import save_compressed
+from .hub import push_export
+from .record import read_export_record
+from .save import ExportConfig, HubPushConfig, export_model
 
-__all__ = ["ExportConfig", "ExportFormat", "HubPushConfig", "detect_format", "export_model", "export_stage",
-           "load_exported", "read_export_record", "register_export_format", "render_model_card"]
+__all__ = ["ExportConfig", "HubPushConfig", "export_model", "push_export", "read_export_record", "render_model_card",
+           "save_compressed"]

@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from ..formats.detect import EXPORT_FORMATS, ExportFormat, loading_code
 from ..inspection import human_bytes
-from .formats import EXPORT_FORMATS, ExportFormat, loading_code
 
 logger = logging.getLogger("hf_modelopt")
 

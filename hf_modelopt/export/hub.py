@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from .save import EXPORT_RECORD, read_export_record
+from .record import EXPORT_RECORD, read_export_record
 
 logger = logging.getLogger("hf_modelopt")
 
@@ -65,7 +65,7 @@ def push_export(folder, repo_id: str, private: bool = False, token: str | None =
     """Create `repo_id` if needed and upload the planned files in one commit; returns the commit URL."""
     from huggingface_hub import HfApi
 
-    from ..pipeline import link_or_copy
+    from ..stages import link_or_copy
 
     plan = plan_push(folder, repo_id, private)
     api = api or HfApi(token=token)

@@ -1,4 +1,4 @@
-"""The `export` stage: the final model, verified, with its record and model card, in the output folder.
+"""The final export: the model, verified, with its record and model card, in the output folder (`export_model`).
 
 `OUTPUT/` receives the model (safetensors, config, tokenizer, or an adapter), `recipe.yaml` (resolved),
 `metrics.json` (the run's evaluate stages), `plots/` (loss curves and the PNG files stages made),
@@ -30,11 +30,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..stages import ModelState, StageConfig, StageContext, register_stage
+from ..stages import ModelState, ensure_loaded, link_or_copy
+from .record import EXPORT_RECORD, read_export_record
 
 logger = logging.getLogger("hf_modelopt")
 
-EXPORT_RECORD = "export.json"
 PLOTS_DIR = "plots"
 MEASURE_TIMEOUT_S = 3 * 3600  # the fresh process evaluates the whole eval set: minutes for a real LM
 
@@ -58,9 +58,10 @@ class HubPushConfig(BaseModel):
         return value
 
 
-class ExportConfig(StageConfig):
+class ExportConfig(BaseModel):
     """Write the final model to the output folder, loadable with `from_pretrained(OUTPUT)`, with its card."""
 
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
     verify: bool = Field(
         True, description="Reload the export in a fresh process, check its logits against the model in memory "
         "and re-measure its metrics, size, parameters, sparsity and latency for the card. Only a verified export "
@@ -78,21 +79,6 @@ class ExportConfig(StageConfig):
         False, description="Write pruned Linear weights in the compressed sparse format (kept values + bitmask; "
         "loads with from_pretrained after `import hf_modelopt`) instead of dense weights with zeros.",
     )
-
-    def preflight(self, recipe) -> None:
-        if self.push_to_hub is None:
-            return
-        from huggingface_hub import constants, get_token
-
-        from ..recipe import RecipeError
-
-        index = next(i for i, s in enumerate(recipe.resolved_stages) if s.config is self)
-        key = f"stages[{index}].push_to_hub"
-        if constants.HF_HUB_OFFLINE:
-            raise RecipeError(recipe.source, key, "the Hub is offline (HF_HUB_OFFLINE=1): the export could not be "
-                              "pushed; remove push_to_hub and run `hf-modelopt push OUTPUT --repo-id ...` later")
-        if get_token() is None:
-            raise RecipeError(recipe.source, key, "no Hugging Face token: run `hf auth login` or set HF_TOKEN")
 
 
 # --------------------------------------------------------------------------- plots
@@ -180,14 +166,6 @@ def _file_manifest(folder: Path) -> dict[str, int]:
             for f in sorted(folder.rglob("*")) if f.is_file() and f.name != EXPORT_RECORD}
 
 
-def read_export_record(folder) -> dict | None:
-    """The `export.json` of a finished export in `folder`, or None."""
-    try:
-        return json.loads((Path(folder) / EXPORT_RECORD).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 # --------------------------------------------------------------------------- committing the staging folder
 
 
@@ -223,8 +201,6 @@ def _can_swap(output_dir: Path) -> bool:
 
 def _carry_over(output_dir: Path, staging: Path) -> None:
     """Hard-link into `staging` what `output_dir` holds besides the previous export's files (stage folders)."""
-    from ..pipeline import link_or_copy
-
     previous = read_export_record(output_dir) or {}
     owned = {name.split("/")[0] for name in previous.get("files", {})} | {EXPORT_RECORD}
     replaced = {entry.name for entry in staging.iterdir()}
@@ -276,17 +252,11 @@ def commit_export(staging: Path, output_dir: Path) -> None:
 
 
 def _write_model(state: ModelState, recipe, folder: Path, sparse: bool = False) -> None:
-    from ..modeling import ensure_loaded
-    from ..pipeline import link_or_copy, save_model_state
+    from .compressed import save_compressed
 
-    if sparse:
-        from .sparse import save_sparse
-
+    if sparse or state.path is None:  # (no path: no stage changed the model; the base model as loaded)
         ensure_loaded(state, recipe)
-        save_sparse(state.model, folder, state.tokenizer)
-    elif state.path is None:  # no stage changed the model: export the base model as loaded
-        ensure_loaded(state, recipe)
-        save_model_state(state, folder)
+        save_compressed(state.model, folder, state.tokenizer, sparse=sparse)
     else:
         for file in state.path.iterdir():
             if file.is_file():
@@ -305,9 +275,8 @@ def export_model(state: ModelState, recipe, output_dir, history: list[dict] = ()
                  config: ExportConfig | None = None) -> dict:
     """Export `state`'s model into `output_dir` (see the module docstring); returns the export record."""
     from .. import __version__
-    from ..modeling import ensure_loaded
+    from ..formats.detect import detect_format
     from .card import base_license, render_model_card
-    from .formats import detect_format
     from .verify import MeasureRequest, verify_reload
 
     config = config or ExportConfig()
@@ -371,9 +340,3 @@ def export_model(state: ModelState, recipe, output_dir, history: list[dict] = ()
 
         push_export(output_dir, config.push_to_hub.repo_id, private=config.push_to_hub.private)
     return record
-
-
-@register_stage("export", ExportConfig, changes_model=False, cacheable=False)
-def export_stage(state: ModelState, config: ExportConfig, context: StageContext) -> ModelState:
-    export_model(state, context.recipe, context.output_dir, context.history, config)
-    return state

@@ -154,7 +154,7 @@ def _measure(folder: Path, model, recipe_file: str, compare_base: bool, latency_
     # the process that ran it (a custom stage), which this one cannot validate.
     data = yaml.safe_load(Path(recipe_file).read_text())
     recipe = validate_recipe({**data, "stages": ["evaluate"]}, recipe_file)
-    metrics = evaluate_model(model, _exported_tokenizer(folder, recipe), recipe)
+    metrics = evaluate_model(model, _exported_tokenizer(folder, recipe), recipe.data, task=recipe.task)
     figures = {"export": {**model_figures(model), "size_on_disk_bytes": weights_size(folder)}, "base": None}
     models, base_error = {"export": model}, None
     if compare_base:
@@ -191,7 +191,8 @@ def _reload_main(argv: list[str] | None = None) -> None:
 
     from safetensors.torch import load_file, save_file
 
-    from hf_modelopt.export.formats import load_exported  # imports hf_modelopt first, as a user would
+    import hf_modelopt  # noqa: F401  (registers the loading hooks, as a user's import does)
+    from hf_modelopt.formats.detect import load_exported
 
     model = load_exported(args.folder, args.task)
     logits = probe_logits(model, load_file(args.probe))

@@ -1,20 +1,16 @@
-"""Pruning: gradual unstructured (`PruningCallback`), structured heads / neurons physically removed
-(`remove_heads_and_neurons_`), and one-shot Wanda / SparseGPT for causal LMs (`prune_oneshot_`)."""
+"""Pruning: gradual unstructured while training (`PruningCallback`), and in one call (`prune_`): structured heads /
+neurons physically removed (`remove_heads_and_neurons_`), one-shot Wanda / SparseGPT for causal LMs
+(`prune_oneshot_`), or magnitude at once."""
 
 from .callback import PruningCallback
-from .config import (
-    OneShotPruneStageConfig,
-    PruneStageConfig,
-    PruningConfig,
-    ScheduleConfig,
-    StructuredPruneStageConfig,
-)
+from .config import OneShotPruningConfig, PruningConfig, ScheduleConfig, StructuredPruningConfig
 from .oneshot import prune_oneshot_
+from .prune import prune_
 from .schedule import cubic_sparsity, linear_sparsity
 from .structured import gradient_importance, magnitude_importance, remove_heads_and_neurons_
 
 __all__ = [
-    "OneShotPruneStageConfig", "PruneStageConfig", "PruningCallback", "PruningConfig", "ScheduleConfig",
-    "StructuredPruneStageConfig", "cubic_sparsity", "gradient_importance", "linear_sparsity",
-    "magnitude_importance", "prune_oneshot_", "remove_heads_and_neurons_",
+    "OneShotPruningConfig", "PruningCallback", "PruningConfig", "ScheduleConfig", "StructuredPruningConfig",
+    "cubic_sparsity", "gradient_importance", "linear_sparsity", "magnitude_importance", "prune_",
+    "prune_oneshot_", "remove_heads_and_neurons_",
 ]

@@ -1,13 +1,12 @@
-"""Configs of the pruning techniques: gradual unstructured, structured (heads / neurons) and one-shot LLM."""
+"""Configs of the pruning techniques: gradual unstructured (`PruningConfig`, for `PruningCallback`), structured
+heads / neurons (`StructuredPruningConfig`) and one-shot from calibration data (`OneShotPruningConfig`); the
+last two, and a `PruningConfig` at once, for `prune_`."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from ..distill.config import KnowledgeDistillationConfig
-from ..stages import StageConfig
 
 # Modules pruned by default: every Linear inside the transformer blocks. Embeddings, norms and the task
 # head are never targets: they are small, or (embeddings) pruning them costs much quality for little speed.
@@ -59,59 +58,11 @@ class PruningConfig(BaseModel):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="When the sparsity rises.")
 
 
-class PruneStageConfig(StageConfig, PruningConfig):
-    """The `prune` stage: train the incoming model while `PruningCallback` raises its sparsity.
+class StructuredPruningConfig(BaseModel):
+    """Remove attention heads and FFN neurons: every layer keeps the same number of heads and of neurons, chosen
+    by importance; the Linear layers are rebuilt smaller (see `hf_modelopt.prune.structured`)."""
 
-    With `distillation:` the loss is KD from the incoming model (a frozen copy is the teacher).
-    """
-
-    distillation: KnowledgeDistillationConfig | None = Field(
-        None, description="Train with knowledge distillation from the incoming model (a frozen copy) instead of "
-        "the task loss; the same settings as the `distill` stage's loss.",
-    )
-    teacher: str | None = Field(
-        None, description="With `distillation:`, the name of an earlier stage whose model is the teacher (e.g. "
-        "`finetune`, when a distilled student is pruned); default: the incoming model, unpruned.",
-    )
-    sparse_checkpoint: bool = Field(True, description="Also write the model in the compressed sparse format "
-                                    "(stage folder `sparse/`) and report both sizes on disk.")
-    training: dict[str, Any] = Field(
-        default_factory=dict, description="TrainingArguments for this stage only, over the recipe's `training:`.",
-    )
-    requires_data = ("train",)
-
-    def check_after(self, earlier) -> None:
-        from ..train import refuse_training_after
-
-        refuse_training_after("prune", earlier)
-        check_teacher_stage(self, earlier)
-
-    def preflight(self, recipe) -> None:
-        if self.distillation is not None:
-            self.distillation.check_against(recipe, self.training, "prune.distillation")
-
-
-def check_teacher_stage(config, earlier) -> None:
-    """`teacher` must name an earlier stage that produced a model, and needs `distillation:`."""
-    if config.teacher is None:
-        return
-    if config.distillation is None:
-        raise ValueError("teacher is the KD teacher: set distillation: as well")
-    from ..stages import STAGES
-
-    producers = [stage.name for stage in earlier if STAGES[stage.type].changes_model]
-    if config.teacher not in producers:
-        raise ValueError(f"teacher: no earlier stage named '{config.teacher}' produced a model (earlier model "
-                         f"stages: {', '.join(producers) or 'none'})")
-
-
-class StructuredPruneStageConfig(StageConfig):
-    """The `prune_structured` stage: remove attention heads and FFN neurons, then recover by training.
-
-    Every layer keeps the same number of heads and of neurons, chosen by importance; the Linear layers are
-    rebuilt smaller (see `hf_modelopt.prune.structured`).
-    """
-
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
     heads: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of attention heads removed in every layer.")
     neurons: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of FFN neurons removed in every layer.")
     importance: Literal["magnitude", "gradient"] = Field(
@@ -119,18 +70,6 @@ class StructuredPruneStageConfig(StageConfig):
         "(Michel et al. 2019); magnitude: squared norms of their weights.",
     )
     calibration_batches: int = Field(32, gt=0, description="Training batches used to score heads and neurons.")
-    recover: bool = Field(True, description="Train after the removal (with `distillation:`, by KD).")
-    distillation: KnowledgeDistillationConfig | None = Field(
-        None, description="Recover with knowledge distillation from the unpruned incoming model.",
-    )
-    teacher: str | None = Field(
-        None, description="With `distillation:`, the name of an earlier stage whose model is the teacher (e.g. "
-        "`finetune`, when a distilled student is pruned); default: the incoming model, unpruned.",
-    )
-    training: dict[str, Any] = Field(
-        default_factory=dict, description="TrainingArguments for this stage only, over the recipe's `training:`.",
-    )
-    requires_data = ("train",)
 
     @model_validator(mode="after")
     def _removes_something(self):
@@ -138,21 +77,11 @@ class StructuredPruneStageConfig(StageConfig):
             raise ValueError("set heads and/or neurons above 0 (the fractions to remove)")
         return self
 
-    def check_after(self, earlier) -> None:
-        from ..train import refuse_training_after
 
-        if self.recover:
-            refuse_training_after("prune_structured", earlier)
-        check_teacher_stage(self, earlier)
+class OneShotPruningConfig(BaseModel):
+    """Prune a causal LM once from calibration data, no training (Wanda, SparseGPT, or magnitude)."""
 
-    def preflight(self, recipe) -> None:
-        if self.distillation is not None:
-            self.distillation.check_against(recipe, self.training, "prune_structured.distillation")
-
-
-class OneShotPruneStageConfig(StageConfig):
-    """The `prune_oneshot` stage: prune a causal LM once from calibration data, no training."""
-
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
     method: Literal["wanda", "sparsegpt", "magnitude"] = Field(
         "wanda", description="wanda: |W|·||X|| per output row (Sun et al. 2023); sparsegpt: second-order with "
         "weight updates (Frantar & Alistarh 2023); magnitude: |W| per matrix, the baseline.",
@@ -167,8 +96,6 @@ class OneShotPruneStageConfig(StageConfig):
     exclude: list[str] = Field(default_factory=list, description="Glob patterns of module names never pruned.")
     block_size: int = Field(128, gt=0, description="SparseGPT: columns processed together.")
     dampening: float = Field(0.01, gt=0, description="SparseGPT: fraction of the mean Hessian diagonal added.")
-    sparse_checkpoint: bool = Field(True, description="Also write the compressed sparse format (`sparse/`).")
-    requires_data = ("train",)
 
     @model_validator(mode="after")
     def _valid_pattern(self):
@@ -178,10 +105,3 @@ class OneShotPruneStageConfig(StageConfig):
                 raise ValueError(f"pattern {self.pattern!r}: N:M needs 0 < N < M")
             self.__dict__["sparsity"] = n / m
         return self
-
-    def preflight(self, recipe) -> None:
-        from ..recipe import RecipeError
-
-        if recipe.task != "causal-lm":
-            raise RecipeError(recipe.source, "prune_oneshot", "one-shot calibration pruning is for causal LMs "
-                              f"(task is {recipe.task}); use the prune stage, which trains while pruning")

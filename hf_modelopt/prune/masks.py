@@ -9,13 +9,7 @@ import torch
 
 from ..distill.student import transformer_layers
 from ..distributed import is_sharded, is_zero3_partitioned
-
-
-def is_linear(module) -> bool:
-    """`nn.Linear`, or the `Conv1D` GPT-2 uses in its place (same matmul, weight stored transposed)."""
-    from transformers.pytorch_utils import Conv1D
-
-    return isinstance(module, (torch.nn.Linear, Conv1D))
+from ..formats.modules import is_linear
 
 
 def full_weight(module) -> torch.Tensor:

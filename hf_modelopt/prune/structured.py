@@ -9,7 +9,7 @@ Saving: when the config can describe the smaller model (FFN width everywhere; he
 models, whose `head_dim` is explicit), only the config changes and plain `from_pretrained` loads it.
 BERT-like models derive the head size from hidden_size / num_attention_heads, so fewer heads cannot be
 written in their config: the new Linear shapes go into `quantization_config` (`quant_method:
-hf_modelopt`) and the model loads after `import hf_modelopt` (see `export/loading.py`).
+hf_modelopt`) and the model loads after `import hf_modelopt` (see `formats/hf_modelopt.py`).
 """
 
 from __future__ import annotations
@@ -65,16 +65,6 @@ def head_geometry(config) -> tuple[int, int, int]:
 
 def _module(model, name):
     return model.get_submodule(name)
-
-
-def resize_linear_(model, name: str, out_features: int, in_features: int) -> None:
-    """Replace Linear `name` by an uninitialised one of the given shape (before weights are loaded)."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name)
-    old = getattr(parent, child)
-    new = torch.nn.Linear(in_features, out_features, bias=old.bias is not None, device=old.weight.device,
-                          dtype=old.weight.dtype)
-    setattr(parent, child, new)
 
 
 def _slice_linear_(model, name: str, rows=None, cols=None) -> None:
@@ -248,7 +238,7 @@ def _update_config(model, layout, keep_heads, keep_neurons, shapes, heads, kv_he
             in_config = False
     if in_config:
         return
-    from ..export.loading import register_loading_hooks
+    from ..formats.hf_modelopt import register_loading_hooks
 
     register_loading_hooks()
     config.quantization_config = {"quant_method": "hf_modelopt", "layer_shapes": shapes}

@@ -1,4 +1,5 @@
-"""bitsandbytes quantization: which layers can be quantized, `quantize()`, and saving that cannot corrupt a model.
+"""bitsandbytes quantization: which layers can be quantized, `quantize_with_bitsandbytes`, and saving that cannot
+corrupt a model.
 
 Two things about bitsandbytes (0.50) on CPU shape this module:
 
@@ -9,8 +10,9 @@ Two things about bitsandbytes (0.50) on CPU shape this module:
   quantization block. A 2-output classifier head fails the first rule; such layers stay in full precision.
 - That repacking happens in place, and the inverse applied when saving is only "best effort" (it leaves
   the scales of non-double-quantized weights transposed): a model saved after a forward pass reloads as
-  garbage. So a quantized model is saved *before* it ever runs, and `save_quantized` (used for every
-  model hf-modelopt saves) refuses a model whose 4-bit weights were repacked.
+  garbage. So `quantize_with_bitsandbytes` keeps the quantized state dict from before any forward pass,
+  `save_quantized` (used for every model hf-modelopt saves) writes that state once the model has run, and
+  refuses a repacked model that has none (a 4-bit checkpoint loaded from disk, then run).
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ logger = logging.getLogger("hf_modelopt")
 # bitsandbytes' CPU layout packs 32 output rows together; transformers quantizes 4-bit weights in blocks of 64.
 CPU_4BIT_ROW_BLOCK = 32
 BLOCKSIZE_4BIT = 64
+
+
+# Attribute of a quantized model holding its state dict from before its first forward pass.
+PRISTINE_STATE = "_hf_modelopt_pristine_state"
 
 
 class QuantizationError(UserError):
@@ -98,12 +104,13 @@ def plan_skips(model, config: QuantizationConfig, keep_modules=()) -> dict[str, 
     return skipped
 
 
-def quantize(model, config: QuantizationConfig, keep_modules=(), work_dir: str | Path | None = None):
+def quantize_with_bitsandbytes(model, config: QuantizationConfig, keep_modules=(), work_dir: str | Path | None = None):
     """Quantize `model` with bitsandbytes as `config` says; returns `(quantized_model, QuantizationReport)`.
 
     The model is written to a scratch folder (safetensors) and loaded back with a `BitsAndBytesConfig`,
     transformers' supported way to quantize, so the result saves and loads like any bnb checkpoint. The
-    input model is not changed. Do not run the result before saving it (see `save_quantized`).
+    input model is not changed. The quantized state is also kept in memory as it was before any forward
+    pass (`PRISTINE_STATE`), so that `save_quantized` can write it after the model has run (see above).
     """
     skipped = plan_skips(model, config, keep_modules)
     layers = linear_layers(model)
@@ -122,6 +129,9 @@ def quantize(model, config: QuantizationConfig, keep_modules=(), work_dir: str |
         model.save_pretrained(scratch)
         quantized = type(model).from_pretrained(scratch, quantization_config=bnb_config)
     quantized.eval()
+    # What save_pretrained would write now, before a CPU forward pass repacks 4-bit weights in place (4-bit: an
+    # eighth of the full-precision size). The weights are frozen, so it stays the model's true state.
+    setattr(quantized, PRISTINE_STATE, {k: v.detach().clone() for k, v in quantized.state_dict().items()})
     # The scratch folder is gone: a name that points nowhere must not end up in saved configs and adapters.
     quantized.config._name_or_path = getattr(model.config, "_name_or_path", "")
     report = QuantizationReport(
@@ -142,9 +152,10 @@ def repacked_layers(model) -> list[str]:
 
 
 def check_savable(model) -> None:
-    """Refuse to save a model whose 4-bit weights were repacked by a CPU forward pass: it would reload as garbage."""
+    """Refuse to save a model whose 4-bit weights were repacked by a CPU forward pass: it would reload as garbage
+    (unless `quantize` kept its state from before the repacking)."""
     repacked = repacked_layers(model)
-    if repacked:
+    if repacked and getattr(model, PRISTINE_STATE, None) is None:
         raise QuantizationError(
             f"{len(repacked)} 4-bit layers (first: {repacked[0]}) were repacked in place by a CPU forward pass; "
             "bitsandbytes cannot save them faithfully. Save the quantized model before running it "
@@ -152,11 +163,28 @@ def check_savable(model) -> None:
         )
 
 
-def save_quantized(model, folder: str | Path, tokenizer=None) -> Path:
-    """Save a quantized model (safetensors) and its tokenizer; refuses a model that ran on CPU (see above)."""
+def save_quantized(model, folder: str | Path, tokenizer=None, state_dict: dict | None = None) -> Path:
+    """Save a quantized model (safetensors) and its tokenizer, as it was before any CPU forward pass (see above).
+
+    `state_dict` replaces the model's own tensors (the base of a model with adapters passes its tensors alone).
+    """
     check_savable(model)
     folder = Path(folder)
-    model.save_pretrained(folder)
+    pristine = getattr(model, PRISTINE_STATE, None)
+    if state_dict is None and pristine is not None and repacked_layers(model):
+        state_dict = pristine
+    model.save_pretrained(folder)  # config (with its quantization_config), generation config, weights
+    if state_dict is not None:
+        # save_pretrained writes a quantized model's live tensors whatever `state_dict=` says (transformers asks
+        # the quantizer, which returns the model's own): write the given ones in their place.
+        from safetensors.torch import save_file
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+        for written in folder.glob("model*.safetensors*"):
+            written.unlink()
+        tensors = remove_tied_weights_from_state_dict(dict(state_dict), model)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors",
+                  metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     return folder

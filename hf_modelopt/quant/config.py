@@ -1,12 +1,11 @@
-"""`QuantizationConfig`: what the `quantize` stage and `quantize()` are told, mapped onto `BitsAndBytesConfig`."""
+"""Configs of quantization: bitsandbytes (`QuantizationConfig`, for `quantize`, mapped onto `BitsAndBytesConfig`)
+with its sensitivity scan and KD recovery, and group-wise storage on disk (`StorageQuantizationConfig`)."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from ..stages import StageConfig
 
 
 class SensitivityConfig(BaseModel):
@@ -62,14 +61,17 @@ class RecoveryConfig(BaseModel):
         return self
 
 
-class QuantizationConfig(StageConfig):
+class QuantizationConfig(BaseModel):
     """Quantize the incoming model's linear layers with bitsandbytes: LLM.int8 (`int8`) or 4-bit NF4 / FP4.
 
     Embeddings, the output head and the layers whose shapes bitsandbytes' CPU kernels reject stay in full
-    precision (listed in the log, `quantization.json` and the model card). The quantized model is saved
-    before it ever runs, then reloaded in a fresh process whose logits must equal the in-memory model's.
+    precision (listed in the log, `quantization.json` and the model card).
+
+    Example:
+        QuantizationConfig(method="nf4", sensitivity=SensitivityConfig(keep_fraction=0.25))
     """
 
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
     method: Literal["int8", "nf4", "fp4"] = Field("nf4", description="int8 (LLM.int8), nf4 or fp4 (4-bit).")
     double_quant: bool = Field(
         False, description="4-bit: quantize the per-block scales too (saves ~0.4 bit per weight).",
@@ -89,12 +91,6 @@ class QuantizationConfig(StageConfig):
     )
     recovery: RecoveryConfig | None = Field(
         None, description="Train LoRA adapters on the quantized model against the full-precision model's logits.",
-    )
-    verify: bool = Field(
-        True, description="Reload the saved model in a fresh process and require equal logits before succeeding.",
-    )
-    verify_tolerance: float = Field(
-        1e-4, gt=0, description="Absolute and relative tolerance of the reload check's logit comparison.",
     )
 
     @property
@@ -126,43 +122,16 @@ class QuantizationConfig(StageConfig):
             llm_int8_skip_modules=skip,  # transformers' name for the skip list, for 4-bit too
         )
 
-    def check_after(self, earlier) -> None:
-        # (finetune / distill / prune after a quantize stage are refused by their own check_after, train.py)
-        for stage in earlier:
-            if stage.type == "quantize":
-                raise ValueError(f"stage '{stage.name}' before it already quantized the model with bitsandbytes; "
-                                 "quantizing bnb weights again is not supported: keep one quantize stage")
 
-    def preflight(self, recipe) -> None:
-        """Optional packages and training data that the scan and the recovery need, checked before any stage runs."""
-        import importlib.util
-
-        from ..data import has_split
-        from ..recipe import RecipeError
-
-        stages = recipe.resolved_stages
-        index = next((i for i, stage in enumerate(stages) if stage.config is self), None)
-        if index is None:
-            return
-        optional_packages = (("recovery", self.recovery, "peft"), ("sensitivity", self.sensitivity, "matplotlib"))
-        for key, part, package in optional_packages:
-            if part is not None and importlib.util.find_spec(package) is None:
-                raise RecipeError(recipe.source, f"stages[{index}].{key}",
-                                  f"needs {package}: pip install 'hf-modelopt[quant]'")
-        for key, part in (("sensitivity", self.sensitivity), ("recovery", self.recovery)):
-            if part is not None and not has_split(recipe.data, "train"):
-                raise RecipeError(recipe.source, f"stages[{index}].{key}",
-                                  "needs training data (calibration text): set data.train_file or data.dataset")
-
-
-class StorageQuantizationConfig(StageConfig):
+class StorageQuantizationConfig(BaseModel):
     """Store the weights in 8 or 4 bits on disk (group-wise int8 / NF4 codes with fp16 scales); they load back
-    as a full-precision model (`quant/storage.py`). The download shrinks while speed and run-time memory stay
+    as a full-precision model (`formats/groupwise.py`). The download shrinks while speed and run-time memory stay
     those of full precision: the fast choice on CPU, where bitsandbytes kernels are slower than fp32.
 
-    The model the next stages get is the dequantized one, so evaluations measure what users load.
+    `hf_modelopt.save_compressed(model, folder, storage=StorageQuantizationConfig())` writes it.
     """
 
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
     linear_bits: Literal[4, 8] | None = Field(8, description="Bits per Linear weight (8: int8, 4: NF4); "
                                               "null keeps them in full precision.")
     embedding_bits: Literal[4, 8] | None = Field(8, description="Bits per embedding weight (the vocabulary matrix "
@@ -173,17 +142,9 @@ class StorageQuantizationConfig(StageConfig):
         description="Modules stored in full precision: full names or name suffixes. The default keeps "
         "classification heads, a few thousand weights whose rounding would move every prediction.",
     )
-    verify: bool = Field(True, description="Reload the saved folder in a fresh process and require the logits of "
-                         "the dequantized model before succeeding.")
 
     @model_validator(mode="after")
     def _something_to_store(self):
         if self.linear_bits is None and self.embedding_bits is None:
             raise ValueError("linear_bits and embedding_bits are both null: nothing to quantize")
         return self
-
-    def check_after(self, earlier) -> None:
-        for stage in earlier:
-            if stage.type == "quantize":
-                raise ValueError(f"stage '{stage.name}' before it already quantized the model with bitsandbytes: "
-                                 "its integer weights cannot be stored again; keep one of the two stages")

@@ -47,15 +47,15 @@ def add_lora_adapters(quantized_model, config: RecoveryConfig, base_model_name_o
 def recover_with_distillation(adapted_model, teacher, args, train_dataset, data_collator, tokenizer,
                               config: RecoveryConfig):
     """Train the adapters of `adapted_model` against `teacher`'s logits; returns the `DistillationTrainer`."""
-    from ..distill.config import KnowledgeDistillationConfig
+    from ..distill.config import DistillationConfig
     from ..distill.trainer import DistillationTrainer
 
-    distillation = KnowledgeDistillationConfig(temperature=config.temperature, kd_weight=config.kd_weight,
-                                               ce_weight=config.ce_weight)
+    distillation = DistillationConfig(temperature=config.temperature, kd_weight=config.kd_weight,
+                                      ce_weight=config.ce_weight)
     return DistillationTrainer(
         model=adapted_model,
         teacher=teacher,
-        distillation_config=distillation,
+        distillation=distillation,
         args=args,
         train_dataset=train_dataset,
         data_collator=data_collator,

@@ -73,7 +73,10 @@ def _outputs(model, batches, reference=None):
         for index, batch in enumerate(batches):
             inputs = {k: v for k, v in batch.items() if k != "labels"}
             logits = model(**inputs).logits.float()
-            total_loss += task_cross_entropy(logits, batch["labels"]).item()
+            # Without labels, a causal LM's target is its own text; a classifier has no loss to report.
+            labels = batch.get("labels", inputs.get("input_ids") if logits.dim() == 3 else None)
+            if labels is not None:
+                total_loss += task_cross_entropy(logits, labels.to(logits.device)).item()
             current = F.log_softmax(logits, dim=-1)
             if reference is not None:
                 target = reference[index].float()

@@ -7,11 +7,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, DataCollatorWithPadding
 
 from hf_modelopt.distill.cache import TeacherLogitCache, build_teacher_logit_cache
-from hf_modelopt.distill.config import DistillationConfig
 from hf_modelopt.distill.placement import dispatch_teacher, is_dispatched
 from hf_modelopt.errors import UserError
 from hf_modelopt.pipeline import run_recipe
 from hf_modelopt.recipe import RecipeError, validate_recipe
+from hf_modelopt.stages.distill import DistillStageConfig
 
 from ..conftest import tiny_recipe
 from .test_trainer import make_trainer, sentence_dataset, tiny_bert, tokenizer  # noqa: F401 (fixture)
@@ -62,7 +62,7 @@ def test_live_and_cached_kd_from_a_spread_teacher_equal_the_plain_teacher(tmp_pa
     dispatch_teacher(spread, "sequential", {"cpu": model_bytes(spread)}, tmp_path / "offload")
     assert "disk" in spread.hf_device_map.values()
     student = tiny_bert(layers=1, seed=3)
-    config = DistillationConfig(student={"layers": [0]}, ce_weight=0.3, hidden_weight=1.0)
+    config = DistillStageConfig(student={"layers": [0]}, ce_weight=0.3, hidden_weight=1.0)
     collator = DataCollatorWithPadding(tokenizer)
     features = [sentence_dataset(tokenizer)[i] for i in (7, 2, 11, 0)]
     student.eval()

@@ -10,10 +10,9 @@ from transformers import (
 )
 
 from hf_modelopt.distill.cache import CachedTeacherCollator, TeacherLogitCache, build_teacher_logit_cache
-from hf_modelopt.distill.config import DistillationConfig
-from hf_modelopt.distill.stage import VocabularyMismatchError, check_same_vocabulary
 from hf_modelopt.distill.student import student_from_teacher
 from hf_modelopt.distill.trainer import DistillationTrainer, task_cross_entropy
+from hf_modelopt.stages.distill import DistillStageConfig, VocabularyMismatchError, check_same_vocabulary
 
 from ..conftest import minilm_folder
 
@@ -43,7 +42,7 @@ def make_trainer(tmp_path, tokenizer, teacher, student, config, collator=None, s
     args = TrainingArguments(output_dir=str(tmp_path / "ckpt"), max_steps=steps, per_device_train_batch_size=4,
                              learning_rate=1e-2, report_to="none", save_strategy="no", logging_steps=1,
                              remove_unused_columns=False, disable_tqdm=True, use_cpu=True)
-    return DistillationTrainer(model=student, teacher=teacher, distillation_config=config, args=args,
+    return DistillationTrainer(model=student, teacher=teacher, distillation=config, args=args,
                                layer_map=layer_map,
                                train_dataset=sentence_dataset(tokenizer),
                                data_collator=collator or DataCollatorWithPadding(tokenizer))
@@ -54,7 +53,7 @@ def test_teacher_is_frozen_and_not_saved_and_terms_are_logged(tmp_path, tokenize
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student, kept = student_from_teacher(teacher, layers=[0, 3])
     student_before = {k: v.clone() for k, v in student.state_dict().items()}
-    config = DistillationConfig(student={"layers": [0, 3]}, ce_weight=0.5, hidden_weight=1.0, cosine_weight=0.5,
+    config = DistillStageConfig(student={"layers": [0, 3]}, ce_weight=0.5, hidden_weight=1.0, cosine_weight=0.5,
                                 attention_weight=0.1)
     teacher.set_attn_implementation("eager")
     student.set_attn_implementation("eager")
@@ -76,7 +75,7 @@ def test_teacher_is_frozen_and_not_saved_and_terms_are_logged(tmp_path, tokenize
 
 def test_layer_map_with_projection_when_widths_differ(tmp_path, tokenizer):
     teacher, student = tiny_bert(hidden=32, layers=4), tiny_bert(hidden=16, layers=2, seed=1)
-    config = DistillationConfig(student={"name_or_path": "unused"}, kd_weight=0.0, hidden_weight=1.0)
+    config = DistillStageConfig(student={"name_or_path": "unused"}, kd_weight=0.0, hidden_weight=1.0)
     trainer = make_trainer(tmp_path, tokenizer, teacher, student, config, steps=3)
     trainer.layer_map = {0: 1, 1: 3}
     trainer.projections = torch.nn.ModuleDict({str(i): torch.nn.Linear(16, 32) for i in trainer.layer_map})
@@ -101,7 +100,7 @@ def test_layer_map_with_projection_when_widths_differ(tmp_path, tokenizer):
 
 def test_default_projection_is_created_for_different_widths(tmp_path, tokenizer):
     teacher, student = tiny_bert(hidden=32, layers=4), tiny_bert(hidden=16, layers=2)
-    config = DistillationConfig(student={"name_or_path": "unused"}, hidden_weight=1.0)
+    config = DistillStageConfig(student={"name_or_path": "unused"}, hidden_weight=1.0)
     trainer = make_trainer(tmp_path, tokenizer, teacher, student, config)
     assert trainer.layer_map == {0: 1, 1: 3}
     assert trainer.projections["0"].weight.shape == (32, 16)
@@ -119,7 +118,7 @@ def test_cached_and_live_kd_give_the_same_loss(tmp_path, tokenizer, task):
         torch.manual_seed(0)
         teacher, student = AutoModelForCausalLM.from_config(config).eval(), AutoModelForCausalLM.from_config(config)
         top_k = 8
-    config = DistillationConfig(student={"layers": [0]}, top_k=top_k, ce_weight=0.3, temperature=2.0)
+    config = DistillStageConfig(student={"layers": [0]}, top_k=top_k, ce_weight=0.3, temperature=2.0)
     dataset = sentence_dataset(tokenizer)
     if task == "causal-lm":  # sentences of different lengths: exercises the padded token-level cache
         dataset = dataset.remove_columns("labels")
@@ -155,11 +154,11 @@ def test_task_cross_entropy_ignores_unlabelled_examples():
 
 def test_config_rejects_cache_with_feature_losses_and_all_zero_weights():
     with pytest.raises(ValueError, match="live teacher"):
-        DistillationConfig(student={"every": 2}, cache_teacher_logits=True, hidden_weight=1.0)
+        DistillStageConfig(student={"every": 2}, cache_teacher_logits=True, hidden_weight=1.0)
     with pytest.raises(ValueError, match="all loss weights are 0"):
-        DistillationConfig(student={"every": 2}, kd_weight=0.0)
+        DistillStageConfig(student={"every": 2}, kd_weight=0.0)
     with pytest.raises(ValueError, match="exactly one"):
-        DistillationConfig(student={"every": 2, "layers": [0]})
+        DistillStageConfig(student={"every": 2, "layers": [0]})
 
 
 def test_default_layer_maps():
@@ -175,11 +174,11 @@ def test_default_layer_maps():
 def test_resumed_training_continues_with_the_saved_projections(tmp_path, tokenizer):
     def trainer_for(max_steps):
         teacher, student = tiny_bert(hidden=32, layers=4), tiny_bert(hidden=16, layers=2, seed=1)
-        config = DistillationConfig(student={"name_or_path": "unused"}, hidden_weight=1.0)
+        config = DistillStageConfig(student={"name_or_path": "unused"}, hidden_weight=1.0)
         args = TrainingArguments(output_dir=str(tmp_path / "ckpt"), max_steps=max_steps, save_strategy="steps",
                                  save_steps=2, per_device_train_batch_size=4, learning_rate=1e-2, report_to="none",
                                  remove_unused_columns=False, disable_tqdm=True, use_cpu=True)
-        return DistillationTrainer(model=student, teacher=teacher, distillation_config=config, args=args,
+        return DistillationTrainer(model=student, teacher=teacher, distillation=config, args=args,
                                    train_dataset=sentence_dataset(tokenizer),
                                    data_collator=DataCollatorWithPadding(tokenizer))
 

@@ -104,7 +104,8 @@ def test_card_loading_code_works_and_remeasures_to_the_card(verified_export):
     out = verified_export
     code = ModelCard.load(out / "README.md").text.split("```python\n", 1)[1].split("```", 1)[0]
     measure = ("\nimport json, sys\nfrom hf_modelopt.metrics import evaluate_model\nfrom hf_modelopt.recipe import "
-               "load_recipe\nprint(json.dumps(evaluate_model(model, tokenizer, load_recipe(sys.argv[1]))))\n")
+               "load_recipe\nrecipe = load_recipe(sys.argv[1])\n"
+               "print(json.dumps(evaluate_model(model, tokenizer, recipe.data, task=recipe.task)))\n")
     run = subprocess.run([sys.executable, "-c", code + measure, str(out / "recipe.yaml")], capture_output=True,
                          text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 0, run.stderr[-3000:]

@@ -29,7 +29,7 @@ def test_adapter_folder_reloads_with_peft(tiny_models, tmp_path):
     """An export that is a peft adapter is recognised and reloaded with peft's AutoPeftModel class."""
     from peft import LoraConfig, get_peft_model
 
-    from hf_modelopt.export.formats import detect_format, loading_code
+    from hf_modelopt.formats.detect import detect_format, loading_code
 
     base = tiny_models("bert", "text-classification")
     torch.manual_seed(0)

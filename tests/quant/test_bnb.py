@@ -8,7 +8,7 @@ from hf_modelopt.quant.bnb import (
     check_savable,
     kernel_rejects,
     plan_skips,
-    quantize,
+    quantize_with_bitsandbytes,
     repacked_layers,
     save_quantized,
 )
@@ -20,7 +20,7 @@ def test_quantized_model_saves_and_reloads_with_equal_logits(wide_tiny_models, t
     folder = wide_tiny_models("llama", "causal-lm")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder)
-    quantized, report = quantize(model, QuantizationConfig(method=method, double_quant=double_quant))
+    quantized, report = quantize_with_bitsandbytes(model, QuantizationConfig(method=method, double_quant=double_quant))
     assert report.quantized and "lm_head" in report.skipped
     assert report.footprint_bytes < report.reference_footprint_bytes
     save_quantized(quantized, tmp_path / "q", tokenizer)
@@ -36,14 +36,15 @@ def test_quantized_model_saves_and_reloads_with_equal_logits(wide_tiny_models, t
 def test_quantized_model_reloads_in_a_fresh_process(wide_tiny_models, tmp_path):
     folder = wide_tiny_models("llama", "causal-lm")
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    quantized, _ = quantize(AutoModelForCausalLM.from_pretrained(folder), QuantizationConfig(method="fp4"))
+    quantized, _ = quantize_with_bitsandbytes(AutoModelForCausalLM.from_pretrained(folder),
+                                              QuantizationConfig(method="fp4"))
     save_quantized(quantized, tmp_path / "q", tokenizer)
     assert verify_reload(tmp_path / "q", quantized, tokenizer, "causal-lm").max_abs_diff <= 1e-4
 
 
 def test_gpt2_conv1d_layers_are_quantized(wide_tiny_models):
     model = AutoModelForCausalLM.from_pretrained(wide_tiny_models("gpt2", "causal-lm"))
-    _, report = quantize(model, QuantizationConfig(method="nf4"))
+    _, report = quantize_with_bitsandbytes(model, QuantizationConfig(method="nf4"))
     assert "transformer.h.0.mlp.c_fc" in report.quantized
 
 
@@ -66,7 +67,7 @@ def test_classifier_head_is_skipped_for_4bit_only(wide_tiny_models):
     assert skips["bert.encoder.layer.1.output.dense"].startswith("sensitivity scan")
     assert "bert.encoder.layer.0.output.dense" not in skips
 
-    quantized, report = quantize(model, QuantizationConfig(method="nf4"))
+    quantized, report = quantize_with_bitsandbytes(model, QuantizationConfig(method="nf4"))
     assert type(quantized.classifier) is torch.nn.Linear  # would crash the CPU kernel as Linear4bit
     tokenizer = AutoTokenizer.from_pretrained(wide_tiny_models("bert"))
     assert probe_logits(quantized, probe_batch(tokenizer)).shape[-1] == 2
@@ -76,24 +77,30 @@ def test_model_without_any_quantizable_layer_is_refused(tiny_models):
     # 32 features: too narrow for the 4-bit CPU kernels, except mlp.down_proj (64 in, 32 out), skipped by name.
     model = AutoModelForCausalLM.from_pretrained(tiny_models("llama", "causal-lm"))
     with pytest.raises(QuantizationError, match="no linear layer of LlamaForCausalLM can be quantized to nf4"):
-        quantize(model, QuantizationConfig(method="nf4", skip_modules=["mlp.down_proj"]))
+        quantize_with_bitsandbytes(model, QuantizationConfig(method="nf4", skip_modules=["mlp.down_proj"]))
 
 
-def test_a_4bit_model_that_ran_on_cpu_cannot_be_saved(wide_tiny_models, tmp_path):
-    from hf_modelopt.pipeline import save_model_state
-    from hf_modelopt.stages import ModelState
+def test_a_4bit_model_that_ran_on_cpu_saves_its_state_from_before_or_is_refused(wide_tiny_models, tmp_path):
+    from hf_modelopt.stages import ModelState, save_model_state
 
     folder = wide_tiny_models("llama", "causal-lm")
-    quantized, _ = quantize(AutoModelForCausalLM.from_pretrained(folder), QuantizationConfig(method="nf4"))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    quantized, _ = quantize_with_bitsandbytes(AutoModelForCausalLM.from_pretrained(folder),
+                                              QuantizationConfig(method="nf4"))
     check_savable(quantized)  # fresh: fine
-    probe_logits(quantized, probe_batch(AutoTokenizer.from_pretrained(folder)))
+    expected = probe_logits(quantized, probe_batch(tokenizer))
     if not repacked_layers(quantized):
         pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not repack 4-bit weights here")
+    # quantize kept the state from before the repacking: that is what is written, and it reloads to the same model.
+    save_model_state(ModelState(model=quantized), tmp_path / "q")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert torch.allclose(probe_logits(reloaded, probe_batch(tokenizer)), expected, atol=1e-4)
+    # A 4-bit model loaded from disk has no such state: once it has run, saving it is refused.
+    probe_logits(reloaded, probe_batch(tokenizer))
+    assert repacked_layers(reloaded)
     with pytest.raises(QuantizationError, match="repacked in place by a CPU forward pass"):
-        save_quantized(quantized, tmp_path / "q")
-    with pytest.raises(QuantizationError, match="repacked"):
-        save_model_state(ModelState(model=quantized), tmp_path / "q")
-    assert not (tmp_path / "q").exists()
+        save_quantized(reloaded, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
 
 
 def test_bnb_config_mapping():

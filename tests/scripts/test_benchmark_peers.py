@@ -6,11 +6,10 @@ import pytest
 import yaml
 
 from ..conftest import REPO, tiny_recipe
-from ..quant.conftest import wide_tiny_models  # noqa: F401  (fixture: 64-wide layers for bitsandbytes 4-bit)
 
 
 @pytest.mark.slow  # builds and measures 7 models with peak-memory processes: about a minute on 2 cores
-def test_peers_are_built_and_measured_beside_ours(wide_tiny_models, tiny_models, sst2_files, tmp_path):  # noqa: F811
+def test_peers_are_built_and_measured_beside_ours(wide_tiny_models, tiny_models, sst2_files, tmp_path):
     base = wide_tiny_models("bert")
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe(base, sst2_files)))

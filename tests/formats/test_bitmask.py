@@ -1,8 +1,9 @@
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from hf_modelopt.export.loading import pack_bitmask, unpack_bitmask
-from hf_modelopt.export.sparse import save_sparse, weights_size_on_disk
+from hf_modelopt.formats.bitmask import pack_bitmask, unpack_bitmask
+from hf_modelopt.formats.detect import weights_size_on_disk
+from hf_modelopt.formats.hf_modelopt import save_sparse
 from hf_modelopt.prune.masks import apply_masks_, masks_from_scores, prunable_linears
 
 

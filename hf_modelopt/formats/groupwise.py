@@ -4,9 +4,9 @@ The weights of the Linear layers and the embedding matrices are cut into groups 
 consecutive values (row-major; for a pruned weight, its kept values). Each group stores one fp16 scale, its
 absolute maximum, and one code per value: an int8 `round(127 · v / scale)`, or the index of the nearest
 NF4 level (the 16 normal-quantile levels of QLoRA, two codes per byte). Weights sparse enough keep the
-bitmask of `export/sparse.py` and quantize only their kept values.
+bitmask of `bitmask.py` and quantize only their kept values.
 
-The `hf_modelopt` loading hook (`export/loading.py`) dequantizes while `from_pretrained` loads, so the
+The `hf_modelopt` loading hook (`hf_modelopt.py`) dequantizes while `from_pretrained` loads, so the
 loaded model is a plain full-precision model: the download and the disk shrink, while speed and memory
 stay those of the full-precision model. That is the point on CPU, where bitsandbytes' int8 and 4-bit
 kernels run slower than fp32 matmuls (measured in BENCHMARKS.md); on a GPU, the bitsandbytes `quantize`
@@ -18,6 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from .bitmask import compress_weight, decompress_weight, unpack_bitmask
+from .modules import is_linear
 
 # QLoRA's NF4 levels (Dettmers et al. 2023), the same values as `bitsandbytes.functional.get_4bit_type("nf4")`.
 NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -73,8 +76,6 @@ class StorageReport:
 
 def _quantizable(model, linear_bits: int | None, embedding_bits: int | None):
     """(module name, module, bits) of every Linear (GPT-2's Conv1D too) and Embedding to store quantized."""
-    from ..prune.masks import is_linear
-
     for name, module in model.named_modules():
         if is_linear(module) and linear_bits:
             yield name, module, linear_bits
@@ -86,8 +87,6 @@ def storage_state_dict(model, linear_bits: int | None = 8, embedding_bits: int |
                        skip: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], StorageReport]:
     """The model's state dict with its Linear and Embedding weights stored quantized (and bitmask-compressed
     when sparse enough); modules whose name ends with an entry of `skip` stay in full precision."""
-    from ..export.loading import compress_weight
-
     state = dict(model.state_dict())
     report = StorageReport()
     seen = set()
@@ -120,8 +119,6 @@ def dequantize_in_place_(model, linear_bits: int | None = 8, embedding_bits: int
 
 def load_stored_weights_(model, state: dict[str, torch.Tensor], group_size: int) -> None:
     """Copy the decoded weights of a `storage_state_dict` into `model` (built from that same model)."""
-    from ..export.loading import decode_weight
-
     with torch.no_grad():
         for name, module in model.named_modules():
             scale = state.get(f"{name}.weight_scale")
@@ -133,22 +130,19 @@ def load_stored_weights_(model, state: dict[str, torch.Tensor], group_size: int)
                          .to(weight.dtype))
 
 
-def save_with_quantized_storage(model, folder, tokenizer=None, linear_bits: int | None = 8,
-                                embedding_bits: int | None = 8, group_size: int = 64,
-                                skip: tuple[str, ...] = ()) -> StorageReport:
-    """Save `model` into `folder` with quantized weight storage (loads back with `from_pretrained` after
-    `import hf_modelopt`, as the dequantized full-precision model)."""
-    state, report = storage_state_dict(model, linear_bits, embedding_bits, group_size, skip)
-    write_stored_weights(model, folder, state, report, group_size, tokenizer)
-    return report
+def decode_weight(stored, scale, packed, shape, group_size: int | None):
+    """A weight as stored in the `hf_modelopt` formats, back to a dense tensor of `shape`.
 
-
-def write_stored_weights(model, folder, state: dict[str, torch.Tensor], report: StorageReport, group_size: int,
-                         tokenizer=None) -> None:
-    """Write a `storage_state_dict` (and `model`'s config, with the format recorded in it) into `folder`."""
-    from ..export.sparse import save_in_hf_modelopt_format
-
-    entries = {"weight_format": WEIGHT_FORMAT, "group_size": group_size}
-    if any(label.endswith("+bitmask") for label in report.formats.values()):
-        entries["sparse_format"] = "bitmask"
-    save_in_hf_modelopt_format(model, folder, state, entries, tokenizer)
+    `stored` holds every value (dense) or the kept values (with the `packed` bitmask), in full precision or
+    as group-wise codes with their `scale`s (above).
+    """
+    numel = 1
+    for size in shape:
+        numel *= size
+    if packed is not None:
+        numel = int(unpack_bitmask(packed, shape).sum())
+    if scale is not None:
+        stored = dequantize_groups(stored, scale, numel, group_size)
+    if packed is not None:
+        return decompress_weight(stored, packed, shape)
+    return stored.reshape(tuple(shape))

@@ -65,7 +65,7 @@ EXPORT_FORMATS: list[ExportFormat] = [
     ExportFormat("hf-modelopt", "hf_modelopt", _is_hf_modelopt,
                  "hf-modelopt's own storage: sparse weights as values + bitmask, weights stored in 8 / 4 bits, and/or "
                  "structurally pruned layer shapes that no config field can describe, read by the hf_modelopt "
-                 "loading hook (export/loading.py)"),
+                 "loading hook (formats/hf_modelopt.py)"),
     ExportFormat("bitsandbytes", "transformers", _is_bitsandbytes,
                  "bitsandbytes 8-bit / 4-bit weights (needs bitsandbytes installed)"),
     ExportFormat("dense", "transformers", lambda folder: (folder / "config.json").is_file(),
@@ -92,7 +92,9 @@ def detect_format(folder) -> ExportFormat:
 
 def load_exported(folder, task: str, trust_remote_code: bool = False):
     """Load an export folder as a user would, for `task` (after `import hf_modelopt`, which registers hooks)."""
-    import hf_modelopt  # noqa: F401  (registers the project's loading hooks, as a user's import would)
+    from .hf_modelopt import register_loading_hooks
+
+    register_loading_hooks()  # what `import hf_modelopt` does for a user
 
     kwargs = {"trust_remote_code": trust_remote_code}
     if detect_format(folder).loads_with == "peft":
@@ -119,3 +121,8 @@ def loading_code(export_format: ExportFormat, task: str, path_or_repo_id: str) -
         lines.append(f"model = {cls}.from_pretrained({target})")
     lines.append(f"tokenizer = AutoTokenizer.from_pretrained({target})")
     return "\n".join(lines)
+
+
+def weights_size_on_disk(folder) -> int:
+    """Bytes of the weight files (`*.safetensors`) in `folder`."""
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))

@@ -55,7 +55,7 @@ def test_prune_structured_stage_shrinks_and_exports_a_loadable_model(tiny_models
 def test_pruned_exports_are_verified_and_load_per_the_matrix(tiny_models, sst2_files, tmp_path):
     import json as json_module
 
-    from hf_modelopt.export.formats import detect_format
+    from hf_modelopt.formats.detect import detect_format
 
     # A structurally pruned BERT (hook format) and a sparse export of an unstructured one, both verified.
     structured = [{"type": "prune_structured", "heads": 0.5, "importance": "magnitude", "recover": False},
@@ -72,7 +72,7 @@ def test_pruned_exports_are_verified_and_load_per_the_matrix(tiny_models, sst2_f
 
 
 def test_kd_teacher_can_be_an_earlier_stage_model(tiny_models, sst2_files, tmp_path, monkeypatch):
-    from hf_modelopt.prune import stage as prune_stage
+    from hf_modelopt.stages import prune as prune_stage
 
     teachers = []
     original = prune_stage.kd_teacher

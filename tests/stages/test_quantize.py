@@ -39,9 +39,11 @@ def test_quantize_stage_with_sensitivity_scan_and_kd_recovery(wide_tiny_models, 
     kept = report["sensitivity"]["kept_units"]
     assert len(kept) == 1 and report["skipped"][f"{kept[0]}.mlp.down_proj"].startswith("sensitivity scan")
     model = AutoModelForCausalLM.from_pretrained(out)  # base + adapters, through transformers' peft integration
-    assert any("lora_B" in name for name, _ in model.named_parameters())
+    lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
+    # LoRA's B starts at zero: after two steps of recovery the saved adapters have moved.
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)
     log = json.loads((out / "stages" / "quantize" / "log_history.json").read_text())
-    assert log[-1]["train_loss"] >= 0 and "sensitivity.png" in (out / "README.md").read_text()
+    assert log[-1]["step"] == 2 and "sensitivity.png" in (out / "README.md").read_text()
 
 
 def test_training_all_weights_or_quantizing_again_after_quantize_is_refused(wide_tiny_models, sst2_files,

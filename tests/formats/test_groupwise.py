@@ -4,17 +4,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from hf_modelopt.export.formats import detect_format
-from hf_modelopt.export.sparse import weights_size_on_disk
+from hf_modelopt.formats.detect import detect_format, weights_size_on_disk
+from hf_modelopt.formats.groupwise import NF4_LEVELS, dequantize_groups, dequantize_in_place_, quantize_groups
+from hf_modelopt.formats.hf_modelopt import save_with_quantized_storage
 from hf_modelopt.pipeline import run_recipe
 from hf_modelopt.prune.masks import apply_masks_, masks_from_scores, prunable_linears
-from hf_modelopt.quant.storage import (
-    NF4_LEVELS,
-    dequantize_groups,
-    dequantize_in_place_,
-    quantize_groups,
-    save_with_quantized_storage,
-)
 from hf_modelopt.recipe import RecipeError, validate_recipe
 
 from ..conftest import tiny_recipe

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import Field
 
-from .stages import ModelState, StageConfig, StageContext, register_stage
+from . import ModelState, StageConfig, StageContext, ensure_loaded, register_stage
 
 logger = logging.getLogger("hf_modelopt")
 
@@ -31,9 +31,14 @@ def training_arguments(recipe, stage_training: dict[str, Any], output_dir: Path)
     import torch
     from transformers import TrainingArguments
 
-    from .distributed import use_cpu
+    from ..distributed import use_cpu
 
     defaults = {**TRAINING_DEFAULTS, "dataloader_pin_memory": torch.cuda.is_available()}
+    if recipe.task == "text-classification":
+        # A classifier's loss is a mean over its own process's batch. Left on, Trainer multiplies it (and the
+        # gradients) by the number of processes, as if the model had divided a sum by the global token count
+        # (which a causal LM's loss does, given num_items_in_batch).
+        defaults["average_tokens_across_devices"] = False
     if use_cpu():
         defaults["use_cpu"] = True  # accelerate joins CPU processes into one DDP group only when told so
     return TrainingArguments(output_dir=str(output_dir), **{**defaults, **recipe.training, **stage_training})
@@ -46,7 +51,7 @@ def training_data(recipe, tokenizer, raw_train=None):
     """
     from transformers import DataCollatorWithPadding, default_data_collator
 
-    from .data import has_split, load_split, tokenize_causal_lm, tokenize_classification
+    from ..data import has_split, load_split, tokenize_causal_lm, tokenize_classification
 
     tokenize = tokenize_classification if recipe.task == "text-classification" else tokenize_causal_lm
     collator = DataCollatorWithPadding(tokenizer) if recipe.task == "text-classification" else default_data_collator
@@ -74,8 +79,8 @@ def train_and_record(trainer, context: StageContext):
     Resumes from `context.resume_from_checkpoint` when set. A stop signal (see `hf_modelopt.interrupt`)
     ends training after the current step with a checkpoint, then raises `RunInterrupted`.
     """
-    from .distributed import report_training_mode, whole_model
-    from .interrupt import RunInterrupted, StopOnSignalCallback, stop_requested, training_in_progress
+    from ..distributed import report_training_mode, whole_model
+    from ..interrupt import RunInterrupted, StopOnSignalCallback, stop_requested, training_in_progress
 
     trainer.add_callback(StopOnSignalCallback())
     report_training_mode(trainer.accelerator, context.stage_name)
@@ -150,8 +155,6 @@ def train_with_task_loss(model, tokenizer, stage_training: dict[str, Any], conte
 
 @register_stage("finetune", FinetuneConfig)
 def finetune_stage(state: ModelState, config: FinetuneConfig, context: StageContext) -> ModelState:
-    from .modeling import ensure_loaded
-
     ensure_loaded(state, context.recipe)
     trainer = train_with_task_loss(state.model, state.tokenizer, config.training, context)
     return ModelState(model=trainer.model, tokenizer=state.tokenizer)

@@ -9,7 +9,7 @@ here through transformers' own extension points (`register_quantization_config`,
   decompressed to dense tensors while loading; the loaded model is a plain model (the config entry is
   dropped), so it trains and saves like any other.
 - `weight_format: "groupwise"` (with `group_size`): Linear and embedding weights stored as 8-bit or NF4 codes
-  (`W.weight`) with one fp16 scale per group (`W.weight_scale`), see `quant/storage.py`; dequantized to
+  (`W.weight`) with one fp16 scale per group (`W.weight_scale`), see `groupwise.py`; dequantized to
   full precision while loading, like the bitmask (the two combine: the kept values are quantized).
 - `layer_shapes: {module: [out, in]}`: Linear layers made smaller by structured pruning where the
   architecture's config cannot say so (BERT derives the head size from hidden_size / num_attention_heads,
@@ -19,9 +19,11 @@ here through transformers' own extension points (`register_quantization_config`,
 
 from __future__ import annotations
 
+import copy
 import importlib.abc
 import importlib.util
 import sys
+from pathlib import Path
 
 QUANT_METHOD = "hf_modelopt"
 _TRANSFORMERS_QUANTIZERS = "transformers.quantizers.auto"
@@ -79,61 +81,6 @@ def register_loading_hooks() -> None:
     _registered = True
 
 
-def pack_bitmask(mask):
-    """A bool tensor as packed bits (uint8, 8 positions per byte, row-major, little-endian bit order)."""
-    import torch
-
-    flat = mask.flatten().to(torch.uint8)
-    flat = torch.nn.functional.pad(flat, (0, (-flat.numel()) % 8))
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-    return (flat.view(-1, 8) * weights).sum(dim=1).to(torch.uint8)
-
-
-def unpack_bitmask(packed, shape):
-    import torch
-
-    numel = 1
-    for size in shape:
-        numel *= size
-    bits = (packed.view(-1, 1) >> torch.arange(8, dtype=torch.uint8)) & 1
-    return bits.flatten()[:numel].bool().view(*shape)
-
-
-def compress_weight(weight):
-    """(values, packed bitmask) of a sparse weight: the nonzero values in row-major order and their positions."""
-    mask = weight != 0
-    return weight[mask].contiguous(), pack_bitmask(mask)
-
-
-def decompress_weight(values, packed, shape):
-    import torch
-
-    mask = unpack_bitmask(packed, shape)
-    dense = torch.zeros(tuple(shape), dtype=values.dtype)
-    dense[mask] = values
-    return dense
-
-
-def decode_weight(stored, scale, packed, shape, group_size: int | None):
-    """A weight as stored in the `hf_modelopt` formats, back to a dense tensor of `shape`.
-
-    `stored` holds every value (dense) or the kept values (with the `packed` bitmask), in full precision or
-    as group-wise codes with their `scale`s (`quant/storage.py`).
-    """
-    numel = 1
-    for size in shape:
-        numel *= size
-    if packed is not None:
-        numel = int(unpack_bitmask(packed, shape).sum())
-    if scale is not None:
-        from ..quant.storage import dequantize_groups
-
-        stored = dequantize_groups(stored, scale, numel, group_size)
-    if packed is not None:
-        return decompress_weight(stored, packed, shape)
-    return stored.reshape(tuple(shape))
-
-
 def _config_class():
     from transformers.utils.quantization_config import QuantizationConfigMixin
 
@@ -177,6 +124,8 @@ def _quantizer_class():
                 return {"weight": stored}
             module, _ = get_module_from_name(model, full_layer_name)
             group_size = self.hf_quantizer.quantization_config.group_size
+            from .groupwise import decode_weight
+
             weight = decode_weight(stored, scale, packed, module.weight.shape, group_size)
             return {"weight": weight.to(module.weight.dtype)}
 
@@ -195,7 +144,7 @@ def _quantizer_class():
             return {"deserialize": Decompress, "dequantize": Decompress}
 
         def _process_model_before_weight_loading(self, model, **kwargs):
-            from ..prune.structured import resize_linear_
+            from .modules import resize_linear_
 
             for name, (out_features, in_features) in self.quantization_config.layer_shapes.items():
                 resize_linear_(model, name, out_features, in_features)
@@ -222,3 +171,62 @@ def _quantizer_class():
             return True
 
     return HfModelOptQuantizer
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def save_sparse(model, folder, tokenizer=None) -> list[str]:
+    """Save `model` to `folder` in the compressed sparse format; returns the compressed module names."""
+    from .bitmask import sparse_state_dict
+
+    state, compressed = sparse_state_dict(model)
+    save_in_hf_modelopt_format(model, folder, state, {"sparse_format": "bitmask"}, tokenizer)
+    return compressed
+
+
+def save_in_hf_modelopt_format(model, folder, state: dict, entries: dict, tokenizer=None) -> None:
+    """`model.save_pretrained(folder, state_dict=state)` with a `quant_method: hf_modelopt` quantization_config
+    made of `entries` (plus the layer shapes of a structurally pruned model); the model itself is left as is."""
+    original = getattr(model.config, "quantization_config", None)
+    model.config.quantization_config = {"quant_method": QUANT_METHOD, **entries, **structured_entries(original)}
+    try:
+        model.save_pretrained(Path(folder), state_dict=state)
+    finally:
+        if original is None:
+            del model.config.quantization_config
+        else:
+            model.config.quantization_config = original
+    if tokenizer is not None:
+        tokenizer.save_pretrained(Path(folder))
+
+
+def structured_entries(original) -> dict:
+    """Keep the layer shapes of a structurally pruned model when it is also saved sparse."""
+    if original is None:
+        return {}
+    entries = original if isinstance(original, dict) else copy.deepcopy(original.__dict__)
+    return {k: entries[k] for k in ("layer_shapes", "attention_heads") if entries.get(k)}
+
+
+def save_with_quantized_storage(model, folder, tokenizer=None, linear_bits: int | None = 8,
+                                embedding_bits: int | None = 8, group_size: int = 64,
+                                skip: tuple[str, ...] = ()):
+    """Save `model` into `folder` with quantized weight storage (loads back with `from_pretrained` after
+    `import hf_modelopt`, as the dequantized full-precision model); returns the `StorageReport`."""
+    from .groupwise import storage_state_dict
+
+    state, report = storage_state_dict(model, linear_bits, embedding_bits, group_size, skip)
+    write_stored_weights(model, folder, state, report, group_size, tokenizer)
+    return report
+
+
+def write_stored_weights(model, folder, state: dict, report, group_size: int, tokenizer=None) -> None:
+    """Write a `storage_state_dict` and its `StorageReport` (and `model`'s config, with the format recorded in
+    it) into `folder`."""
+    from .groupwise import WEIGHT_FORMAT
+
+    entries = {"weight_format": WEIGHT_FORMAT, "group_size": group_size}
+    if any(label.endswith("+bitmask") for label in report.formats.values()):
+        entries["sparse_format"] = "bitmask"
+    save_in_hf_modelopt_format(model, folder, state, entries, tokenizer)

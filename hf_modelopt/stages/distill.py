@@ -1,19 +1,97 @@
-"""The `distill` recipe stage: the incoming model is the teacher; the stage's output is the student."""
+"""The `distill` recipe stage: the incoming model is the teacher; the stage's output is the student.
+
+Also the KD training that the pruning stages share (`train_with_distillation`)."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
-from ..errors import UserError
-from ..stages import ModelState, StageContext, register_stage
-from .config import DistillationConfig, KnowledgeDistillationConfig
+from pydantic import Field
+
+from ..distill.config import KnowledgeDistillationConfig, StudentConfig
+from ..distributed import world_size
+from ..errors import RecipeError, UserError
+from . import ModelState, StageConfig, StageContext, ensure_loaded, register_stage
+from .train import refuse_training_after
 
 logger = logging.getLogger("hf_modelopt")
 
 
 class VocabularyMismatchError(UserError):
     """Teacher and student tokenize differently, so token-level KD would compare unrelated distributions."""
+
+
+def check_kd_settings(kd: KnowledgeDistillationConfig, recipe, stage_training: dict[str, Any], key: str) -> None:
+    """Transfer text must exist; it and augmentation are for classification; the logit cache excludes
+    evaluation in training; a teacher spread over devices runs in one process (or builds the cache).
+
+    `key` is where these settings sit in the recipe (for the error message).
+    """
+    if kd.transfer_file is not None:
+        if recipe.task != "text-classification":
+            raise RecipeError(recipe.source, f"{key}.transfer_file",
+                              "for classification only; for causal LMs add the text to data.train_file")
+        path = recipe.data.resolve(kd.transfer_file)
+        if not path.is_file():
+            raise RecipeError(recipe.source, f"{key}.transfer_file", f"file not found: {path}")
+    if kd.augmentation is not None and recipe.task != "text-classification":
+        raise RecipeError(recipe.source, f"{key}.augmentation", "for classification only: a causal LM's "
+                          "training text is its own target")
+    evaluates = {**recipe.training, **stage_training}.get("eval_strategy", "no") not in ("no", None)
+    if kd.cache_teacher_logits and evaluates:
+        raise RecipeError(recipe.source, f"{key}.cache_teacher_logits", "the cache covers the training set "
+                          "only; set training.eval_strategy to 'no' in this stage or turn the cache off")
+    if kd.teacher_device_map and world_size() > 1 and not kd.cache_teacher_logits:
+        raise RecipeError(recipe.source, f"{key}.teacher_device_map", f"{world_size()} processes would each "
+                          "spread a teacher over the same devices; set cache_teacher_logits: true (the main "
+                          "process alone runs the teacher) or run one process")
+
+
+class DistillStageConfig(StageConfig, KnowledgeDistillationConfig):
+    """The `distill` stage: knowledge distillation of the incoming model (the teacher) into a student."""
+
+    student: StudentConfig = Field(description="How the student is built.")
+    training: dict[str, Any] = Field(
+        default_factory=dict, description="TrainingArguments for this stage only, over the recipe's `training:`.",
+    )
+    requires_data = ("train",)
+
+    def check_after(self, earlier) -> None:
+        refuse_training_after("distill", earlier)
+
+    def preflight(self, recipe) -> None:
+        """Transfer text must exist (classification only); token-level KD needs one vocabulary."""
+        check_kd_settings(self, recipe, self.training, "distill")
+        if self.student.name_or_path:
+            self._check_student_labels(recipe)
+        if recipe.task == "causal-lm" and self.student.name_or_path:
+            from ..modeling import ModelConfig, load_tokenizer
+
+            student = ModelConfig(name_or_path=self.student.name_or_path)
+            check_same_vocabulary(load_tokenizer(recipe.model), load_tokenizer(student))
+
+    def _check_student_labels(self, recipe) -> None:
+        """A separate student must suit the task and, as a classifier, name its classes as the teacher does."""
+        from ..data import check_data_contents
+        from ..modeling import ModelConfig, check_model_for_task
+
+        labels = check_data_contents(recipe.data, recipe.task, {"train"}, recipe.source)
+        key = "distill.student.name_or_path"
+        student = check_model_for_task(ModelConfig(name_or_path=self.student.name_or_path), recipe.task, labels,
+                                       key, recipe.source)
+        teacher = check_model_for_task(recipe.model, recipe.task, labels, "model.name_or_path", recipe.source)
+        if recipe.task != "text-classification":
+            return
+
+        def named(config) -> dict[int, str] | None:  # None: the default LABEL_0, LABEL_1, ... (no names given)
+            names = {int(i): str(label) for i, label in (config.id2label or {}).items()}
+            return None if all(label == f"LABEL_{i}" for i, label in names.items()) else names
+
+        if named(teacher) and named(student) and named(teacher) != named(student):
+            raise RecipeError(recipe.source, key, f"the student's classes {named(student)} are not the teacher's "
+                              f"{named(teacher)}: soft targets would teach the wrong classes")
 
 
 def check_same_vocabulary(teacher_tokenizer, student_tokenizer) -> None:
@@ -55,7 +133,7 @@ def _with_kd_only_text(train, recipe, config: KnowledgeDistillationConfig, mask_
     perturbed copies of the labelled sentences."""
     import datasets
 
-    from .augment import augmented_sentences
+    from ..distill.augment import augmented_sentences
 
     sentences = []
     if config.transfer_file:
@@ -78,11 +156,11 @@ def train_with_distillation(teacher, student, tokenizer, config: KnowledgeDistil
     Shared by every stage that trains with KD (`distill`, `prune`, ...); `callbacks` go to the Trainer.
     """
     from ..data import load_split
+    from ..distill.cache import CachedTeacherCollator, TeacherLogitCache, build_teacher_logit_cache
+    from ..distill.placement import placed_teacher
+    from ..distill.trainer import DistillationTrainer, default_layer_map
     from ..distributed import is_main_process, wait_for_everyone
-    from ..train import train_and_record, training_arguments, training_data
-    from .cache import CachedTeacherCollator, TeacherLogitCache, build_teacher_logit_cache
-    from .placement import placed_teacher
-    from .trainer import DistillationTrainer, default_layer_map
+    from .train import train_and_record, training_arguments, training_data
 
     recipe = context.recipe
     layer_map = config.layer_map or default_layer_map(
@@ -115,7 +193,7 @@ def train_with_distillation(teacher, student, tokenizer, config: KnowledgeDistil
         trainer = DistillationTrainer(
             model=student,
             teacher=teacher_for_trainer,
-            distillation_config=config,
+            distillation=config,
             layer_map=layer_map if teacher_for_trainer is not None else {},
             args=args,
             train_dataset=train,
@@ -130,11 +208,10 @@ def train_with_distillation(teacher, student, tokenizer, config: KnowledgeDistil
     return trainer
 
 
-@register_stage("distill", DistillationConfig)
-def distill_stage(state: ModelState, config: DistillationConfig, context: StageContext) -> ModelState:
-    from ..modeling import ensure_loaded, load_model
-    from ..recipe import ModelConfig
-    from .student import student_from_teacher
+@register_stage("distill", DistillStageConfig)
+def distill_stage(state: ModelState, config: DistillStageConfig, context: StageContext) -> ModelState:
+    from ..distill.student import student_from_teacher
+    from ..modeling import ModelConfig, load_model
 
     recipe = context.recipe
     ensure_loaded(state, recipe)

@@ -1,0 +1,199 @@
+"""The one registry of recipe stages: stage name -> (config class, function); and the built-in stages.
+
+A stage is a function `run(state, config, context) -> state`. It gets the model produced by the stages
+before it, may write files into `context.stage_dir`, and returns the model the next stage receives (with
+the metrics it measured, if any). The built-in stages (`train.py`, `distill.py`, `prune.py`, `quantize.py`,
+`evaluate.py`, `export.py` here) are thin layers over the techniques' Python API; each stage config is the
+technique's config plus the stage's own fields, so YAML and Python share one set of defaults.
+
+Third-party stages: a package declares an entry point in the group `hf_modelopt.stages` naming a module (or
+a callable) whose import registers its stages with `@register_stage`; it is loaded with the built-in ones,
+whenever a recipe is validated, so `hf-modelopt run` runs them (`hf-modelopt stages` lists them all).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe, Stage
+
+logger = logging.getLogger("hf_modelopt")
+
+# Modules whose import registers the built-in stages.
+BUILTIN_STAGE_MODULES = (
+    "hf_modelopt.stages.train",
+    "hf_modelopt.stages.evaluate",
+    "hf_modelopt.stages.distill",
+    "hf_modelopt.stages.prune",
+    "hf_modelopt.stages.quantize",
+    "hf_modelopt.stages.export",
+)
+ENTRY_POINT_GROUP = "hf_modelopt.stages"
+MODEL_SUBDIR = "model"  # a stage's saved model: OUTPUT/stages/<name>/model/
+
+
+class StageConfig(BaseModel):
+    """Fields every stage accepts. Subclasses add their own; unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    name: str | None = Field(None, description="Name of the stage's output folder; defaults to the stage type.")
+    # Data splits ("train", "eval") the stage reads; checked before any stage runs.
+    requires_data: ClassVar[tuple[str, ...]] = ()
+
+    def check_after(self, earlier: list[Stage]) -> None:
+        """Refuse a contradictory order: raise `ValueError` naming the earlier stage that rules this one out.
+
+        `earlier` are the recipe's stages before this one (validated, with `type`, `name` and `config`).
+        Runs while the recipe is validated; the default accepts any order.
+        """
+
+    def preflight(self, recipe: Recipe) -> None:
+        """Checks that need more than the config (models, tokenizers), run before any stage starts.
+
+        Raise a `UserError` naming the problem; the default checks nothing.
+        """
+
+
+@dataclass
+class ModelState:
+    """What flows from stage to stage: a model in memory, or the folder it was saved to, or both."""
+
+    model: Any = None
+    tokenizer: Any = None
+    path: Path | None = None  # a folder `from_pretrained` loads, once the model is saved
+    description: str = ""  # the chain of stages that produced this model, for metrics and cards
+    metrics: dict[str, float] | None = None  # set by stages that measure the model
+
+
+@dataclass
+class StageContext:
+    """Everything a stage may read besides its own config."""
+
+    recipe: Recipe
+    stage_name: str
+    stage_dir: Path
+    output_dir: Path
+    history: list[dict[str, Any]] = field(default_factory=list)  # records of the stages run so far
+    # A Trainer checkpoint of this stage's interrupted attempt to continue from (`run --resume`).
+    resume_from_checkpoint: Path | None = None
+    # The main process's folder for this stage (`stage_dir` itself there); other processes write into
+    # scratch folders, and read what the main process wrote (a teacher-logit cache) from here.
+    shared_stage_dir: Path | None = None
+
+    def __post_init__(self):
+        if self.shared_stage_dir is None:
+            self.shared_stage_dir = self.stage_dir
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Trainer checkpoints of this stage, one folder for every process: Trainer writes the weights from the
+        main process and each process's RNG state there, and reads them all back on resume."""
+        return self.shared_stage_dir / "checkpoints"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    config_cls: type[StageConfig]
+    run: Callable[[ModelState, StageConfig, StageContext], ModelState]
+    changes_model: bool  # False for stages that only measure (their model passes through unchanged)
+    cacheable: bool  # False for stages whose work is writing outside their folder (export)
+    origin: str = ""  # the module that registered it (a third-party package's, for entry-point stages)
+
+
+STAGES: dict[str, StageSpec] = {}
+
+
+def register_stage(name: str, config_cls: type[StageConfig], changes_model: bool = True, cacheable: bool = True):
+    """Register `fn(state, config, context) -> state` as the recipe stage `name`."""
+
+    def decorator(fn):
+        if name in STAGES and STAGES[name].run is not fn:
+            raise ValueError(f"stage {name!r} is already registered by {STAGES[name].run.__module__}")
+        if not (isinstance(config_cls, type) and issubclass(config_cls, StageConfig)):
+            raise TypeError(f"stage {name!r}: config_cls must subclass hf_modelopt.stages.StageConfig, "
+                            f"got {config_cls!r}")
+        STAGES[name] = StageSpec(config_cls, fn, changes_model, cacheable, fn.__module__)
+        return fn
+
+    return decorator
+
+
+_entry_points_loaded = False
+
+
+def load_builtin_stages() -> None:
+    """Register the built-in stages and those of installed packages (entry point group `hf_modelopt.stages`)."""
+    for module in BUILTIN_STAGE_MODULES:
+        importlib.import_module(module)
+    load_entry_point_stages()
+
+
+def load_entry_point_stages() -> None:
+    """Import every `hf_modelopt.stages` entry point once; a broken one is named in a `UserError`."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    from importlib.metadata import entry_points
+
+    from ..errors import UserError
+
+    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            loaded = entry_point.load()
+        except Exception as err:
+            raise UserError(f"entry point {entry_point.name!r} = {entry_point.value!r} (group {ENTRY_POINT_GROUP}) "
+                            f"failed to load: {type(err).__name__}: {err}") from err
+        if callable(loaded) and not isinstance(loaded, type):
+            loaded()  # a registration function rather than a module whose import registers
+    _entry_points_loaded = True
+
+
+def link_or_copy(source, target) -> None:
+    """Hard-link a file (no second copy of the weights on the same file system), else copy it."""
+    import os
+    import shutil
+
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def save_model_state(state: ModelState, folder: Path) -> None:
+    """Save model (safetensors) and tokenizer so `from_pretrained(folder)` loads them."""
+    from ..quant.bnb import save_quantized
+
+    # Any model; a bitsandbytes one is written as it was before a CPU forward pass repacked it (quant/bnb.py).
+    save_quantized(state.model, folder, state.tokenizer)
+    state.path = folder
+
+
+def ensure_loaded(state, recipe):
+    """Give `state` a model and tokenizer in memory, loading them from `state.path` if needed."""
+    from ..modeling import load_model, load_tokenizer
+
+    if state.model is None and state.path is not None:
+        state.model = load_model(recipe.model, recipe.task, path=str(state.path))
+    elif state.model is None:
+        from transformers import set_seed
+
+        # Seed before building the model, so newly initialised weights (a task head) are reproducible.
+        set_seed(recipe.training.get("seed", 42))
+        labels = None
+        if recipe.task == "text-classification":
+            from ..data import has_split, load_split, num_labels
+
+            split = "train" if has_split(recipe.data, "train") else "eval"
+            labels = num_labels(load_split(recipe.data, split), recipe.data)
+        state.model = load_model(recipe.model, recipe.task, num_labels=labels)
+    if state.tokenizer is None:
+        state.tokenizer = load_tokenizer(recipe.model, path=str(state.path) if state.path else None)
+    return state

@@ -1,0 +1,33 @@
+"""The `export` stage: `hf_modelopt.export.export_model` into the run's output folder (always the last stage)."""
+
+from __future__ import annotations
+
+from ..export.save import ExportConfig
+from . import ModelState, StageConfig, StageContext, register_stage
+
+
+class ExportStageConfig(StageConfig, ExportConfig):
+    """The `export` stage: the final model, verified in a fresh process, with its card (see `ExportConfig`)."""
+
+    def preflight(self, recipe) -> None:
+        if self.push_to_hub is None:
+            return
+        from huggingface_hub import constants, get_token
+
+        from ..errors import RecipeError
+
+        index = next(i for i, s in enumerate(recipe.resolved_stages) if s.config is self)
+        key = f"stages[{index}].push_to_hub"
+        if constants.HF_HUB_OFFLINE:
+            raise RecipeError(recipe.source, key, "the Hub is offline (HF_HUB_OFFLINE=1): the export could not be "
+                              "pushed; remove push_to_hub and run `hf-modelopt push OUTPUT --repo-id ...` later")
+        if get_token() is None:
+            raise RecipeError(recipe.source, key, "no Hugging Face token: run `hf auth login` or set HF_TOKEN")
+
+
+@register_stage("export", ExportStageConfig, changes_model=False, cacheable=False)
+def export_stage(state: ModelState, config: ExportStageConfig, context: StageContext) -> ModelState:
+    from ..export.save import export_model
+
+    export_model(state, context.recipe, context.output_dir, context.history, config)
+    return state

@@ -1,0 +1,215 @@
+"""The pruning recipe stages, thin layers over `hf_modelopt.prune`: `prune` (gradual unstructured, with
+`PruningCallback` while training), `prune_structured` (`prune_` with heads and neurons, then recovery training)
+and `prune_oneshot` (`prune_` with Wanda / SparseGPT for causal LMs)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from typing import Any
+
+from pydantic import Field
+
+from ..distill.config import KnowledgeDistillationConfig
+from ..errors import RecipeError
+from ..prune.config import OneShotPruningConfig, PruningConfig, StructuredPruningConfig
+from . import (
+    MODEL_SUBDIR,
+    STAGES,
+    ModelState,
+    StageConfig,
+    StageContext,
+    ensure_loaded,
+    register_stage,
+    save_model_state,
+)
+from .distill import check_kd_settings
+from .train import refuse_training_after
+
+logger = logging.getLogger("hf_modelopt")
+
+_TEACHER_HELP = ("With `distillation:`, the name of an earlier stage whose model is the teacher (e.g. `finetune`, "
+                 "when a distilled student is pruned); default: the incoming model, unpruned.")
+_TRAINING_HELP = "TrainingArguments for this stage only, over the recipe's `training:`."
+
+
+class PruneStageConfig(StageConfig, PruningConfig):
+    """The `prune` stage: train the incoming model while `PruningCallback` raises its sparsity.
+
+    With `distillation:` the loss is KD from the incoming model (a frozen copy is the teacher).
+    """
+
+    distillation: KnowledgeDistillationConfig | None = Field(
+        None, description="Train with knowledge distillation from the incoming model (a frozen copy) instead of "
+        "the task loss; the same settings as the `distill` stage's loss.",
+    )
+    teacher: str | None = Field(None, description=_TEACHER_HELP)
+    sparse_checkpoint: bool = Field(True, description="Also write the model in the compressed sparse format "
+                                    "(stage folder `sparse/`) and report both sizes on disk.")
+    training: dict[str, Any] = Field(default_factory=dict, description=_TRAINING_HELP)
+    requires_data = ("train",)
+
+    def check_after(self, earlier) -> None:
+        refuse_training_after("prune", earlier)
+        check_teacher_stage(self, earlier)
+
+    def preflight(self, recipe) -> None:
+        if self.distillation is not None:
+            check_kd_settings(self.distillation, recipe, self.training, "prune.distillation")
+
+
+def check_teacher_stage(config, earlier) -> None:
+    """`teacher` must name an earlier stage that produced a model, and needs `distillation:`."""
+    if config.teacher is None:
+        return
+    if config.distillation is None:
+        raise ValueError("teacher is the KD teacher: set distillation: as well")
+    producers = [stage.name for stage in earlier if STAGES[stage.type].changes_model]
+    if config.teacher not in producers:
+        raise ValueError(f"teacher: no earlier stage named '{config.teacher}' produced a model (earlier model "
+                         f"stages: {', '.join(producers) or 'none'})")
+
+
+class StructuredPruneStageConfig(StageConfig, StructuredPruningConfig):
+    """The `prune_structured` stage: remove attention heads and FFN neurons (`prune_`), then recover by training."""
+
+    recover: bool = Field(True, description="Train after the removal (with `distillation:`, by KD).")
+    distillation: KnowledgeDistillationConfig | None = Field(
+        None, description="Recover with knowledge distillation from the unpruned incoming model.",
+    )
+    teacher: str | None = Field(None, description=_TEACHER_HELP)
+    training: dict[str, Any] = Field(default_factory=dict, description=_TRAINING_HELP)
+    requires_data = ("train",)
+
+    def check_after(self, earlier) -> None:
+        if self.recover:
+            refuse_training_after("prune_structured", earlier)
+        check_teacher_stage(self, earlier)
+
+    def preflight(self, recipe) -> None:
+        if self.distillation is not None:
+            check_kd_settings(self.distillation, recipe, self.training, "prune_structured.distillation")
+
+
+class OneShotPruneStageConfig(StageConfig, OneShotPruningConfig):
+    """The `prune_oneshot` stage: prune a causal LM once from calibration data (`prune_`), no training."""
+
+    sparse_checkpoint: bool = Field(True, description="Also write the compressed sparse format (`sparse/`).")
+    requires_data = ("train",)
+
+    def preflight(self, recipe) -> None:
+        if recipe.task != "causal-lm":
+            raise RecipeError(recipe.source, "prune_oneshot", "one-shot calibration pruning is for causal LMs "
+                              f"(task is {recipe.task}); use the prune stage, which trains while pruning")
+
+
+def kd_teacher(model, config, context: StageContext):
+    """The KD teacher: the model of the earlier stage `config.teacher`, else a frozen copy of the incoming one."""
+    if config.teacher is None:
+        return copy.deepcopy(model)  # the model itself is pruned and trained
+    from ..modeling import load_model
+
+    # The shared stage folders: every process reads the folder the main process wrote.
+    folder = context.shared_stage_dir.parent / config.teacher / MODEL_SUBDIR
+    logger.info("%s: KD teacher is the model of stage '%s' (%s)", context.stage_name, config.teacher, folder)
+    return load_model(context.recipe.model, context.recipe.task, path=str(folder))
+
+
+@register_stage("prune", PruneStageConfig)
+def prune_stage(state: ModelState, config: PruneStageConfig, context: StageContext) -> ModelState:
+    from ..prune.callback import PruningCallback
+    from .train import train_with_task_loss
+
+    ensure_loaded(state, context.recipe)
+    model, tokenizer = state.model, state.tokenizer
+    callback = PruningCallback(config)
+    if config.distillation is not None:
+        from .distill import train_with_distillation
+
+        teacher = kd_teacher(model, config, context)
+        trainer = train_with_distillation(teacher, model, tokenizer, config.distillation, config.training, context,
+                                          copied_from=list(range(model.config.num_hidden_layers)),
+                                          callbacks=[callback])
+    else:
+        trainer = train_with_task_loss(model, tokenizer, config.training, context, callbacks=[callback])
+    return _finish_unstructured(ModelState(model=trainer.model, tokenizer=tokenizer), config, context)
+
+
+def _finish_unstructured(state: ModelState, config, context: StageContext) -> ModelState:
+    """Measure the sparsity, save the dense model and (if asked) the compressed sparse checkpoint."""
+    from ..distributed import is_main_process
+    from ..formats.detect import weights_size_on_disk
+    from ..formats.hf_modelopt import save_sparse
+    from ..prune.masks import prunable_linears, sparsity_of, weight_numel
+
+    targeted = prunable_linears(state.model, config.targets, config.exclude)
+    report = {"target_sparsity": config.sparsity, "sparsity": sparsity_of(targeted),
+              "targeted_weights": sum(weight_numel(m) for m in targeted.values()),
+              "per_layer": {name: sparsity_of({name: m}) for name, m in targeted.items()}}
+    logger.info("%s: %.2f %% of %d targeted weights are zero (target %.1f %%)", context.stage_name,
+                report["sparsity"] * 100, report["targeted_weights"], config.sparsity * 100)
+    state.metrics = {"sparsity": round(report["sparsity"], 6)}
+    if not is_main_process():  # the main process writes the model files (see hf_modelopt.distributed)
+        return state
+    save_model_state(state, context.stage_dir / MODEL_SUBDIR)
+    if config.sparse_checkpoint:
+        save_sparse(state.model, context.stage_dir / "sparse", state.tokenizer)
+        dense = weights_size_on_disk(context.stage_dir / MODEL_SUBDIR)
+        sparse = weights_size_on_disk(context.stage_dir / "sparse")
+        report.update(dense_bytes=dense, sparse_bytes=sparse)
+        state.metrics.update(dense_mb=round(dense / 1e6, 2), sparse_mb=round(sparse / 1e6, 2))
+        logger.info("%s: weights on disk %.1f MB dense, %.1f MB in the sparse format (%.2fx); load either with "
+                    "from_pretrained (the sparse one after `import hf_modelopt`)", context.stage_name, dense / 1e6,
+                    sparse / 1e6, sparse / dense)
+    (context.stage_dir / "sparsity.json").write_text(json.dumps(report, indent=2))
+    return state
+
+
+@register_stage("prune_structured", StructuredPruneStageConfig)
+def prune_structured_stage(state: ModelState, config: StructuredPruneStageConfig,
+                           context: StageContext) -> ModelState:
+    from torch.utils.data import DataLoader
+
+    from ..prune.prune import prune_
+    from .train import train_with_task_loss, training_data
+
+    recipe = context.recipe
+    ensure_loaded(state, recipe)
+    model, tokenizer = state.model, state.tokenizer
+    teacher = kd_teacher(model, config, context) if config.distillation is not None else None
+    batches = None
+    if config.importance == "gradient":
+        train, _, collator = training_data(recipe, tokenizer)
+        batch_size = {**recipe.training, **config.training}.get("per_device_train_batch_size", 8)
+        count = min(len(train), config.calibration_batches * batch_size)
+        batches = DataLoader(train.select(range(count)), batch_size=batch_size, collate_fn=collator)
+    report = prune_(model, config, batches)  # (a stage config is its technique's config, plus stage fields)
+    (context.stage_dir / "structure.json").write_text(json.dumps(report, indent=2))
+    if config.recover:
+        if teacher is not None:
+            from .distill import train_with_distillation
+
+            trainer = train_with_distillation(teacher, model, tokenizer, config.distillation, config.training,
+                                              context, copied_from=list(range(model.config.num_hidden_layers)))
+        else:
+            trainer = train_with_task_loss(model, tokenizer, config.training, context)
+        model = trainer.model
+    state = ModelState(model=model, tokenizer=tokenizer)
+    state.metrics = {"parameters": report["parameters_after"], "parameters_before": report["parameters_before"]}
+    return state
+
+
+@register_stage("prune_oneshot", OneShotPruneStageConfig)
+def prune_oneshot_stage(state: ModelState, config: OneShotPruneStageConfig, context: StageContext) -> ModelState:
+    from ..data import load_split, tokenize_causal_lm
+    from ..prune.oneshot import calibration_batches
+    from ..prune.prune import prune_
+
+    recipe = context.recipe
+    ensure_loaded(state, recipe)
+    blocks = tokenize_causal_lm(load_split(recipe.data, "train"), state.tokenizer, recipe.data)
+    logger.info("prune_oneshot: %s, %s, sparsity %.2f, %d calibration sequences of %d tokens", config.method,
+                config.pattern, config.sparsity, min(config.calibration_samples, len(blocks)), recipe.data.max_length)
+    prune_(state.model, config, calibration_batches(blocks, config.calibration_samples))
+    return _finish_unstructured(ModelState(model=state.model, tokenizer=state.tokenizer), config, context)

@@ -1,0 +1,130 @@
+"""The package's layering, read from its source: every import statement, at module level or inside a function
+(lazy imports count: they run too), except those under `if TYPE_CHECKING:`.
+
+- no import cycles anywhere in hf_modelopt;
+- `hf_modelopt.formats` (the on-disk formats) is a leaf: it imports nothing of hf_modelopt outside itself but
+  `errors`;
+- the technique packages (`distill`, `prune`, `quant`) never import the export, the pipeline, the recipe
+  stages, the recipe or the CLI.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "hf_modelopt"
+TECHNIQUES = ("hf_modelopt.distill", "hf_modelopt.prune", "hf_modelopt.quant")
+NOT_FOR_TECHNIQUES = ("hf_modelopt.export", "hf_modelopt.pipeline", "hf_modelopt.stages", "hf_modelopt.recipe",
+                      "hf_modelopt.cli")
+
+
+def module_files(root: Path = PACKAGE) -> dict[str, Path]:
+    modules = {}
+    for file in root.rglob("*.py"):
+        parts = list(file.relative_to(root.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        modules[".".join(parts)] = file
+    return modules
+
+
+def _type_checking_nodes(tree: ast.AST) -> set[int]:
+    skipped = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skipped |= {id(child) for child in ast.walk(node)}
+    return skipped
+
+
+def imports_of(module: str, file: Path, modules: dict[str, Path]) -> set[str]:
+    """The hf_modelopt modules `module` imports (a name imported from a package counts as its submodule if it
+    is one, else as the package)."""
+    tree = ast.parse(file.read_text())
+    skipped = _type_checking_nodes(tree)
+    package = module if file.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        targets = []
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(parent + ([node.module] if node.module else []))
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
+        for target in targets:
+            while target not in modules and "." in target:
+                target = target.rpartition(".")[0]
+            if target in modules and target != module:
+                found.add(target)
+    return found
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    modules = module_files()
+    return {module: imports_of(module, file, modules) for module, file in modules.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a path `[a, b, ..., a]`, or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == 1:
+                return path[path.index(target):] + [target]
+            if target not in state and (cycle := visit(target)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_walker_sees_lazy_imports_and_finds_cycles():
+    # The checks below are only as good as the walker: it must see an import inside a function, skip
+    # TYPE_CHECKING, and report a cycle.
+    modules = module_files()
+    assert "hf_modelopt.distill.trainer" in imports_of("hf_modelopt.stages.distill",
+                                                        modules["hf_modelopt.stages.distill"], modules)
+    assert "hf_modelopt.recipe" not in imports_of("hf_modelopt.stages", modules["hf_modelopt.stages"], modules)
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycles(graph):
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_formats_is_a_leaf(graph):
+    wrong = {(module, target) for module, targets in graph.items() if module.startswith("hf_modelopt.formats")
+             for target in targets if not target.startswith("hf_modelopt.formats") and target != "hf_modelopt.errors"}
+    assert not wrong, f"hf_modelopt.formats must import no technique or runner: {sorted(wrong)}"
+
+
+def test_techniques_do_not_import_export_or_pipeline(graph):
+    wrong = {(module, target) for module, targets in graph.items() if module.startswith(TECHNIQUES)
+             for target in targets if target.startswith(NOT_FOR_TECHNIQUES)}
+    assert not wrong, f"technique packages import the layers above them: {sorted(wrong)}"
+
+
+def test_public_api_is_small_and_resolves():
+    import hf_modelopt
+
+    assert len(hf_modelopt.__all__) <= 15
+    for name in hf_modelopt.__all__:
+        assert getattr(hf_modelopt, name).__name__ == name
