@@ -10,7 +10,7 @@ Importing the package is cheap: the names below load their modules (and torch / 
 used.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _EXPORTS = {
     "DistillationTrainer": "distill.trainer",

@@ -160,7 +160,8 @@ def render_model_card(record: dict, recipe_yaml: str, load_from: str, template: 
                    "values": [_format_number(r["metrics"].get(k)) for k in run_metric_names]} for r in evaluations],
         plots=record.get("plots", []),
         quantization=record.get("quantization"),
-        loading_note=LOADING_NOTES[export_format.loads_with],
+        loading_note=LOADING_NOTES[export_format.loads_with] + "".join(
+            f" It needs `{package}` installed (`pip install {package}`)." for package in export_format.requires),
         load_code=loading_code(export_format, record["task"], load_from),
         stage_list=", ".join(f"`{r['name']}` ({r['type']})" for r in stages),
         recipe_yaml=recipe_yaml,

@@ -4,7 +4,9 @@
   pass; loads with plain transformers (bitsandbytes installed).
 - peft LoRA adapters on it (`quantize` with recovery): that base plus `adapter_model.safetensors` in one
   folder; plain transformers (peft installed).
-- `storage=StorageQuantizationConfig(...)`: group-wise int8 / NF4 codes (+ bitmask where sparse); after
+- `storage=StorageQuantizationConfig(...)`: group-wise int8 / int4 Linear weights in compressed-tensors; plain
+  transformers (compressed-tensors installed). With `format="hf_modelopt"` (or where compressed-tensors cannot
+  hold the model): int8 / NF4 codes for Linear and embedding weights, + bitmask where sparse; after
   `import hf_modelopt`.
 - `sparse=True`: pruned Linear weights as kept values + bitmask; after `import hf_modelopt`.
 - structurally pruned with shapes no config field expresses (BERT with fewer heads in a layer): safetensors +
@@ -31,6 +33,40 @@ def _quant_method(model) -> str | None:
     return getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
 
 
+def storage_format(model, storage) -> tuple[str, str | None]:
+    """The format `storage` (a `StorageQuantizationConfig`) is written in for `model`, and why, when it is not the one
+    asked for: compressed-tensors unless it cannot hold the model (then hf_modelopt)."""
+    from ..formats import compressed_tensors
+
+    if storage.format == "hf_modelopt":
+        return "hf_modelopt", None
+    reason = compressed_tensors.blocker(model)
+    if reason is None:
+        quantized, kept = compressed_tensors.plan(model, storage.linear_bits, storage.embedding_bits,
+                                                  storage.group_size, tuple(storage.skip_modules))
+        if not quantized:
+            reason = "no weight it can hold (" + "; ".join(sorted(set(kept.values()))[:2]) + ")"
+    return ("hf_modelopt", reason) if reason else ("compressed-tensors", None)
+
+
+def save_stored(model, folder, tokenizer, storage, sparse: bool = False):
+    """Write `model` with quantized weight storage as `storage` says; returns its `StorageReport`."""
+    from ..formats.compressed_tensors import save_compressed_tensors
+    from ..formats.hf_modelopt import save_with_quantized_storage
+
+    chosen, reason = storage_format(model, storage)
+    if sparse and chosen == "compressed-tensors":
+        raise ValueError("compressed-tensors has no sparse format (its zeros are stored dense): for kept values + "
+                         "bitmask, use StorageQuantizationConfig(format='hf_modelopt')")
+    options = (storage.linear_bits, storage.embedding_bits, storage.group_size, tuple(storage.skip_modules))
+    if chosen == "compressed-tensors":
+        return save_compressed_tensors(model, folder, tokenizer, *options)
+    if reason:
+        logger.warning("quantized storage: compressed-tensors cannot hold this model (%s); writing hf-modelopt's "
+                       "format, which loads after `import hf_modelopt`", reason)
+    return save_with_quantized_storage(model, folder, tokenizer, *options)
+
+
 def save_compressed(model, folder, tokenizer=None, *, sparse: bool = False, storage=None):
     """Save `model` (and `tokenizer`) into `folder` in the format that expresses it; returns its `ExportFormat`.
 
@@ -38,15 +74,17 @@ def save_compressed(model, folder, tokenizer=None, *, sparse: bool = False, stor
         sparse: store pruned Linear weights compressed (kept values + bitmask), the smallest form of a
             sparse model; it loads after `import hf_modelopt`. Off: zeros stay in dense weights, which plain
             transformers loads.
-        storage: a `StorageQuantizationConfig`: store Linear / embedding weights as group-wise 8- or 4-bit codes
-            (they load back in full precision after `import hf_modelopt`).
+        storage: a `StorageQuantizationConfig`: store the weights as group-wise 8- or 4-bit codes, in
+            compressed-tensors (plain transformers loads it, with the compressed-tensors package) unless it asks
+            for hf-modelopt's format or compressed-tensors cannot hold the model; either loads back in full
+            precision.
 
     Example:
         fmt = save_compressed(model, "out/", tokenizer, sparse=True)
         print(fmt.loads_with)  # "hf_modelopt": `import hf_modelopt` before `from_pretrained("out/")`
     """
     from ..formats.detect import detect_format
-    from ..formats.hf_modelopt import save_sparse, save_with_quantized_storage
+    from ..formats.hf_modelopt import save_sparse
     from ..quant.bnb import PRISTINE_STATE, save_quantized
 
     folder = Path(folder)
@@ -71,8 +109,7 @@ def save_compressed(model, folder, tokenizer=None, *, sparse: bool = False, stor
             raise ValueError("a bitsandbytes model is saved in bitsandbytes' format: sparse= and storage= do not apply")
         save_quantized(model, folder, tokenizer)
     elif storage is not None:
-        save_with_quantized_storage(model, folder, tokenizer, storage.linear_bits, storage.embedding_bits,
-                                    storage.group_size, tuple(storage.skip_modules))
+        save_stored(model, folder, tokenizer, storage, sparse=sparse)
     elif sparse:
         save_sparse(model, folder, tokenizer)
     else:

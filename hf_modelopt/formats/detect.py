@@ -32,6 +32,7 @@ class ExportFormat:
     loads_with: str  # one of LOADERS: what must be imported before `from_pretrained`
     detect: Callable[[Path], bool]
     description: str = ""
+    requires: tuple[str, ...] = ()  # packages `from_pretrained` needs installed for it (pip names)
 
 
 def _config(folder: Path) -> dict:
@@ -39,6 +40,10 @@ def _config(folder: Path) -> dict:
         return json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
         return {}
+
+
+def _is_compressed_tensors(folder: Path) -> bool:
+    return _config(folder).get("quantization_config", {}).get("quant_method") == "compressed-tensors"
 
 
 def _is_bitsandbytes(folder: Path) -> bool:
@@ -66,8 +71,11 @@ EXPORT_FORMATS: list[ExportFormat] = [
                  "hf-modelopt's own storage: sparse weights as values + bitmask, weights stored in 8 / 4 bits, and/or "
                  "structurally pruned layer shapes that no config field can describe, read by the hf_modelopt "
                  "loading hook (formats/hf_modelopt.py)"),
+    ExportFormat("compressed-tensors", "transformers", _is_compressed_tensors,
+                 "int8 / int4 weights in the compressed-tensors format (needs the compressed-tensors package)",
+                 requires=("compressed-tensors",)),
     ExportFormat("bitsandbytes", "transformers", _is_bitsandbytes,
-                 "bitsandbytes 8-bit / 4-bit weights (needs bitsandbytes installed)"),
+                 "bitsandbytes 8-bit / 4-bit weights (needs bitsandbytes installed)", requires=("bitsandbytes",)),
     ExportFormat("dense", "transformers", lambda folder: (folder / "config.json").is_file(),
                  "plain safetensors weights"),
 ]

@@ -124,18 +124,29 @@ class QuantizationConfig(BaseModel):
 
 
 class StorageQuantizationConfig(BaseModel):
-    """Store the weights in 8 or 4 bits on disk (group-wise int8 / NF4 codes with fp16 scales); they load back
-    as a full-precision model (`formats/groupwise.py`). The download shrinks while speed and run-time memory stay
+    """Store the weights in 8 or 4 bits on disk, group-wise, in compressed-tensors
+    (`formats/compressed_tensors.py`) or hf-modelopt's format (`formats/groupwise.py`); they load back as a
+    full-precision model. The download shrinks while speed and run-time memory stay
     those of full precision: the fast choice on CPU, where bitsandbytes kernels are slower than fp32.
 
     `hf_modelopt.save_compressed(model, folder, storage=StorageQuantizationConfig())` writes it.
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-    linear_bits: Literal[4, 8] | None = Field(8, description="Bits per Linear weight (8: int8, 4: NF4); "
-                                              "null keeps them in full precision.")
+    format: Literal["compressed-tensors", "hf_modelopt"] = Field(
+        "compressed-tensors", description="compressed-tensors: the standard format, int8 / int4 Linear weights "
+        "(symmetric, per group), loaded by plain transformers with the compressed-tensors package; embeddings "
+        "and sparse weights stay as they are (dense). hf_modelopt: int8 / NF4 codes for Linear and embedding "
+        "weights, with a bitmask for sparse ones (the smallest form), loaded after `import hf_modelopt`. Where "
+        "compressed-tensors cannot hold a model (GPT-2's Conv1D layers, structurally pruned shapes), hf_modelopt "
+        "is used and the log says why.",
+    )
+    linear_bits: Literal[4, 8] | None = Field(8, description="Bits per Linear weight (8: int8; 4: int4 in "
+                                              "compressed-tensors, NF4 in hf_modelopt); null keeps them in full "
+                                              "precision.")
     embedding_bits: Literal[4, 8] | None = Field(8, description="Bits per embedding weight (the vocabulary matrix "
-                                                 "is most of a small model's size); null keeps them.")
+                                                 "is most of a small model's size), hf_modelopt format only; null "
+                                                 "keeps them.")
     group_size: int = Field(64, gt=0, description="Consecutive values sharing one fp16 scale (16 bits per group).")
     skip_modules: list[str] = Field(
         default_factory=lambda: ["classifier", "score"],

@@ -147,10 +147,9 @@ def quantize_stage(state: ModelState, config: QuantizeStageConfig, context: Stag
 def quantize_storage_stage(state: ModelState, config: StorageStageConfig,
                            context: StageContext) -> ModelState:
     from ..distributed import is_main_process
+    from ..export.compressed import storage_format
     from ..export.verify import verify_reload
-    from ..formats.detect import weights_size_on_disk
-    from ..formats.groupwise import load_stored_weights_, storage_state_dict
-    from ..formats.hf_modelopt import write_stored_weights
+    from ..formats.detect import detect_format, weights_size_on_disk
 
     ensure_loaded(state, context.recipe)
     model, tokenizer = state.model.eval(), state.tokenizer
@@ -158,25 +157,52 @@ def quantize_storage_stage(state: ModelState, config: StorageStageConfig,
                    group_size=config.group_size, skip=tuple(config.skip_modules))
     full_precision_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     folder = context.stage_dir / MODEL_SUBDIR
-    stored_state, report = storage_state_dict(model, **options)  # quantized once: written, then decoded
-    if is_main_process():
-        write_stored_weights(model, folder, stored_state, report, config.group_size, tokenizer)
-    # Then the next stages get what `from_pretrained` gives back. Not before the write: the tied copy of a
-    # quantized weight (e.g. lm_head) in `stored_state` is the model's own tensor, which decoding overwrites.
-    load_stored_weights_(model, stored_state, config.group_size)
+    chosen, reason = storage_format(model, config)
+    if reason:
+        logger.warning("quantize_storage: compressed-tensors cannot hold this model (%s); writing hf-modelopt's "
+                       "format, which loads after `import hf_modelopt`", reason)
+    # Written by the main process; then every process's model gets what `from_pretrained` gives back, so the
+    # next stages measure what users load.
+    report = (_store_compressed_tensors if chosen == "compressed-tensors" else _store_groupwise)(
+        model, folder, tokenizer, options, write=is_main_process())
     metrics = {"linear_bits": config.linear_bits, "embedding_bits": config.embedding_bits}
     if is_main_process():
         stored = weights_size_on_disk(folder)
         metrics.update(full_precision_mb=round(full_precision_bytes / 1e6, 2), stored_mb=round(stored / 1e6, 2),
                        stored_ratio=round(stored / full_precision_bytes, 4))
-        summary = {"method": "storage", **options, "skip": list(options.pop("skip")), **report.to_dict(),
-                   "metrics": metrics}
+        export_format = detect_format(folder)
+        summary = {"method": "storage", "format": export_format.name, "loads_with": export_format.loads_with,
+                   **options, "skip": list(options.pop("skip")), **report.to_dict(), "metrics": metrics}
         for target in (context.stage_dir, folder):
             (target / REPORT_FILE).write_text(json.dumps(summary, indent=2))
         if config.verify:
             check = verify_reload(folder, model, tokenizer, context.recipe.task)
             metrics["reload_max_abs_diff"] = check.max_abs_diff
-        logger.info("quantize_storage: %d weights stored quantized (%s), %.1f MB on disk (%.2f x full precision); "
-                    "they load back in full precision after `import hf_modelopt`", len(report.formats),
-                    ", ".join(sorted(set(report.formats.values()))), metrics["stored_mb"], metrics["stored_ratio"])
+        loader = "plain transformers with compressed-tensors installed" if chosen == "compressed-tensors" else \
+            "transformers after `import hf_modelopt`"
+        logger.info("quantize_storage: %d weights stored quantized (%s, %s), %.1f MB on disk (%.2f x full precision); "
+                    "they load back in full precision with %s", len(report.formats),
+                    ", ".join(sorted(set(report.formats.values()))), export_format.name, metrics["stored_mb"],
+                    metrics["stored_ratio"], loader)
     return ModelState(model=model, tokenizer=tokenizer, path=folder, metrics=metrics)
+
+
+def _store_compressed_tensors(model, folder, tokenizer, options, write: bool):
+    from ..formats.compressed_tensors import fake_quantize_in_place_, save_compressed_tensors
+
+    if write:
+        save_compressed_tensors(model, folder, tokenizer, **options)
+    return fake_quantize_in_place_(model, **options)
+
+
+def _store_groupwise(model, folder, tokenizer, options, write: bool):
+    from ..formats.groupwise import load_stored_weights_, storage_state_dict
+    from ..formats.hf_modelopt import write_stored_weights
+
+    stored_state, report = storage_state_dict(model, **options)  # quantized once: written, then decoded
+    if write:
+        write_stored_weights(model, folder, stored_state, report, options["group_size"], tokenizer)
+    # Not before the write: the tied copy of a quantized weight (e.g. lm_head) in `stored_state` is the model's
+    # own tensor, which decoding overwrites.
+    load_stored_weights_(model, stored_state, options["group_size"])
+    return report

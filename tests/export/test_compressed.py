@@ -44,7 +44,8 @@ def logits_of(model, tokenizer):
 
 @pytest.mark.parametrize("kind,expected", [("dense", ("dense", "transformers")),
                                            ("sparse", ("hf-modelopt", "hf_modelopt")),
-                                           ("storage", ("hf-modelopt", "hf_modelopt")),
+                                           ("storage", ("compressed-tensors", "transformers")),
+                                           ("storage-hf_modelopt", ("hf-modelopt", "hf_modelopt")),
                                            ("structured", ("hf-modelopt", "hf_modelopt")),
                                            ("bitsandbytes", ("bitsandbytes", "transformers"))])
 def test_each_kind_of_model_saves_in_its_format_and_reloads(wide_tiny_models, tmp_path, kind, expected):
@@ -52,12 +53,13 @@ def test_each_kind_of_model_saves_in_its_format_and_reloads(wide_tiny_models, tm
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForSequenceClassification.from_pretrained(folder)
     options, atol = {}, 1e-5
-    if kind in ("dense", "sparse", "storage"):
+    if kind in ("dense", "sparse", "storage", "storage-hf_modelopt"):
         prune_(model, PruningConfig(sparsity=0.6))
     if kind == "sparse":
         options = {"sparse": True}
-    if kind == "storage":
-        options, atol = {"storage": StorageQuantizationConfig()}, 0.05  # int8 codes: close, not equal
+    if kind.startswith("storage"):  # int8 codes: close, not equal
+        format_name = "hf_modelopt" if kind.endswith("hf_modelopt") else "compressed-tensors"
+        options, atol = {"storage": StorageQuantizationConfig(format=format_name)}, 0.05
     if kind == "structured":  # BERT with fewer heads: no config field can say so
         prune_(model, StructuredPruningConfig(heads=0.5, importance="magnitude"))
     if kind == "bitsandbytes":

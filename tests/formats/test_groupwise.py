@@ -75,7 +75,8 @@ def test_sparse_weights_keep_their_zeros_and_bitmask(tiny_models, tmp_path):
 
 
 def test_quantize_storage_stage_evaluates_what_loads_back(tiny_models, sst2_files, tmp_path):
-    stages = ["evaluate", {"type": "quantize_storage", "linear_bits": 8, "embedding_bits": 4}, "evaluate", "export"]
+    stages = ["evaluate", {"type": "quantize_storage", "format": "hf_modelopt", "linear_bits": 8, "embedding_bits": 4},
+              "evaluate", "export"]
     result = run_recipe(validate_recipe(tiny_recipe(tiny_models("bert"), sst2_files, stages=stages)), tmp_path / "o")
     record = next(r for r in result["stages"] if r["type"] == "quantize_storage")
     assert record["metrics"]["reload_max_abs_diff"] == 0.0 and record["metrics"]["stored_ratio"] < 0.2

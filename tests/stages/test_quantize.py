@@ -67,3 +67,29 @@ def test_recovery_needs_4bit_and_training_data(wide_tiny_models, sst2_files, tmp
     recipe["data"]["train_file"] = None
     with pytest.raises(UserError, match=r"stages\[0\].recovery: needs training data"):
         run_recipe(validate_recipe(recipe), tmp_path / "o")
+
+
+def test_quantize_storage_writes_compressed_tensors_that_plain_transformers_loads(wide_tiny_models, sst2_files,
+                                                                                  tmp_path):
+    import subprocess
+    import sys
+
+    stages = ["evaluate", {"type": "quantize_storage", "group_size": 32}, "evaluate", "export"]
+    result = run_recipe(validate_recipe(tiny_recipe(wide_tiny_models("bert"), sst2_files, stages=stages)),
+                        tmp_path / "o")
+    out = tmp_path / "o"
+    record = next(r for r in result["stages"] if r["type"] == "quantize_storage")
+    assert record["metrics"]["reload_max_abs_diff"] == 0.0
+    export = json.loads((out / "export.json").read_text())
+    assert export["format"] == {"name": "compressed-tensors", "loads_with": "transformers"}
+    report = json.loads((out / "quantization.json").read_text())
+    assert report["format"] == "compressed-tensors" and set(report["formats"].values()) == {"int8"}
+    assert "bert.embeddings.word_embeddings" in report["kept_in_full_precision"]
+    # The metrics the export re-measured in a fresh process are those of the evaluate stage after storage.
+    stored_eval = next(r for r in result["stages"] if r["type"] == "evaluate" and "quantize_storage" in r["model"])
+    assert export["metrics"]["accuracy"] == stored_eval["metrics"]["accuracy"]
+    assert "pip install compressed-tensors" in (out / "README.md").read_text()
+    code = ("import sys, transformers\ntransformers.AutoModelForSequenceClassification.from_pretrained(sys.argv[1])\n"
+            "assert 'hf_modelopt' not in sys.modules")
+    run = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, cwd=out)
+    assert run.returncode == 0, run.stderr[-2000:]
