@@ -87,6 +87,7 @@ def test_run_recipe_script_is_the_same_entry_point(tmp_path):
     assert result.returncode == 2 and "recipe file not found" in result.stderr
 
 
+@pytest.mark.slow  # (keeps the default suite under 15 min; runs with -m slow)
 def test_bench_measures_models_side_by_side(tiny_models, sst2_files, tmp_path):
     bert, distilbert = tiny_models("bert"), tiny_models("distilbert")
     recipe = write_recipe(tmp_path / "tiny.yaml", tiny_recipe(bert, sst2_files))

@@ -98,6 +98,7 @@ def test_prune_gradual_in_two_processes(tiny_model, workdir):
     assert counts["zeros"] / counts["total"] == pytest.approx(0.5, abs=0.01)
 
 
+@pytest.mark.slow  # (keeps the default suite under 15 min; runs with -m slow)
 def test_distill_keeps_the_asked_layers(tiny_model, workdir):
     output = workdir / "student"
     metrics = run_example("distill.py", tiny_model, workdir, output, "--layers", "1", "--max-steps", 3,
@@ -109,6 +110,7 @@ def test_distill_keeps_the_asked_layers(tiny_model, workdir):
     assert sum(p.numel() for p in student.parameters()) == metrics["parameters"]
 
 
+@pytest.mark.slow
 def test_prune_structured_saves_smaller_layers(tiny_model, workdir):
     output = workdir / "structured"
     metrics = run_example("prune_structured.py", tiny_model, workdir, output, "--heads", 0.5, "--neurons", 0.5,
@@ -121,7 +123,7 @@ def test_prune_structured_saves_smaller_layers(tiny_model, workdir):
     assert sum(p.numel() for p in pruned.parameters()) == metrics["parameters"]
 
 
-@pytest.mark.parametrize("method", ["nf4", "int8"])
+@pytest.mark.parametrize("method", ["nf4", pytest.param("int8", marks=pytest.mark.slow)])
 def test_quantize_reloads_bitsandbytes_layers_with_equal_logits(method, wide_model, workdir):
     output = workdir / f"quantized-{method}"
     metrics = run_example("quantize.py", wide_model, workdir, output, "--method", method, "--max-eval-samples", 16)
