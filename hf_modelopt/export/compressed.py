@@ -35,7 +35,7 @@ def _quant_method(model) -> str | None:
 
 def storage_format(model, storage) -> tuple[str, str | None]:
     """The format `storage` (a `StorageQuantizationConfig`) is written in for `model`, and why, when it is not the one
-    asked for: compressed-tensors unless it cannot hold the model (then hf_modelopt)."""
+    asked for: compressed-tensors unless it cannot hold the model (then hf_modelopt, with a warning saying why)."""
     from ..formats import compressed_tensors
 
     if storage.format == "hf_modelopt":
@@ -46,7 +46,11 @@ def storage_format(model, storage) -> tuple[str, str | None]:
                                                   storage.group_size, tuple(storage.skip_modules))
         if not quantized:
             reason = "no weight it can hold (" + "; ".join(sorted(set(kept.values()))[:2]) + ")"
-    return ("hf_modelopt", reason) if reason else ("compressed-tensors", None)
+    if reason is None:
+        return "compressed-tensors", None
+    logger.warning("quantized storage: compressed-tensors cannot hold this model (%s); writing hf-modelopt's "
+                   "format, which loads after `import hf_modelopt`", reason)
+    return "hf_modelopt", reason
 
 
 def save_stored(model, folder, tokenizer, storage, sparse: bool = False):
@@ -54,16 +58,13 @@ def save_stored(model, folder, tokenizer, storage, sparse: bool = False):
     from ..formats.compressed_tensors import save_compressed_tensors
     from ..formats.hf_modelopt import save_with_quantized_storage
 
-    chosen, reason = storage_format(model, storage)
+    chosen, _ = storage_format(model, storage)
     if sparse and chosen == "compressed-tensors":
         raise ValueError("compressed-tensors has no sparse format (its zeros are stored dense): for kept values + "
                          "bitmask, use StorageQuantizationConfig(format='hf_modelopt')")
     options = (storage.linear_bits, storage.embedding_bits, storage.group_size, tuple(storage.skip_modules))
     if chosen == "compressed-tensors":
         return save_compressed_tensors(model, folder, tokenizer, *options)
-    if reason:
-        logger.warning("quantized storage: compressed-tensors cannot hold this model (%s); writing hf-modelopt's "
-                       "format, which loads after `import hf_modelopt`", reason)
     return save_with_quantized_storage(model, folder, tokenizer, *options)
 
 

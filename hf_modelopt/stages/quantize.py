@@ -157,10 +157,7 @@ def quantize_storage_stage(state: ModelState, config: StorageStageConfig,
                    group_size=config.group_size, skip=tuple(config.skip_modules))
     full_precision_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     folder = context.stage_dir / MODEL_SUBDIR
-    chosen, reason = storage_format(model, config)
-    if reason:
-        logger.warning("quantize_storage: compressed-tensors cannot hold this model (%s); writing hf-modelopt's "
-                       "format, which loads after `import hf_modelopt`", reason)
+    chosen, _ = storage_format(model, config)  # (it warns when compressed-tensors cannot hold the model)
     # Written by the main process; then every process's model gets what `from_pretrained` gives back, so the
     # next stages measure what users load.
     report = (_store_compressed_tensors if chosen == "compressed-tensors" else _store_groupwise)(
