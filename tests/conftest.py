@@ -14,20 +14,60 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("HF_MODELOPT_DATA_DIR", REPO.parent / "shared" / "data"))
 
-# model_type -> tiny config kwargs; all share the MiniLM WordPiece tokenizer (vocab 30522, pad id 0).
+# model_type -> tiny config kwargs; the text models share the MiniLM WordPiece tokenizer (vocab 30522, pad id 0).
 TINY_CONFIGS = {
+    # encoders
     "bert": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
     "distilbert": dict(dim=32, n_layers=2, n_heads=2, hidden_dim=64),
     "roberta": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                     max_position_embeddings=130, pad_token_id=0),
+    "xlm-roberta": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                        max_position_embeddings=130, pad_token_id=0),
+    "electra": dict(embedding_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=64),
+    "deberta-v2": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       max_position_embeddings=128),
+    # decoders
     "gpt2": dict(n_embd=32, n_layer=2, n_head=2, n_positions=256),
+    "opt": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64, word_embed_proj_dim=32,
+                max_position_embeddings=256),
+    "gpt_neox": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64),
+    "phi": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=64),
+    "mistral": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=64, head_dim=8),
     "llama": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=64, head_dim=8),
     "qwen2": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=64),
+    "qwen3": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=64, head_dim=8),
+    # encoder-decoders
+    "t5": dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+               decoder_start_token_id=0),
+    "bart": dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                 decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=256),
+    # vision (32 x 32 RGB images in 8 x 8 patches)
+    "vit": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+                patch_size=8, num_channels=3),
 }
 CLASSIFIERS = ("bert", "distilbert", "roberta")
 CAUSAL_LMS = ("gpt2", "llama", "qwen2")
+# The architecture families of the behaviour matrix (every technique x every architecture).
+ENCODERS = ("bert", "roberta", "distilbert", "deberta-v2", "electra", "xlm-roberta")
+DECODERS = ("gpt2", "opt", "gpt_neox", "phi", "mistral", "llama", "qwen2", "qwen3")
+ENCODER_DECODERS = ("t5", "bart")
+VISION = ("vit",)
+ARCHITECTURES = ENCODERS + DECODERS + ENCODER_DECODERS + VISION
+# task -> the transformers Auto class that builds a model for it
+TASK_AUTO_CLASSES = {
+    "text-classification": "AutoModelForSequenceClassification",
+    "causal-lm": "AutoModelForCausalLM",
+    "token-classification": "AutoModelForTokenClassification",
+    "question-answering": "AutoModelForQuestionAnswering",
+    "seq2seq": "AutoModelForSeq2SeqLM",
+    "image-classification": "AutoModelForImageClassification",
+}
 
 
 def minilm_folder() -> Path:
@@ -38,21 +78,24 @@ def minilm_folder() -> Path:
 
 
 def build_tiny_model(model_type: str, task: str, folder: Path) -> Path:
-    """Save a randomly initialised tiny `model_type` for `task` with the MiniLM tokenizer into `folder`."""
+    """Save a randomly initialised tiny `model_type` for `task` into `folder`, with the MiniLM tokenizer (text
+    models) or an image processor for 32 x 32 images (vision models)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    import transformers
 
-    tokenizer = AutoTokenizer.from_pretrained(minilm_folder())
-    config = AutoConfig.for_model(model_type, vocab_size=tokenizer.vocab_size, **TINY_CONFIGS[model_type])
-    config.pad_token_id = tokenizer.pad_token_id
-    torch.manual_seed(0)
-    if task == "text-classification":
-        config.num_labels = 2
-        model = AutoModelForSequenceClassification.from_config(config)
+    kwargs = dict(TINY_CONFIGS[model_type])
+    if model_type in VISION:
+        processor = transformers.ViTImageProcessor(size={"height": 32, "width": 32})
     else:
-        model = AutoModelForCausalLM.from_config(config)
+        processor = transformers.AutoTokenizer.from_pretrained(minilm_folder())
+        kwargs.update(vocab_size=processor.vocab_size, pad_token_id=processor.pad_token_id)
+    config = transformers.AutoConfig.for_model(model_type, **kwargs)
+    if task in ("text-classification", "token-classification", "image-classification"):
+        config.num_labels = 2
+    torch.manual_seed(0)
+    model = getattr(transformers, TASK_AUTO_CLASSES[task]).from_config(config)
     model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    processor.save_pretrained(folder)
     return folder
 
 
