@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -22,6 +23,21 @@ class ModelConfig(BaseModel):
     tokenizer: str | None = Field(None, description="Tokenizer id or folder; defaults to `name_or_path`.")
     trust_remote_code: bool = Field(
         False, description="Run code shipped with the model. Off unless you trust its author."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype the weights are loaded in (`from_pretrained(dtype=...)`): `auto` keeps the "
+        "checkpoint's own (its config's `dtype`, else float32). Stage outputs load back in the same dtype.",
+    )
+    device_map: str | dict[str, int | str] | None = Field(
+        None, description="Where the model's modules go (`from_pretrained(device_map=...)`): `auto`, `cpu`, "
+        "`cuda:0`, or a mapping of module names to devices, to spread one model that does not fit one device over "
+        "several, in one process. Default: one device, as the Trainer places it. Not with several processes "
+        "(`accelerate launch`), where each process holds its own copy.",
+    )
+    attn_implementation: str | None = Field(
+        None, description="Attention kernel (`from_pretrained(attn_implementation=...)`): `eager`, `sdpa`, "
+        "`flash_attention_2`, `flex_attention`, ... Default: transformers' choice for the model (sdpa where "
+        "supported).",
     )
 
     @property
@@ -115,7 +131,7 @@ def check_model_for_task(spec: ModelConfig, task: str, num_labels: int | None, k
 
 def load_model(spec: ModelConfig, task: str, num_labels: int | None = None, path: str | None = None):
     """Load the recipe's model for `task`; `path` loads a saved stage output with the same settings."""
-    kwargs = {"trust_remote_code": spec.trust_remote_code}
+    kwargs = {"trust_remote_code": spec.trust_remote_code, **loading_options(spec)}
     if spec.trust_remote_code:
         logger.warning("trust_remote_code is on: code shipped with %s will run", path or spec.name_or_path)
     if path is None:
@@ -128,6 +144,16 @@ def load_model(spec: ModelConfig, task: str, num_labels: int | None = None, path
     if path is None and spec.gguf_file:
         model = drop_gguf_quantizer(model)
     return model
+
+
+def loading_options(spec: ModelConfig) -> dict:
+    """The `from_pretrained` keyword arguments of `spec`'s dtype, device map and attention implementation."""
+    options = {"dtype": spec.dtype}
+    if spec.device_map is not None:
+        options["device_map"] = spec.device_map
+    if spec.attn_implementation is not None:
+        options["attn_implementation"] = spec.attn_implementation
+    return options
 
 
 def load_tokenizer(spec: ModelConfig, path: str | None = None):

@@ -113,6 +113,16 @@ def check_training_arguments(recipe: Recipe) -> None:
             raise RecipeError(recipe.source, f"stages[{index}].training" if training else "training", message) from None
 
 
+def check_device_map(recipe: Recipe) -> None:
+    """A model spread over devices by `model.device_map` belongs to one process; DDP / FSDP give each its own."""
+    from .distributed import world_size
+
+    if recipe.model.device_map is not None and world_size() > 1:
+        raise RecipeError(recipe.source, "model.device_map", f"{world_size()} processes would each spread their own "
+                          "copy of the model over the same devices; remove model.device_map under accelerate launch "
+                          "(each process then holds the whole model on its device), or run in one process")
+
+
 def preflight(recipe: Recipe) -> None:
     """Everything that can be checked before work starts: data files and contents, the model and the stages."""
     from .data import check_data, check_data_contents
@@ -123,6 +133,7 @@ def preflight(recipe: Recipe) -> None:
     check_model_available(recipe)
     labels = check_data_contents(recipe.data, recipe.task, needed, recipe.source)
     check_model_for_task(recipe.model, recipe.task, labels, "model.name_or_path", recipe.source)
+    check_device_map(recipe)
     check_training_arguments(recipe)
     if recipe.model.trust_remote_code:
         logger.warning("model.trust_remote_code is on: Python code shipped with %s will run on this machine",

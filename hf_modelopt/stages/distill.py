@@ -204,7 +204,7 @@ def train_with_distillation(teacher, student, tokenizer, config: KnowledgeDistil
         )
         train_and_record(trainer, context)
     if config.attention_weight:  # (trainer.model: the student, or its gathered copy when it was sharded)
-        trainer.model.set_attn_implementation("sdpa")
+        trainer.model.set_attn_implementation(recipe.model.attn_implementation or "sdpa")
     return trainer
 
 
