@@ -41,6 +41,23 @@ class DataConfig(BaseModel):
     text_column: str = Field("text", description="Column holding the input text.")
     text_pair_column: str | None = Field(None, description="Second text column for sentence-pair tasks.")
     label_column: str = Field("label", description="Column holding integer class labels (classification).")
+    tokens_column: str = Field("tokens", description="token-classification: column holding each example's words "
+                               "(a list of strings).")
+    tags_column: str = Field("ner_tags", description="token-classification: column holding one integer label per "
+                             "word.")
+    label_names: list[str] | None = Field(None, description="token-classification: the name of each label id, in "
+                                          "IOB form (`O`, `B-PER`, `I-PER`, ...) for seqeval; default: the model "
+                                          "config's id2label.")
+    question_column: str = Field("question", description="question-answering: column holding the question.")
+    context_column: str = Field("context", description="question-answering: column holding the passage.")
+    answers_column: str = Field("answers", description="question-answering: column holding SQuAD-style answers, "
+                                "{'text': [...], 'answer_start': [character offsets]}.")
+    doc_stride: int = Field(32, gt=0, description="question-answering: tokens shared by consecutive windows of a "
+                            "context longer than max_length.")
+    max_answer_length: int = Field(30, gt=0, description="question-answering: longest answer span, in tokens, "
+                                   "considered when predicting.")
+    image_column: str = Field("image", description="image-classification: column holding the images (a datasets "
+                              "Image feature, or PIL images).")
     max_length: int = Field(128, gt=0, description="Tokens per example (classification) or per training block.")
     max_train_samples: int | None = Field(None, gt=0, description="Use only the first N training examples.")
     max_eval_samples: int | None = Field(None, gt=0, description="Use only the first N evaluation examples.")
