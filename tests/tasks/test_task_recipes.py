@@ -16,9 +16,9 @@ STAGES = [
     {"type": "finetune"},
     {"type": "distill", "student": {"layers": [0]}, "ce_weight": 0.5},
     {"type": "prune", "sparsity": 0.5, "schedule": {"end_step": 2, "update_every": 1}},
-    {"type": "quantize", "method": "nf4"},
+    {"type": "quantize", "method": "nf4", "verify": False},  # the export's reload check covers the folder
     {"type": "evaluate", "name": "after"},
-    {"type": "export", "latency_repeats": 0},
+    {"type": "export", "latency_repeats": 0, "compare_base": False},
 ]
 
 
