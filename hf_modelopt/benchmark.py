@@ -158,7 +158,7 @@ def run_benchmark(candidates: list[Candidate], recipe=None, batch_sizes=(1, 32),
             from .metrics import evaluate_model
             from .modeling import load_tokenizer
 
-            tokenizer = candidate.tokenizer or load_tokenizer(recipe.model)
+            tokenizer = candidate.tokenizer or load_tokenizer(recipe.model, task=recipe.task)
             row["metrics"] = evaluate_model(model, tokenizer, recipe.data, task=recipe.task)
         if memory:
             row["peak_memory_mb"] = peak_memory_mb(candidate, task, max(batch_sizes), seq_len)

@@ -9,8 +9,10 @@ from hf_modelopt.recipe import validate_recipe
 from hf_modelopt.tasks import get_task
 
 # (task, model type, the metric its evaluation reports)
-CASES = [("token-classification", "bert", "f1"), ("question-answering", "bert", "exact_match"),
-         ("image-classification", "vit", "accuracy")]
+# One run takes 40-80 s on a shared 2-core machine: the default suite runs one task, the others are marked slow.
+CASES = [("token-classification", "bert", "f1"),
+         pytest.param("question-answering", "bert", "exact_match", marks=pytest.mark.slow),
+         pytest.param("image-classification", "vit", "accuracy", marks=pytest.mark.slow)]
 STAGES = [
     {"type": "evaluate", "name": "before"},
     {"type": "finetune"},
