@@ -45,6 +45,7 @@ class Candidate:
 def folder_candidate(path, task: str, name: str | None = None) -> Candidate:
     """A saved model (an export folder, a stage's `model/` folder, a Hub id in the cache) as a candidate."""
     from .export.measure import weights_size
+    from .tasks import get_task
 
     path = str(path)
 
@@ -52,12 +53,10 @@ def folder_candidate(path, task: str, name: str | None = None) -> Candidate:
         if os.path.isdir(path):
             from .formats.detect import load_exported
 
-            return load_exported(path, task)
+            return load_exported(path, get_task(task).auto_class, get_task(task).peft_auto_class)
         import transformers
 
-        from .formats.detect import TASK_CLASSES
-
-        return getattr(transformers, TASK_CLASSES[task]).from_pretrained(path)
+        return getattr(transformers, get_task(task).auto_class).from_pretrained(path)
 
     size = weights_size(path) if os.path.isdir(path) else None
     return Candidate(name or path, load, tokenizer=_tokenizer(path), size_bytes=size, memory_loader=path)
@@ -159,7 +158,7 @@ def run_benchmark(candidates: list[Candidate], recipe=None, batch_sizes=(1, 32),
             from .metrics import evaluate_model
             from .modeling import load_tokenizer
 
-            tokenizer = candidate.tokenizer or load_tokenizer(recipe.model)
+            tokenizer = candidate.tokenizer or load_tokenizer(recipe.model, task=recipe.task)
             row["metrics"] = evaluate_model(model, tokenizer, recipe.data, task=recipe.task)
         if memory:
             row["peak_memory_mb"] = peak_memory_mb(candidate, task, max(batch_sizes), seq_len)

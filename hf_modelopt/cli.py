@@ -193,11 +193,14 @@ def _eval(args) -> int:
     preflight(recipe)
     if os.path.isdir(args.model):  # an export folder loads the way its format does (peft adapters, ...)
         from .formats.detect import load_exported
+        from .tasks import get_task
 
-        model = load_exported(args.model, recipe.task, trust_remote_code=recipe.model.trust_remote_code)
+        task = get_task(recipe.task)
+        model = load_exported(args.model, task.auto_class, task.peft_auto_class,
+                              trust_remote_code=recipe.model.trust_remote_code)
     else:
         model = load_model(recipe.model, recipe.task, path=args.model)
-    tokenizer = load_tokenizer(recipe.model, path=args.model)
+    tokenizer = load_tokenizer(recipe.model, path=args.model, task=recipe.task)
     metrics = evaluate_model(model, tokenizer, recipe.data, task=recipe.task)
     print(json.dumps(metrics, indent=None if args.json else 2))
     return 0

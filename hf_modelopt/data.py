@@ -1,4 +1,4 @@
-"""Data for the two tasks: loading with `datasets` (local files or the Hub) and tokenisation per task."""
+"""Data: loading with `datasets` (local files or the Hub); each task prepares the rows (`hf_modelopt.tasks`)."""
 
 from __future__ import annotations
 
@@ -41,6 +41,23 @@ class DataConfig(BaseModel):
     text_column: str = Field("text", description="Column holding the input text.")
     text_pair_column: str | None = Field(None, description="Second text column for sentence-pair tasks.")
     label_column: str = Field("label", description="Column holding integer class labels (classification).")
+    tokens_column: str = Field("tokens", description="token-classification: column holding each example's words "
+                               "(a list of strings).")
+    tags_column: str = Field("ner_tags", description="token-classification: column holding one integer label per "
+                             "word.")
+    label_names: list[str] | None = Field(None, description="token-classification: the name of each label id, in "
+                                          "IOB form (`O`, `B-PER`, `I-PER`, ...) for seqeval; default: the model "
+                                          "config's id2label.")
+    question_column: str = Field("question", description="question-answering: column holding the question.")
+    context_column: str = Field("context", description="question-answering: column holding the passage.")
+    answers_column: str = Field("answers", description="question-answering: column holding SQuAD-style answers, "
+                                "{'text': [...], 'answer_start': [character offsets]}.")
+    doc_stride: int = Field(32, gt=0, description="question-answering: tokens shared by consecutive windows of a "
+                            "context longer than max_length.")
+    max_answer_length: int = Field(30, gt=0, description="question-answering: longest answer span, in tokens, "
+                                   "considered when predicting.")
+    image_column: str = Field("image", description="image-classification: column holding the images (a datasets "
+                              "Image feature, or PIL images).")
     max_length: int = Field(128, gt=0, description="Tokens per example (classification) or per training block.")
     max_train_samples: int | None = Field(None, gt=0, description="Use only the first N training examples.")
     max_eval_samples: int | None = Field(None, gt=0, description="Use only the first N evaluation examples.")
@@ -84,31 +101,6 @@ def check_data(config: DataConfig, needed_splits: set[str], source: str) -> None
         for split in sorted(needed_splits - set(data_files(config))):
             raise RecipeError(source, f"data.{SPLIT_KEYS[split]}",
                               "a stage needs this split: set the file, or data.dataset for a Hub dataset")
-
-
-def check_data_contents(config: DataConfig, task: str, splits: set[str], source: str) -> int | None:
-    """Load each split in `splits` once, before any work: an empty split or a column the data lacks is named.
-
-    Returns the number of classes in the labels (classification: of the training split if loaded, else the
-    evaluation split), else None.
-    """
-    columns = {"data.text_column": config.text_column, "data.text_pair_column": config.text_pair_column}
-    if task == "text-classification":
-        columns["data.label_column"] = config.label_column
-    labels = None
-    for split in sorted(splits, reverse=True):  # "train" first: its labels define the classes
-        if not has_split(config, split):
-            continue
-        dataset = load_split(config, split)
-        path = data_files(config).get("train" if config.eval_fraction is not None else split)
-        origin = str(path) if path is not None else f"{config.dataset} ({split})"
-        for key, column in columns.items():
-            if column is not None and column not in dataset.column_names:
-                raise RecipeError(source, key, f"column {column!r} not found in {origin}; its columns are: "
-                                               f"{', '.join(dataset.column_names)}")
-        if task == "text-classification" and labels is None:
-            labels = num_labels(dataset, config)
-    return labels
 
 
 def has_split(config: DataConfig, split: str) -> bool:
@@ -171,49 +163,3 @@ def num_labels(dataset, config: DataConfig) -> int:
     if not all(isinstance(label, int) and label >= 0 for label in labels):
         raise DataError(f"column {config.label_column!r} must hold integer class ids >= 0, found {labels[:5]}")
     return max(labels) + 1
-
-
-def tokenize_classification(dataset, tokenizer, config: DataConfig):
-    """Tokenize text (or text pairs) to `max_length`; padding is left to the collator, per batch."""
-    require_columns(dataset, [config.text_column, config.text_pair_column, config.label_column], "data")
-
-    def encode(batch):
-        pair = batch[config.text_pair_column] if config.text_pair_column else None
-        encoded = tokenizer(batch[config.text_column], pair, truncation=True, max_length=config.max_length)
-        encoded["labels"] = batch[config.label_column]
-        return encoded
-
-    return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="Tokenizing")
-
-
-def tokenize_causal_lm(dataset, tokenizer, config: DataConfig):
-    """Tokenize text, concatenate it and cut it into `max_length` blocks whose labels are the inputs."""
-    require_columns(dataset, [config.text_column], "data")
-    block = config.max_length
-
-    def encode(batch):
-        return tokenizer([text for text in batch[config.text_column] if text.strip()])
-
-    def group(batch):
-        ids = [token for sequence in batch["input_ids"] for token in sequence]
-        usable = len(ids) // block * block  # the ragged tail of each map batch is dropped
-        blocks = [ids[i : i + block] for i in range(0, usable, block)]
-        return {"input_ids": blocks, "attention_mask": [[1] * block for _ in blocks], "labels": blocks}
-
-    tokens = dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="Tokenizing")
-    blocks = tokens.map(group, batched=True, batch_size=1000, remove_columns=tokens.column_names, desc="Grouping")
-    if len(blocks) == 0:
-        raise DataError(f"the text holds fewer than max_length={block} tokens")
-    return blocks
-
-
-def eval_token_ids(dataset, tokenizer, config: DataConfig) -> list[int]:
-    """The evaluation text as one token sequence (lines joined by newlines), cut to `max_eval_tokens`."""
-    require_columns(dataset, [config.text_column], "data")
-    text = "\n".join(dataset[config.text_column])
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if config.max_eval_tokens is not None:
-        ids = ids[: config.max_eval_tokens]
-    if len(ids) < 2:
-        raise DataError("the evaluation text holds fewer than 2 tokens")
-    return ids

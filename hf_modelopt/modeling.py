@@ -56,9 +56,12 @@ def looks_like_local_path(name: str) -> bool:
 
 
 def auto_model_class(task: str):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    """The transformers Auto class that loads a model with `task`'s head."""
+    import transformers
 
-    return {"text-classification": AutoModelForSequenceClassification, "causal-lm": AutoModelForCausalLM}[task]
+    from .tasks import get_task
+
+    return getattr(transformers, get_task(task).auto_class)
 
 
 def drop_gguf_quantizer(model):
@@ -99,14 +102,17 @@ def plain_copy(model, state_dict: dict, model_class=None):
 def check_model_for_task(spec: ModelConfig, task: str, num_labels: int | None, key: str, source: str):
     """Refuse, before any work, a model that cannot serve `task`; returns its `PretrainedConfig`.
 
-    Refused: a model type transformers has no head for (`AutoModelForCausalLM` / `...ForSequenceClassification`),
-    a classifier checkpoint as a causal LM (its language-model head would be random), and a classifier
-    checkpoint whose head has another number of classes than the data's labels.
+    Refused: a model type transformers has no head for (the task's `AutoModelFor...` cannot load it), a
+    checkpoint of another task for a task whose head comes from pretraining (a classifier as a causal LM: its
+    language-model head would be random), and a checkpoint with this task's class head whose number of classes
+    differs from the data's labels.
     """
     from transformers import AutoConfig
 
     from .errors import RecipeError
+    from .tasks import TASKS, get_task
 
+    task_spec = get_task(task)
     kwargs = {"trust_remote_code": spec.trust_remote_code, "revision": spec.revision}
     if spec.gguf_file:
         kwargs["gguf_file"] = spec.gguf_file
@@ -117,20 +123,26 @@ def check_model_for_task(spec: ModelConfig, task: str, num_labels: int | None, k
                                        f"head in transformers ({auto_class.__name__} cannot load it); choose a model "
                                        f"for {task}")
     architectures = config.architectures or []
-    is_classifier = bool(architectures) and all(a.endswith("ForSequenceClassification") for a in architectures)
-    if task == "causal-lm" and is_classifier:
-        raise RecipeError(source, key, f"{spec.name_or_path} is a sequence classifier ({architectures[0]}): as a "
-                                       "causal LM its language-model head would be untrained; use a causal LM "
-                                       "checkpoint")
-    if task == "text-classification" and is_classifier and num_labels is not None and config.num_labels != num_labels:
-        raise RecipeError(source, key, f"{spec.name_or_path} has a classification head for {config.num_labels} "
+    owners = {name for name, other in TASKS.items() for a in architectures if other.recognises(a)}
+    other_task = next(iter(owners)) if len(owners) == 1 and task not in owners else None
+    if task_spec.pretrained_head and other_task is not None and all(TASKS[other_task].recognises(a)
+                                                                    for a in architectures):
+        raise RecipeError(source, key, f"{spec.name_or_path} is a {TASKS[other_task].model_kind} ({architectures[0]}): "
+                                       f"as a {task_spec.model_kind} its {task_spec.head_noun} would be untrained; "
+                                       f"use a {task_spec.model_kind} checkpoint")
+    has_own_head = bool(architectures) and all(task_spec.recognises(a) for a in architectures)
+    if task_spec.count_labels is not None and has_own_head and num_labels is not None \
+            and config.num_labels != num_labels:
+        raise RecipeError(source, key, f"{spec.name_or_path} has a {task_spec.head_noun} for {config.num_labels} "
                                        f"classes, but the data's labels have {num_labels}; use matching data, or a "
-                                       "checkpoint without a classification head")
+                                       f"checkpoint without a {task_spec.head_noun}")
     return config
 
 
 def load_model(spec: ModelConfig, task: str, num_labels: int | None = None, path: str | None = None):
     """Load the recipe's model for `task`; `path` loads a saved stage output with the same settings."""
+    from .tasks import get_task
+
     kwargs = {"trust_remote_code": spec.trust_remote_code, **loading_options(spec)}
     if spec.trust_remote_code:
         logger.warning("trust_remote_code is on: code shipped with %s will run", path or spec.name_or_path)
@@ -138,7 +150,7 @@ def load_model(spec: ModelConfig, task: str, num_labels: int | None = None, path
         kwargs["revision"] = spec.revision
         if spec.gguf_file:
             kwargs["gguf_file"] = spec.gguf_file
-        if task == "text-classification" and num_labels is not None:
+        if get_task(task).count_labels is not None and num_labels is not None:
             kwargs["num_labels"] = num_labels
     model = auto_model_class(task).from_pretrained(path or spec.name_or_path, **kwargs)
     if path is None and spec.gguf_file:
@@ -156,16 +168,22 @@ def loading_options(spec: ModelConfig) -> dict:
     return options
 
 
-def load_tokenizer(spec: ModelConfig, path: str | None = None):
-    from transformers import AutoTokenizer
+def load_tokenizer(spec: ModelConfig, path: str | None = None, task: str | None = None):
+    """The model's processor: its tokenizer, or for a task whose `processor_class` says so (images) its image
+    processor. `path` loads the one saved with a stage output; `task` None means a text task."""
+    import transformers
 
+    from .tasks import get_task
+
+    processor_class = get_task(task).processor_class if task is not None else "AutoTokenizer"
     kwargs = {"trust_remote_code": spec.trust_remote_code}
     if path is None:
         kwargs["revision"] = spec.revision
         if spec.gguf_file and not spec.tokenizer:
             kwargs["gguf_file"] = spec.gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(path or spec.tokenizer or spec.name_or_path, **kwargs)
-    if tokenizer.pad_token is None:
+    processor = getattr(transformers, processor_class).from_pretrained(path or spec.tokenizer or spec.name_or_path,
+                                                                       **kwargs)
+    if getattr(processor, "pad_token", "") is None:
         # Causal LMs often ship without a pad token; padding positions are masked out of every loss.
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+        processor.pad_token = processor.eos_token
+    return processor

@@ -125,8 +125,9 @@ def check_device_map(recipe: Recipe) -> None:
 
 def preflight(recipe: Recipe) -> None:
     """Everything that can be checked before work starts: data files and contents, the model and the stages."""
-    from .data import check_data, check_data_contents
+    from .data import check_data
     from .modeling import check_model_for_task
+    from .tasks import check_data_contents
 
     needed = {split for stage in recipe.resolved_stages for split in type(stage.config).requires_data}
     check_data(recipe.data, needed, recipe.source)

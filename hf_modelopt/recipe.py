@@ -22,8 +22,9 @@ from .data import DataConfig
 from .errors import RecipeError, UserError  # noqa: F401  (RecipeError: re-exported)
 from .modeling import ModelConfig, looks_like_local_path  # noqa: F401  (re-exported)
 from .stages import STAGES, StageConfig, load_builtin_stages
+from .tasks import TASKS as TASK_REGISTRY
 
-TASKS = ("text-classification", "causal-lm")
+TASKS = tuple(TASK_REGISTRY)  # the registered task names
 
 
 class StrictModel(BaseModel):
@@ -43,7 +44,8 @@ class Stage(BaseModel):
 class Recipe(StrictModel):
     description: str = Field("", description="What this recipe does, in a sentence or two.")
     model: ModelConfig
-    task: Literal["text-classification", "causal-lm"]
+    task: Literal[TASKS] = Field(description="What the model does: one of the registered tasks "
+                                 "(`hf_modelopt.tasks.TASKS`).")
     data: DataConfig
     training: dict[str, Any] = Field(
         default_factory=dict, description="Keyword arguments of `transformers.TrainingArguments`."

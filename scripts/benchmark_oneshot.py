@@ -26,13 +26,13 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
 
-    from hf_modelopt.data import eval_token_ids, load_split, tokenize_causal_lm
-    from hf_modelopt.metrics import evaluate_perplexity
+    from hf_modelopt.data import load_split
     from hf_modelopt.pipeline import preflight
     from hf_modelopt.prune.masks import prunable_linears, sparsity_of
     from hf_modelopt.prune.oneshot import calibration_batches, prune_oneshot_
     from hf_modelopt.recipe import load_recipe
     from hf_modelopt.stages import ModelState, ensure_loaded
+    from hf_modelopt.tasks.causal_lm import eval_token_ids, evaluate_perplexity, tokenize_causal_lm
 
     recipe = load_recipe(args.recipe)
     preflight(recipe)

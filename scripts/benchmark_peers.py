@@ -38,9 +38,9 @@ BLOCK_LINEAR = re.compile(r"\.(layer|layers|h)\.\d+\.")  # Linear layers inside 
 def _task_class(task: str):
     import transformers
 
-    from hf_modelopt.formats.detect import TASK_CLASSES
+    from hf_modelopt.tasks import get_task
 
-    return getattr(transformers, TASK_CLASSES[task])
+    return getattr(transformers, get_task(task).auto_class)
 
 
 def _task_of(folder: str) -> str:

@@ -196,3 +196,61 @@ def tiny_recipe(model_dir: Path, data_dir: Path, task: str = "text-classificatio
     }
     recipe.update(extra)
     return recipe
+
+
+# --------------------------------------------------------------------------- data for the tasks of hf_modelopt.tasks
+
+WIDE_CONFIGS["vit"] = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                           image_size=32, patch_size=8, num_channels=3)
+TOKEN_LABEL_NAMES = ["O", "B-ENT"]  # the tiny token classifiers have 2 labels
+QA_FACTS = [("cat", "mat"), ("dog", "rug"), ("bird", "roof"), ("fish", "bowl"), ("fox", "hill"), ("owl", "barn")]
+
+
+def write_task_data(folder: Path, task: str, rows: int = 24) -> dict:
+    """Generated train / eval files for `task` in `folder`; returns the recipe's `data:` mapping for them."""
+    import json
+
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = np.random.default_rng(0)
+    if task == "token-classification":
+        words, names = ["the", "visit", "to", "city", "was", "long", "and", "calm"], ["paris", "rome", "oslo"]
+
+        def make(i):
+            tokens = [str(w) for w in generator.choice(words, 5)]
+            tokens.insert(i % 4, names[i % 3])
+            return {"tokens": tokens, "ner_tags": [int(t in names) for t in tokens]}
+        data = {"label_names": TOKEN_LABEL_NAMES}
+    elif task == "question-answering":
+        def make(i):
+            animal, place = QA_FACTS[i % len(QA_FACTS)]
+            context = f"on day {i} the {animal} slept on the {place} . it was a quiet day ."
+            return {"question": f"where did the {animal} sleep ?", "context": context,
+                    "answers": {"text": [place], "answer_start": [context.index(f"the {place}") + 4]}}
+        data = {"doc_stride": 8}
+    elif task == "image-classification":
+        def make(i):
+            label = i % 2
+            pixels = generator.integers(0, 100, (32, 32, 3)) + (120 if label else 0)
+            return {"image": Image.fromarray(pixels.astype(np.uint8)), "label": label}
+        rows_of = {"train": [make(i) for i in range(rows)], "eval": [make(i) for i in range(rows, rows + rows // 2)]}
+        for split, items in rows_of.items():
+            dataset = datasets.Dataset.from_dict({"image": [r["image"] for r in items],
+                                                  "label": [r["label"] for r in items]})
+            dataset.cast_column("image", datasets.Image()).to_parquet(str(folder / f"{split}.parquet"))
+        return {"data_dir": str(folder), "train_file": "train.parquet", "eval_file": "eval.parquet"}
+    else:
+        raise ValueError(task)
+    for split, indices in (("train", range(rows)), ("eval", range(rows, rows + rows // 2))):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(make(i)) + "\n" for i in indices))
+    return {"data_dir": str(folder), "train_file": "train.jsonl", "eval_file": "eval.jsonl", "max_length": 32,
+            **data}
+
+
+@pytest.fixture
+def task_data(tmp_path):
+    """`task_data(task)` -> the recipe's `data:` mapping for generated files of `task` (a few dozen rows)."""
+    return lambda task: write_task_data(tmp_path / "task-data" / task, task)

@@ -1,8 +1,10 @@
 import pytest
 from transformers import AutoTokenizer
 
-from hf_modelopt.data import DataError, load_split, num_labels, tokenize_causal_lm, tokenize_classification
+from hf_modelopt.data import DataError, load_split, num_labels
 from hf_modelopt.recipe import DataConfig
+from hf_modelopt.tasks.causal_lm import tokenize_causal_lm
+from hf_modelopt.tasks.text_classification import tokenize_classification
 
 from .conftest import minilm_folder
 

@@ -3,6 +3,7 @@
 - `soft_target_kl`: KL(teacher_T || student_T) * T², Hinton et al. 2015 (https://arxiv.org/abs/1503.02531).
 - `sparse_soft_target_kl`: the same against a teacher distribution kept only on its top-k entries (the
   logit cache stores these); with k = number of classes it equals `soft_target_kl` exactly.
+- `span_soft_target_kl`: the same for extractive QA, over the start and the end distributions (over positions).
 - `hidden_mse`: MSE between (projected) student and teacher hidden states, TinyBERT
   (https://arxiv.org/abs/1909.10351).
 - `hidden_cosine`: 1 - cos between hidden states, DistilBERT (https://arxiv.org/abs/1910.01108).
@@ -51,6 +52,22 @@ def sparse_soft_target_kl(student_logits, teacher_values, teacher_indices, tempe
     log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, teacher_indices)
     log_p_teacher = F.log_softmax(teacher_values.float() / temperature, dim=-1)
     return _scaled_kl(log_p_teacher, log_p_student, temperature, mask)
+
+
+def span_soft_target_kl(student_start, student_end, teacher_start, teacher_end, temperature: float = 1.0,
+                        mask=None) -> torch.Tensor:
+    """`soft_target_kl` of the start and of the end distributions (batch, positions), averaged.
+
+    `mask` (batch, positions) marks real tokens: padding positions are left out of both softmaxes.
+    """
+    def masked(logits):
+        if mask is None:
+            return logits.float()
+        return logits.float().masked_fill(~mask.bool(), torch.finfo(torch.float32).min)
+
+    start = soft_target_kl(masked(student_start), masked(teacher_start), temperature)
+    end = soft_target_kl(masked(student_end), masked(teacher_end), temperature)
+    return (start + end) / 2
 
 
 def hidden_mse(student_hidden, teacher_hidden, projection: torch.nn.Module | None = None, mask=None):

@@ -29,9 +29,12 @@ def default_layer_map(student_layers: int, teacher_layers: int, copied_from: lis
     return {i: round((i + 1) * teacher_layers / student_layers) - 1 for i in range(student_layers)}
 
 
-def task_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """CE over labelled examples (classification) or next tokens (causal LM); -100 is ignored."""
-    if logits.dim() == 3:  # causal LM: position t predicts token t + 1
+def task_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shift: bool | None = None) -> torch.Tensor:
+    """CE over labelled examples (classification), tokens or next tokens (causal LM); -100 is ignored.
+
+    `shift`: position t predicts label t + 1 (causal LM); default: for token-level (3-D) logits.
+    """
+    if logits.dim() == 3 if shift is None else shift:  # causal LM: position t predicts token t + 1
         logits, labels = logits[:, :-1], labels[:, 1:]
     labels = labels.reshape(-1)
     if not (labels != -100).any():  # a batch of unlabelled transfer text only
@@ -56,14 +59,21 @@ class DistillationTrainer(Trainer):
     Batches may carry `teacher_top_values` / `teacher_top_indices` (from a `TeacherLogitCache`): then the
     teacher does not run at all.
 
+    `task` (a registered task name, default: from the student's class) says how logits are compared
+    (`Task.logits`): per example; per token, over labelled tokens (label -100 and padding excluded); per
+    position, start and end distributions over the real tokens; per decoder token, over real tokens.
+
     Example:
         trainer = DistillationTrainer(model=student, teacher=teacher, distillation=DistillationConfig(ce_weight=0.5),
                                       args=TrainingArguments(...), train_dataset=..., data_collator=...)
     """
 
     def __init__(self, *args, teacher=None, distillation: DistillationConfig | None = None, layer_map=None,
-                 **kwargs):
+                 task: str | None = None, **kwargs):
+        from ..tasks import get_task, infer_task
+
         super().__init__(*args, **kwargs)
+        self.task = get_task(task or infer_task(self.model))
         self.distillation = config = distillation if distillation is not None else DistillationConfig()
         if teacher is None and config.needs_hidden_states:
             raise ValueError("hidden / cosine / attention losses compare the teacher's internals: pass teacher=")
@@ -126,7 +136,10 @@ class DistillationTrainer(Trainer):
         need_hidden = bool(config.hidden_weight or config.cosine_weight)
         need_attention = bool(config.attention_weight)
         student = model(**inputs, output_hidden_states=need_hidden, output_attentions=need_attention)
-        mask = inputs.get("attention_mask") if student.logits.dim() == 3 else None
+        shape = self.task.logits
+        mask = None if shape == "sequence" else inputs.get("attention_mask")
+        if shape == "token" and labels is not None:  # the tokens whose label counts: first sub-tokens
+            mask = labels != -100
 
         teacher = None
         if cached[0] is None and (config.kd_weight or need_hidden or need_attention):
@@ -135,14 +148,20 @@ class DistillationTrainer(Trainer):
 
         terms: dict[str, torch.Tensor] = {}
         if config.kd_weight:
-            if cached[0] is None and config.top_k is None:  # the full distribution: no top-k sort per step
+            if shape == "span":  # (the cache refuses span tasks; top_k is for vocabularies, not positions)
+                kd = losses.span_soft_target_kl(student.start_logits, student.end_logits, teacher.start_logits,
+                                                teacher.end_logits, config.temperature, mask)
+            elif cached[0] is None and config.top_k is None:  # the full distribution: no top-k sort per step
                 kd = losses.soft_target_kl(student.logits, teacher.logits, config.temperature, mask)
             else:
                 values, indices = cached if cached[0] is not None else losses.top_k_logits(teacher.logits, config.top_k)
                 kd = losses.sparse_soft_target_kl(student.logits, values, indices, config.temperature, mask)
             terms["kd_loss"] = config.kd_weight * kd
-        if config.ce_weight and labels is not None:
-            terms["ce_loss"] = config.ce_weight * task_cross_entropy(student.logits, labels)
+        if config.ce_weight and shape == "span" and student.loss is not None:  # start / end positions given
+            terms["ce_loss"] = config.ce_weight * student.loss
+        elif config.ce_weight and labels is not None:
+            terms["ce_loss"] = config.ce_weight * task_cross_entropy(student.logits, labels,
+                                                                     shift=shape == "decoder-token")
         token_mask = inputs.get("attention_mask")
 
         def mean_over_layers(layer_loss) -> torch.Tensor:

@@ -12,11 +12,11 @@ from pathlib import Path
 
 from ..formats.detect import EXPORT_FORMATS, ExportFormat, loading_code
 from ..inspection import human_bytes
+from ..tasks import get_task
 
 logger = logging.getLogger("hf_modelopt")
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "model_cards"
-PIPELINE_TAGS = {"text-classification": "text-classification", "causal-lm": "text-generation"}
 # Stage type prefix -> the tag Hub users search for; the stage types themselves are added as method tags.
 TECHNIQUE_TAGS = {"distill": "distilled", "prune": "pruned", "sparsif": "pruned", "quant": "quantized"}
 MEASURE_ONLY_STAGES = ("evaluate", "export")
@@ -126,12 +126,13 @@ def render_model_card(record: dict, recipe_yaml: str, load_from: str, template: 
     if changed:
         relation = ("adapter" if export_format.loads_with == "peft"
                     else "quantized" if "quantized" in tags else "finetune")
+    task = get_task(record["task"])
     card_data = ModelCardData(
         base_model=None if base["is_local"] else base["name_or_path"],
         base_model_relation=relation if not base["is_local"] else None,
         license=base.get("license"),
         library_name="peft" if export_format.loads_with == "peft" else "transformers",
-        pipeline_tag=PIPELINE_TAGS[record["task"]],
+        pipeline_tag=task.pipeline_tag,
         tags=tags,
     )
     check = record["reload_check"]
@@ -162,7 +163,8 @@ def render_model_card(record: dict, recipe_yaml: str, load_from: str, template: 
         quantization=record.get("quantization"),
         loading_note=LOADING_NOTES[export_format.loads_with] + "".join(
             f" It needs `{package}` installed (`pip install {package}`)." for package in export_format.requires),
-        load_code=loading_code(export_format, record["task"], load_from),
+        load_code=loading_code(export_format, task.auto_class, load_from, task.peft_auto_class,
+                               task.processor_class),
         stage_list=", ".join(f"`{r['name']}` ({r['type']})" for r in stages),
         recipe_yaml=recipe_yaml,
         hf_modelopt_version=record["hf_modelopt"],

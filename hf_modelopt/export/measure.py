@@ -91,6 +91,10 @@ def random_batch(model, batch_size: int, seq_len: int, seed: int = 0) -> dict:
     import torch
 
     generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    if getattr(model, "main_input_name", "input_ids") == "pixel_values":  # a vision model: random images
+        size, channels = model.config.image_size, model.config.num_channels
+        return {"pixel_values": torch.randn(batch_size, channels, size, size, generator=generator).to(device)}
     vocab = model.config.vocab_size
     ids = torch.randint(5, vocab, (batch_size, seq_len), generator=generator)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

@@ -31,6 +31,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..stages import ModelState, ensure_loaded, link_or_copy
+from ..tasks import get_task
 from .record import EXPORT_RECORD, read_export_record
 
 logger = logging.getLogger("hf_modelopt")
@@ -145,8 +146,7 @@ def _eval_data_description(recipe) -> str:
     else:
         where = f"`{data.dataset}` ({data.eval_split})"
     limits = [f"first {data.max_eval_samples} examples" if data.max_eval_samples else "",
-              f"first {data.max_eval_tokens:,} tokens" if data.max_eval_tokens and recipe.task == "causal-lm" else "",
-              f"{data.eval_window}-token windows" if recipe.task == "causal-lm" else ""]
+              *get_task(recipe.task).eval_notes(data)]
     limits = [text for text in limits if text]
     return where + (f" ({', '.join(limits)})" if limits else "")
 

@@ -28,13 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-
-PROBE_TEXTS = (
-    "a gripping , beautifully acted film .",
-    "the plot is thin and the jokes fall flat .",
-    "The tower is 324 metres tall, about the same height as an 81-storey building.",
-    "It was the best of times, it was the worst of times",
-)
+from ..tasks import PROBE_TEXTS, get_task, text_probe_batch  # noqa: F401  (PROBE_TEXTS: re-exported)
 
 
 class ReloadError(UserError):
@@ -59,23 +53,27 @@ class ReloadCheck:
     measurements: dict | None = None  # with a MeasureRequest: see `_measure`
 
 
-def probe_batch(tokenizer, max_length: int = 32) -> dict:
-    """The fixed probe batch (padded, so padding paths are exercised too)."""
-    return dict(tokenizer(list(PROBE_TEXTS), padding=True, truncation=True, max_length=max_length,
-                          return_tensors="pt"))
+def probe_batch(tokenizer, max_length: int = 32, task: str | None = None) -> dict:
+    """The fixed probe batch of `task` (default: a text task), padded, so padding paths are exercised too."""
+    if task is None:
+        return text_probe_batch(tokenizer, max_length)
+    return get_task(task).probe_batch(tokenizer)
 
 
-def probe_logits(model, batch: dict):
-    """Float32 logits of `model` on `batch`, on CPU, in eval mode, padded positions zeroed."""
+def probe_logits(model, batch: dict, task: str | None = None):
+    """Float32 logits of `model` on `batch`, on CPU, in eval mode, padded positions zeroed.
+
+    A span task's start and end logits come stacked on the last axis (`Task.logits_of`)."""
     import torch
 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     with torch.no_grad():
-        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
+        outputs = model(**{k: v.to(device) for k, v in batch.items()})
+    logits = (get_task(task).logits_of(outputs) if task is not None else outputs.logits).float().cpu()
     model.train(was_training)
-    if logits.dim() == 3:  # token-level logits: padding positions are arbitrary, compare real tokens only
+    if logits.dim() == 3 and "attention_mask" in batch:  # token-level: padding positions are arbitrary
         logits = logits * batch["attention_mask"].unsqueeze(-1).to(logits.dtype)
     return logits
 
@@ -94,8 +92,8 @@ def verify_reload(folder, model, tokenizer, task: str, atol: float = 1e-4, rtol:
 
     started = time.perf_counter()
     folder = Path(folder)
-    batch = probe_batch(tokenizer)
-    reference = probe_logits(model, batch)
+    batch = probe_batch(tokenizer, task=task)
+    reference = probe_logits(model, batch, task)
     with tempfile.TemporaryDirectory(prefix="hf-modelopt-verify-") as scratch:
         probe, result = Path(scratch) / "probe.safetensors", Path(scratch) / "result.safetensors"
         save_file({k: v.contiguous() for k, v in batch.items()}, str(probe))
@@ -128,11 +126,12 @@ def verify_reload(folder, model, tokenizer, task: str, atol: float = 1e-4, rtol:
 
 
 def _exported_tokenizer(folder: Path, recipe):
-    """The export's own tokenizer (the base model's when the folder has none, e.g. a bare adapter)."""
+    """The export's own processor (the base model's when the folder has none, e.g. a bare adapter)."""
     from ..modeling import load_tokenizer
 
-    has_tokenizer = (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file()
-    return load_tokenizer(recipe.model, path=str(folder) if has_tokenizer else None)
+    files = ("tokenizer_config.json", "tokenizer.json", "preprocessor_config.json")
+    has_tokenizer = any((folder / name).is_file() for name in files)
+    return load_tokenizer(recipe.model, path=str(folder) if has_tokenizer else None, task=recipe.task)
 
 
 def _measure(folder: Path, model, recipe_file: str, compare_base: bool, latency_repeats: int) -> dict:
@@ -159,7 +158,7 @@ def _measure(folder: Path, model, recipe_file: str, compare_base: bool, latency_
     models, base_error = {"export": model}, None
     if compare_base:
         try:
-            labels = getattr(model.config, "num_labels", None) if recipe.task == "text-classification" else None
+            labels = getattr(model.config, "num_labels", None) if get_task(recipe.task).count_labels else None
             base = load_model(recipe.model, recipe.task, num_labels=labels)
             base_folder = base_model_folder(recipe.model)
             size = weights_size(base_folder, recipe.model.gguf_file) if base_folder else None
@@ -194,8 +193,8 @@ def _reload_main(argv: list[str] | None = None) -> None:
     import hf_modelopt  # noqa: F401  (registers the loading hooks, as a user's import does)
     from hf_modelopt.formats.detect import load_exported
 
-    model = load_exported(args.folder, args.task)
-    logits = probe_logits(model, load_file(args.probe))
+    model = load_exported(args.folder, get_task(args.task).auto_class, get_task(args.task).peft_auto_class)
+    logits = probe_logits(model, load_file(args.probe), args.task)
     save_file({"logits": logits.contiguous()}, args.output)
     if args.measure_recipe:
         measurements = _measure(Path(args.folder), model, args.measure_recipe, args.compare_base,

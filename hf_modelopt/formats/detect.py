@@ -21,9 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LOADERS = ("transformers", "hf_modelopt", "peft")
-TASK_CLASSES = {"text-classification": "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM"}
-PEFT_TASK_CLASSES = {"text-classification": "AutoPeftModelForSequenceClassification",
-                     "causal-lm": "AutoPeftModelForCausalLM"}
 
 
 @dataclass(frozen=True)
@@ -98,8 +95,9 @@ def detect_format(folder) -> ExportFormat:
     raise ValueError(f"{folder}: no config.json or adapter_config.json: not a saved model")
 
 
-def load_exported(folder, task: str, trust_remote_code: bool = False):
-    """Load an export folder as a user would, for `task` (after `import hf_modelopt`, which registers hooks)."""
+def load_exported(folder, auto_class: str, peft_auto_class: str = "AutoPeftModel", trust_remote_code: bool = False):
+    """Load an export folder as a user would (after `import hf_modelopt`, which registers hooks), with the
+    transformers Auto class of its task (`Task.auto_class`), or peft's (`Task.peft_auto_class`) for an adapter."""
     from .hf_modelopt import register_loading_hooks
 
     register_loading_hooks()  # what `import hf_modelopt` does for a user
@@ -108,26 +106,28 @@ def load_exported(folder, task: str, trust_remote_code: bool = False):
     if detect_format(folder).loads_with == "peft":
         import peft
 
-        return getattr(peft, PEFT_TASK_CLASSES[task]).from_pretrained(str(folder), **kwargs)
+        return getattr(peft, peft_auto_class).from_pretrained(str(folder), **kwargs)
     import transformers
 
-    return getattr(transformers, TASK_CLASSES[task]).from_pretrained(str(folder), **kwargs)
+    return getattr(transformers, auto_class).from_pretrained(str(folder), **kwargs)
 
 
-def loading_code(export_format: ExportFormat, task: str, path_or_repo_id: str) -> str:
-    """Python that loads the export: the snippet the model card shows (tests run it)."""
+def loading_code(export_format: ExportFormat, auto_class: str, path_or_repo_id: str,
+                 peft_auto_class: str = "AutoPeftModel", processor_class: str = "AutoTokenizer") -> str:
+    """Python that loads the export with its task's classes: the snippet the model card shows (tests run it)."""
     target = json.dumps(path_or_repo_id)
+    processor = "tokenizer" if processor_class == "AutoTokenizer" else "processor"
     if export_format.loads_with == "peft":
-        cls = PEFT_TASK_CLASSES[task]
-        lines = [f"from peft import {cls}", "from transformers import AutoTokenizer", "",
+        cls = peft_auto_class
+        lines = [f"from peft import {cls}", f"from transformers import {processor_class}", "",
                  f"model = {cls}.from_pretrained({target})  # also fetches the base model"]
     else:
-        cls = TASK_CLASSES[task]
-        lines = [f"from transformers import AutoTokenizer, {cls}", ""]
+        cls = auto_class
+        lines = [f"from transformers import {processor_class}, {cls}", ""]
         if export_format.loads_with == "hf_modelopt":
             lines[:0] = ["import hf_modelopt  # noqa: F401  registers the loading hooks of this format"]
         lines.append(f"model = {cls}.from_pretrained({target})")
-    lines.append(f"tokenizer = AutoTokenizer.from_pretrained({target})")
+    lines.append(f"{processor} = {processor_class}.from_pretrained({target})")
     return "\n".join(lines)
 
 

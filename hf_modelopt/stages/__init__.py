@@ -187,13 +187,15 @@ def ensure_loaded(state, recipe):
 
         # Seed before building the model, so newly initialised weights (a task head) are reproducible.
         set_seed(recipe.training.get("seed", 42))
-        labels = None
-        if recipe.task == "text-classification":
-            from ..data import has_split, load_split, num_labels
+        from ..tasks import get_task
+
+        labels, count_labels = None, get_task(recipe.task).count_labels
+        if count_labels is not None:
+            from ..data import has_split, load_split
 
             split = "train" if has_split(recipe.data, "train") else "eval"
-            labels = num_labels(load_split(recipe.data, split), recipe.data)
+            labels = count_labels(load_split(recipe.data, split), recipe.data)
         state.model = load_model(recipe.model, recipe.task, num_labels=labels)
     if state.tokenizer is None:
-        state.tokenizer = load_tokenizer(recipe.model, path=str(state.path) if state.path else None)
+        state.tokenizer = load_tokenizer(recipe.model, path=str(state.path) if state.path else None, task=recipe.task)
     return state

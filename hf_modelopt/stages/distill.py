@@ -29,16 +29,22 @@ def check_kd_settings(kd: KnowledgeDistillationConfig, recipe, stage_training: d
 
     `key` is where these settings sit in the recipe (for the error message).
     """
+    from ..tasks import get_task
+
+    task = get_task(recipe.task)
     if kd.transfer_file is not None:
-        if recipe.task != "text-classification":
+        if not task.accepts_unlabelled_text:
             raise RecipeError(recipe.source, f"{key}.transfer_file",
                               "for classification only; for causal LMs add the text to data.train_file")
         path = recipe.data.resolve(kd.transfer_file)
         if not path.is_file():
             raise RecipeError(recipe.source, f"{key}.transfer_file", f"file not found: {path}")
-    if kd.augmentation is not None and recipe.task != "text-classification":
+    if kd.augmentation is not None and not task.accepts_unlabelled_text:
         raise RecipeError(recipe.source, f"{key}.augmentation", "for classification only: a causal LM's "
                           "training text is its own target")
+    if kd.cache_teacher_logits and task.logits == "span":
+        raise RecipeError(recipe.source, f"{key}.cache_teacher_logits", f"the cache holds one logits tensor per "
+                          f"example; a {task.model_kind} has start and end logits: turn the cache off")
     evaluates = {**recipe.training, **stage_training}.get("eval_strategy", "no") not in ("no", None)
     if kd.cache_teacher_logits and evaluates:
         raise RecipeError(recipe.source, f"{key}.cache_teacher_logits", "the cache covers the training set "
@@ -63,10 +69,12 @@ class DistillStageConfig(StageConfig, KnowledgeDistillationConfig):
 
     def preflight(self, recipe) -> None:
         """Transfer text must exist (classification only); token-level KD needs one vocabulary."""
+        from ..tasks import get_task
+
         check_kd_settings(self, recipe, self.training, "distill")
         if self.student.name_or_path:
             self._check_student_labels(recipe)
-        if recipe.task == "causal-lm" and self.student.name_or_path:
+        if get_task(recipe.task).logits == "decoder-token" and self.student.name_or_path:
             from ..modeling import ModelConfig, load_tokenizer
 
             student = ModelConfig(name_or_path=self.student.name_or_path)
@@ -74,15 +82,15 @@ class DistillStageConfig(StageConfig, KnowledgeDistillationConfig):
 
     def _check_student_labels(self, recipe) -> None:
         """A separate student must suit the task and, as a classifier, name its classes as the teacher does."""
-        from ..data import check_data_contents
         from ..modeling import ModelConfig, check_model_for_task
+        from ..tasks import check_data_contents, get_task
 
         labels = check_data_contents(recipe.data, recipe.task, {"train"}, recipe.source)
         key = "distill.student.name_or_path"
         student = check_model_for_task(ModelConfig(name_or_path=self.student.name_or_path), recipe.task, labels,
                                        key, recipe.source)
         teacher = check_model_for_task(recipe.model, recipe.task, labels, "model.name_or_path", recipe.source)
-        if recipe.task != "text-classification":
+        if get_task(recipe.task).count_labels is None:
             return
 
         def named(config) -> dict[int, str] | None:  # None: the default LABEL_0, LABEL_1, ... (no names given)
@@ -193,6 +201,7 @@ def train_with_distillation(teacher, student, tokenizer, config: KnowledgeDistil
         trainer = DistillationTrainer(
             model=student,
             teacher=teacher_for_trainer,
+            task=recipe.task,
             distillation=config,
             layer_map=layer_map if teacher_for_trainer is not None else {},
             args=args,

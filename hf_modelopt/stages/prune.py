@@ -14,6 +14,7 @@ from pydantic import Field
 from ..distill.config import KnowledgeDistillationConfig
 from ..errors import RecipeError
 from ..prune.config import OneShotPruningConfig, PruningConfig, StructuredPruningConfig
+from ..tasks import get_task
 from . import (
     MODEL_SUBDIR,
     STAGES,
@@ -99,7 +100,7 @@ class OneShotPruneStageConfig(StageConfig, OneShotPruningConfig):
     requires_data = ("train",)
 
     def preflight(self, recipe) -> None:
-        if recipe.task != "causal-lm":
+        if get_task(recipe.task).logits != "decoder-token":
             raise RecipeError(recipe.source, "prune_oneshot", "one-shot calibration pruning is for causal LMs "
                               f"(task is {recipe.task}); use the prune stage, which trains while pruning")
 
@@ -202,9 +203,10 @@ def prune_structured_stage(state: ModelState, config: StructuredPruneStageConfig
 
 @register_stage("prune_oneshot", OneShotPruneStageConfig)
 def prune_oneshot_stage(state: ModelState, config: OneShotPruneStageConfig, context: StageContext) -> ModelState:
-    from ..data import load_split, tokenize_causal_lm
+    from ..data import load_split
     from ..prune.oneshot import calibration_batches
     from ..prune.prune import prune_
+    from ..tasks.causal_lm import tokenize_causal_lm
 
     recipe = context.recipe
     ensure_loaded(state, recipe)

@@ -32,9 +32,10 @@ def training_arguments(recipe, stage_training: dict[str, Any], output_dir: Path)
     from transformers import TrainingArguments
 
     from ..distributed import use_cpu
+    from ..tasks import get_task
 
     defaults = {**TRAINING_DEFAULTS, "dataloader_pin_memory": torch.cuda.is_available()}
-    if recipe.task == "text-classification":
+    if not get_task(recipe.task).token_level_loss:
         # A classifier's loss is a mean over its own process's batch. Left on, Trainer multiplies it (and the
         # gradients) by the number of processes, as if the model had divided a sum by the global token count
         # (which a causal LM's loss does, given num_items_in_batch).
@@ -45,16 +46,15 @@ def training_arguments(recipe, stage_training: dict[str, Any], output_dir: Path)
 
 
 def training_data(recipe, tokenizer, raw_train=None):
-    """Tokenized train (and, if configured, eval) datasets plus the collator for the recipe's task.
+    """Training rows of the train (and, if configured, eval) split plus the collator, as the recipe's task makes them.
 
     `raw_train` replaces the recipe's training split (a stage that adds examples passes it).
     """
-    from transformers import DataCollatorWithPadding, default_data_collator
+    from ..data import has_split, load_split
+    from ..tasks import get_task
 
-    from ..data import has_split, load_split, tokenize_causal_lm, tokenize_classification
-
-    tokenize = tokenize_classification if recipe.task == "text-classification" else tokenize_causal_lm
-    collator = DataCollatorWithPadding(tokenizer) if recipe.task == "text-classification" else default_data_collator
+    task = get_task(recipe.task)
+    tokenize, collator = task.prepare_train, task.collator(tokenizer)
     train = tokenize(raw_train if raw_train is not None else load_split(recipe.data, "train"), tokenizer, recipe.data)
     evaluation = None
     if has_split(recipe.data, "eval"):

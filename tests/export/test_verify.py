@@ -40,7 +40,7 @@ def test_adapter_folder_reloads_with_peft(tiny_models, tmp_path):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     assert detect_format(folder).loads_with == "peft"
-    assert "AutoPeftModelForSequenceClassification.from_pretrained" in loading_code(detect_format(folder),
-                                                                                     "text-classification", "org/x")
+    assert "AutoPeftModelForSequenceClassification.from_pretrained" in loading_code(
+        detect_format(folder), "AutoModelForSequenceClassification", "org/x", "AutoPeftModelForSequenceClassification")
     check = verify_reload(folder, model, tokenizer, "text-classification")
     assert check.max_abs_diff <= 1e-5

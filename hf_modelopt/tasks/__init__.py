@@ -1,0 +1,62 @@
+"""The tasks hf-modelopt serves: one module per task, each defining a `Task`, and the one registry `TASKS`.
+
+A task says which transformers Auto class loads its models, how raw data rows become training rows, how a
+model is evaluated, how knowledge distillation compares its logits (`Task.logits`), which columns the data
+must have and which pipeline tag its model cards carry. Everything that differs between tasks asks `TASKS`
+(or `get_task`) instead of testing the task's name.
+
+A new task: a module here defining `TASK = Task(...)`, added to `TASKS` below.
+"""
+
+from __future__ import annotations
+
+from . import causal_lm, image_classification, question_answering, text_classification, token_classification
+from .task import PROBE_TEXTS, LogitsShape, Task, text_probe_batch  # noqa: F401  (re-exported)
+
+TASKS: dict[str, Task] = {task.name: task for task in (
+    text_classification.TASK, causal_lm.TASK, token_classification.TASK, question_answering.TASK,
+    image_classification.TASK,
+)}
+
+
+def get_task(name: str) -> Task:
+    """The registered task called `name`; a `ValueError` naming the known ones otherwise."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; expected one of: {', '.join(TASKS)}") from None
+
+
+def infer_task(model) -> str:
+    """The task of a model from its class name (`BertForTokenClassification` -> "token-classification")."""
+    name = type(getattr(model, "get_base_model", lambda: model)()).__name__
+    for task in TASKS.values():
+        if task.recognises(name):
+            return task.name
+    raise ValueError(f"cannot tell the task of a {name}: pass task= (one of {', '.join(TASKS)})")
+
+
+def check_data_contents(config, task: str, splits: set[str], source: str) -> int | None:
+    """Load each split in `splits` once, before any work: an empty split or a column the data lacks is named.
+
+    Returns the number of classes in the labels (tasks with class labels: of the training split if loaded,
+    else the evaluation split), else None.
+    """
+    from ..data import data_files, has_split, load_split
+    from ..errors import RecipeError
+
+    spec = get_task(task)
+    labels = None
+    for split in sorted(splits, reverse=True):  # "train" first: its labels define the classes
+        if not has_split(config, split):
+            continue
+        dataset = load_split(config, split)
+        path = data_files(config).get("train" if config.eval_fraction is not None else split)
+        origin = str(path) if path is not None else f"{config.dataset} ({split})"
+        for key, column in spec.columns(config).items():
+            if column is not None and column not in dataset.column_names:
+                raise RecipeError(source, key, f"column {column!r} not found in {origin}; its columns are: "
+                                               f"{', '.join(dataset.column_names)}")
+        if spec.count_labels is not None and labels is None:
+            labels = spec.count_labels(dataset, config)
+    return labels

@@ -1,0 +1,100 @@
+"""`Task`: what hf-modelopt needs to know about one task, and the pieces that several tasks share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+# The shape of a task's logits, which decides how knowledge distillation compares teacher and student:
+# "sequence": one distribution per example (classifiers); "token": one per input token (token classifiers);
+# "span": a start and an end distribution over the positions of the input (extractive QA);
+# "decoder-token": one per token, predicting the next one (causal LMs).
+LogitsShape = Literal["sequence", "token", "span", "decoder-token"]
+
+# Texts of the reload check's probe batch (`export.verify`): padded together, so padding paths run too.
+PROBE_TEXTS = (
+    "a gripping , beautifully acted film .",
+    "the plot is thin and the jokes fall flat .",
+    "The tower is 324 metres tall, about the same height as an 81-storey building.",
+    "It was the best of times, it was the worst of times",
+)
+
+
+def text_probe_batch(tokenizer, max_length: int = 32) -> dict:
+    """The fixed probe batch of a text model (padded, so padding paths are exercised too)."""
+    return dict(tokenizer(list(PROBE_TEXTS), padding=True, truncation=True, max_length=max_length,
+                          return_tensors="pt"))
+
+
+def no_eval_notes(data) -> list[str]:
+    return []
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task: its model class, data, training rows, evaluation and logits (see `hf_modelopt.tasks`).
+
+    The callables take the raw `datasets.Dataset` rows, the model's processor (a tokenizer, or an image
+    processor for vision tasks: the project calls it `tokenizer` throughout) and the recipe's `DataConfig`.
+    """
+
+    name: str
+    auto_class: str  # transformers Auto class that loads a model with this task's head
+    peft_auto_class: str  # peft's AutoPeftModel class for adapters on such a model
+    pipeline_tag: str  # the Hub's pipeline tag, for the model card
+    model_kind: str  # how one-line errors name a model of this task ("sequence classifier")
+    head_suffixes: tuple[str, ...]  # model class names of this task end with one of these ("ForCausalLM")
+    logits: LogitsShape
+    columns: Callable  # (DataConfig) -> {recipe key: column the data must have, or None when unused}
+    prepare_train: Callable  # (dataset, processor, DataConfig) -> model-input rows with their labels
+    collator: Callable  # (processor) -> the data collator of those rows
+    evaluate: Callable  # (model, processor, raw evaluation dataset, DataConfig) -> metrics dict
+    count_labels: Callable | None = None  # (dataset, DataConfig) -> number of classes; None: no class labels
+    processor_class: str = "AutoTokenizer"  # transformers class that loads the model's processor
+    pretrained_head: bool = False  # the head comes from pretraining (an LM head): other tasks' checkpoints lack it
+    accepts_unlabelled_text: bool = False  # KD may add unlabelled text rows (transfer text, augmented copies)
+    token_level_loss: bool = False  # the loss is a mean over tokens (Trainer may average tokens across devices)
+    probe_batch: Callable = text_probe_batch  # (processor) -> a fixed batch of model inputs (reload check)
+    eval_notes: Callable = no_eval_notes  # (DataConfig) -> limits of the evaluation, for the model card
+    head_noun: str = field(default="head")  # "language-model head", in errors about untrained heads
+
+    def recognises(self, class_name: str) -> bool:
+        """Whether a model class (`BertForTokenClassification`) has this task's head."""
+        return class_name.endswith(self.head_suffixes)
+
+    def logits_of(self, outputs):
+        """The model output as one tensor: start and end logits stacked on the last axis for "span" tasks."""
+        if self.logits == "span":
+            import torch
+
+            return torch.stack([outputs.start_logits, outputs.end_logits], dim=-1)
+        return outputs.logits
+
+
+def batches(items, size: int):
+    """Consecutive slices of `size` rows (a `Dataset` slice is a dict of columns)."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def local_metric(name: str, features: dict, compute: Callable, description: str = ""):
+    """An `evaluate.Metric` computed here, so that it works offline (`evaluate.load(name)` needs the Hub).
+
+    `features` maps the inputs (`predictions`, `references`) to `datasets` feature types; `compute` takes them
+    as keyword arguments and returns the metrics dict.
+    """
+    import datasets
+    import evaluate
+
+    class LocalMetric(evaluate.Metric):
+        def _info(self):
+            return evaluate.MetricInfo(description=description or name, citation="",
+                                       inputs_description=", ".join(features),
+                                       features=datasets.Features(features))
+
+        def _compute(self, **inputs):
+            return compute(**inputs)
+
+    LocalMetric.__name__ = "".join(part.capitalize() for part in name.split("_"))
+    return LocalMetric()
