@@ -61,9 +61,9 @@ def _structured(model, config: StructuredPruningConfig, batches) -> dict:
     from .structured import (
         choose_kept,
         gradient_importance,
-        head_geometry,
         magnitude_importance,
         parameter_count,
+        prunable_blocks,
         remove_heads_and_neurons_,
     )
 
@@ -72,7 +72,7 @@ def _structured(model, config: StructuredPruningConfig, batches) -> dict:
         head_scores, neuron_scores = gradient_importance(model, scoring)
     else:
         head_scores, neuron_scores = magnitude_importance(model)
-    _, kv_heads, _ = head_geometry(model.config)
+    kv_heads = [block.kv_heads for block in prunable_blocks(model)]
     keep_heads, keep_neurons = choose_kept(head_scores, neuron_scores, config.heads, config.neurons, kv_heads)
     before = parameter_count(model)
     remove_heads_and_neurons_(model, keep_heads if config.heads else None, keep_neurons if config.neurons else None)

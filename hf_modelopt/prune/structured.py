@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..distill.student import transformer_layers
+from ..distill.student import layer_stacks
 from ..formats.modules import new_linear_like, set_attention_heads_
 
 logger = logging.getLogger("hf_modelopt")
@@ -45,6 +45,7 @@ class BlockLayout:
     fused_qkv: str | None = None  # one projection for queries, keys and values
     fused_per_head: bool = False  # fused rows are [q_h, k_h, v_h] per head (GPT-NeoX); else [q | k | v] (GPT-2)
     head_rows_extra: tuple[str, ...] = ()  # more projections with a row block per head, if the block has them
+    heads_config_key: str | None = None  # the stack's own head count (BART's encoder/decoder_attention_heads)
 
 
 def _bert_like(prefix: str, query: str, key: str, value: str, extra: tuple[str, ...] = ()) -> BlockLayout:
@@ -75,19 +76,56 @@ GPT2_LAYOUT = BlockLayout("attn", None, None, None, "attn.c_proj", ("mlp.c_fc",)
 GPT_NEOX_LAYOUT = BlockLayout("attention", None, None, None, "attention.dense", ("mlp.dense_h_to_4h",),
                               "mlp.dense_4h_to_h", "intermediate_size", fused_qkv="attention.query_key_value",
                               fused_per_head=True)
-# model_type -> layout: the model types structured pruning supports (nothing else decides it).
+# BART: self-attention heads and FFN neurons of both stacks; the decoder's cross-attention keeps its heads.
+BART_LAYOUTS = tuple(BlockLayout("self_attn", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                 "self_attn.out_proj", ("fc1",), "fc2", f"{side}_ffn_dim",
+                                 heads_config_key=f"{side}_attention_heads") for side in ("encoder", "decoder"))
+# model_type -> layout (a tuple: one per layer stack, encoder first): the model types structured pruning
+# supports (nothing else decides it).
 LAYOUTS = {"bert": BERT_LAYOUT, "roberta": BERT_LAYOUT, "xlm-roberta": BERT_LAYOUT, "electra": BERT_LAYOUT,
            "deberta-v2": DEBERTA_V2_LAYOUT, "distilbert": DISTILBERT_LAYOUT, "vit": VIT_LAYOUT,
            "gpt2": GPT2_LAYOUT, "opt": OPT_LAYOUT, "gpt_neox": GPT_NEOX_LAYOUT, "phi": PHI_LAYOUT,
-           "llama": LLAMA_LAYOUT, "mistral": LLAMA_LAYOUT, "qwen2": LLAMA_LAYOUT, "qwen3": LLAMA_LAYOUT}
+           "llama": LLAMA_LAYOUT, "mistral": LLAMA_LAYOUT, "qwen2": LLAMA_LAYOUT, "qwen3": LLAMA_LAYOUT,
+           "bart": BART_LAYOUTS}
 
 
-def block_layout(model) -> BlockLayout:
+def block_layout(model) -> BlockLayout | tuple[BlockLayout, ...]:
     model_type = model.config.model_type
     if model_type not in LAYOUTS:
         raise ValueError(f"structured pruning does not support model_type {model_type!r}; supported: "
                          f"{', '.join(sorted(LAYOUTS))}")
     return LAYOUTS[model_type]
+
+
+@dataclass(frozen=True)
+class PrunableBlock:
+    """One transformer block: its module path (with a trailing dot), layout and attention geometry."""
+
+    prefix: str
+    layout: BlockLayout
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+def prunable_blocks(model) -> list[PrunableBlock]:
+    """Every block structured pruning acts on, stack after stack (an encoder-decoder's encoder first); the
+    per-layer lists of the functions below follow this order."""
+    layouts = block_layout(model)
+    layouts = layouts if isinstance(layouts, tuple) else (layouts,)
+    stacks = layer_stacks(model)
+    if len(stacks) != len(layouts):
+        raise ValueError(f"{model.config.model_type}: expected {len(layouts)} layer stacks for structured pruning, "
+                         f"found {[s.path for s in stacks]}")
+    blocks = []
+    for stack, layout in zip(stacks, layouts):
+        heads, kv_heads, head_dim = head_geometry(model.config)
+        if layout.heads_config_key:
+            heads = kv_heads = getattr(model.config, layout.heads_config_key)
+            head_dim = model.config.d_model // heads
+        blocks.extend(PrunableBlock(f"{stack.path}.{i}.", layout, heads, kv_heads, head_dim)
+                      for i in range(len(stack.layers)))
+    return blocks
 
 
 def head_geometry(config) -> tuple[int, int, int]:
@@ -156,16 +194,12 @@ def _head_rows(kept: list[int], head_dim: int) -> torch.Tensor:
 
 def magnitude_importance(model) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per layer: a score per query head and per FFN neuron from the squared norms of their weights."""
-    layout = block_layout(model)
-    prefix, layers = transformer_layers(model)
-    heads, kv_heads, head_dim = head_geometry(model.config)
-    group = heads // kv_heads
     head_scores, neuron_scores = [], []
-    for i in range(len(layers)):
-        block = f"{prefix}.{i}."
-        q, k, v = _qkv_weights(model, block, layout, heads, kv_heads, head_dim)
+    for b in prunable_blocks(model):
+        block, layout, group = b.prefix, b.layout, b.heads // b.kv_heads
+        q, k, v = _qkv_weights(model, block, layout, b.heads, b.kv_heads, b.head_dim)
         o = _weight(_module(model, block + layout.out)).detach().float()
-        score = q.pow(2).sum((1, 2)) + o.view(o.shape[0], heads, head_dim).pow(2).sum((0, 2))
+        score = q.pow(2).sum((1, 2)) + o.view(o.shape[0], b.heads, b.head_dim).pow(2).sum((0, 2))
         for kv in (k, v):  # a key/value head is shared by its group of query heads
             score = score + kv.pow(2).sum((1, 2)).repeat_interleave(group) / group
         head_scores.append(score)
@@ -184,12 +218,10 @@ def gradient_importance(model, batches, loss_fn=None) -> tuple[list[torch.Tensor
     Σ W_o[:, h] · ∂L/∂W_o[:, h]; likewise for a neuron and the FFN output projection's column.
     `batches` yields model inputs with labels; `loss_fn(model, batch)` defaults to the model's own loss.
     """
-    layout = block_layout(model)
-    prefix, layers = transformer_layers(model)
-    heads, _, head_dim = head_geometry(model.config)
-    outs = [_module(model, f"{prefix}.{i}.{layout.out}") for i in range(len(layers))]
-    downs = [_module(model, f"{prefix}.{i}.{layout.ffn_out}") for i in range(len(layers))]
-    head_scores = [torch.zeros(heads) for _ in layers]
+    blocks = prunable_blocks(model)
+    outs = [_module(model, b.prefix + b.layout.out) for b in blocks]
+    downs = [_module(model, b.prefix + b.layout.ffn_out) for b in blocks]
+    head_scores = [torch.zeros(b.heads) for b in blocks]
     neuron_scores = [torch.zeros(_weight(d).shape[1]) for d in downs]
     was_training = model.training
     model.eval()  # no dropout: the scores measure the model as it is
@@ -201,9 +233,9 @@ def gradient_importance(model, batches, loss_fn=None) -> tuple[list[torch.Tensor
         loss = loss_fn(model, batch) if loss_fn is not None else model(**batch).loss
         loss.backward()
         with torch.no_grad():
-            for i, (o, d) in enumerate(zip(outs, downs)):
+            for i, (b, o, d) in enumerate(zip(blocks, outs, downs)):
                 gate = _weight_gate(o).float()
-                head_scores[i] += gate.view(gate.shape[0], heads, head_dim).sum((0, 2)).abs().cpu()
+                head_scores[i] += gate.view(gate.shape[0], b.heads, b.head_dim).sum((0, 2)).abs().cpu()
                 neuron_scores[i] += _weight_gate(d).float().sum(0).abs().cpu()
         count += 1
     model.zero_grad(set_to_none=True)
@@ -213,13 +245,16 @@ def gradient_importance(model, batches, loss_fn=None) -> tuple[list[torch.Tensor
     return [s / count for s in head_scores], [s / count for s in neuron_scores]
 
 
-def choose_kept(head_scores, neuron_scores, heads_fraction: float, neurons_fraction: float, kv_heads: int):
+def choose_kept(head_scores, neuron_scores, heads_fraction: float, neurons_fraction: float,
+                kv_heads: int | list[int]):
     """The heads and neurons each layer keeps: the same count in every layer, best-scored first.
 
-    With grouped-query attention every key/value group keeps the same number of query heads.
+    With grouped-query attention every key/value group keeps the same number of query heads. `kv_heads`:
+    the key/value head count of every layer, or one per layer (`prunable_blocks`).
     """
     keep_heads, keep_neurons = [], []
-    for scores in head_scores:
+    per_layer_kv = kv_heads if isinstance(kv_heads, list) else [kv_heads] * len(head_scores)
+    for scores, kv_heads in zip(head_scores, per_layer_kv):
         group = scores.numel() // kv_heads
         if group == 1:  # one key/value head per query head: heads compete across the whole layer
             count = max(1, round(scores.numel() * (1 - heads_fraction)))
@@ -243,25 +278,22 @@ def choose_kept(head_scores, neuron_scores, heads_fraction: float, neurons_fract
 def remove_heads_and_neurons_(model, keep_heads: list[list[int]] | None, keep_neurons: list[list[int]] | None):
     """Rebuild each block's projections with only the kept heads / neurons, and update the config.
 
-    `keep_heads[i]` lists the query heads layer i keeps (None: all); `keep_neurons[i]` its FFN neurons.
+    `keep_heads[i]` lists the query heads layer i keeps (None: all); `keep_neurons[i]` its FFN neurons;
+    layers are counted as `prunable_blocks` lists them (an encoder-decoder's encoder, then its decoder).
     Returns the model (changed in place).
     """
-    layout = block_layout(model)
-    prefix, layers = transformer_layers(model)
-    heads, kv_heads, head_dim = head_geometry(model.config)
-    group = heads // kv_heads
-    width = _weight(_module(model, f"{prefix}.0.{layout.ffn_out}")).shape[1]
-    _check_kept(keep_heads, keep_neurons, len(layers), heads, kv_heads, width)
+    blocks = prunable_blocks(model)
+    _check_kept(model, blocks, keep_heads, keep_neurons)
     shapes: dict[str, list[int]] = {}
     attention_heads: dict[str, list[int]] = {}
-    for i in range(len(layers)):
-        block = f"{prefix}.{i}."
-        kept = keep_heads[i] if keep_heads is not None else list(range(heads))
-        if len(kept) < heads:
-            _remove_heads_(model, block, layout, kept, heads, group, head_dim)
-        kept_kv = kv_heads if group > 1 else len(kept)
-        set_attention_heads_(_module(model, block + layout.attention), len(kept), kept_kv, head_dim)
-        attention_heads[block + layout.attention] = [len(kept), kept_kv, head_dim]
+    for i, b in enumerate(blocks):
+        block, layout, group = b.prefix, b.layout, b.heads // b.kv_heads
+        kept = keep_heads[i] if keep_heads is not None else list(range(b.heads))
+        if len(kept) < b.heads:
+            _remove_heads_(model, block, layout, kept, b.heads, group, b.head_dim)
+        kept_kv = b.kv_heads if group > 1 else len(kept)
+        set_attention_heads_(_module(model, block + layout.attention), len(kept), kept_kv, b.head_dim)
+        attention_heads[block + layout.attention] = [len(kept), kept_kv, b.head_dim]
         if keep_neurons is not None:
             index = torch.tensor(keep_neurons[i], dtype=torch.long)
             for name in layout.ffn_in:
@@ -269,26 +301,27 @@ def remove_heads_and_neurons_(model, keep_heads: list[list[int]] | None, keep_ne
             _slice_linear_(model, block + layout.ffn_out, cols=index)
         for name in _projections(model, block, layout):
             shapes[block + name] = list(_weight(_module(model, block + name)).shape)
-    _update_config(model, layout, keep_heads, keep_neurons, shapes, attention_heads, heads, group, head_dim)
+    _update_config(model, blocks, keep_heads, keep_neurons, shapes, attention_heads)
     return model
 
 
-def _check_kept(keep_heads, keep_neurons, layers: int, heads: int, kv_heads: int, width: int) -> None:
+def _check_kept(model, blocks: list[PrunableBlock], keep_heads, keep_neurons) -> None:
     """Every problem with the kept lists, raised before any layer changes."""
-    group = heads // kv_heads
-    for what, kept_lists, count in (("keep_heads", keep_heads, heads), ("keep_neurons", keep_neurons, width)):
-        if kept_lists is None:
-            continue
-        if len(kept_lists) != layers:
-            raise ValueError(f"{what} has {len(kept_lists)} entries; the model has {layers} layers")
-        for i, kept in enumerate(kept_lists):
-            if not kept or len(set(kept)) != len(kept) or not all(0 <= k < count for k in kept):
+    for what, kept_lists in (("keep_heads", keep_heads), ("keep_neurons", keep_neurons)):
+        if kept_lists is not None and len(kept_lists) != len(blocks):
+            raise ValueError(f"{what} has {len(kept_lists)} entries; the model has {len(blocks)} layers")
+    for i, b in enumerate(blocks):
+        width = _weight(_module(model, b.prefix + b.layout.ffn_out)).shape[1]
+        for what, kept_lists, count in (("keep_heads", keep_heads, b.heads), ("keep_neurons", keep_neurons, width)):
+            kept = kept_lists[i] if kept_lists is not None else None
+            if kept is not None and (not kept or len(set(kept)) != len(kept) or not all(0 <= k < count for k in kept)):
                 raise ValueError(f"{what}[{i}] must list distinct indices in 0..{count - 1}, at least one; "
                                  f"got {kept}")
-    for i, kept in enumerate(keep_heads or []):
-        if group > 1 and len(kept) < heads and (
-                len(kept) % kv_heads or any(sum(1 for h in kept if h // group == g) != len(kept) // kv_heads
-                                            for g in range(kv_heads))):
+        group = b.heads // b.kv_heads
+        kept = keep_heads[i] if keep_heads is not None else None
+        if kept is not None and group > 1 and len(kept) < b.heads and (
+                len(kept) % b.kv_heads or any(sum(1 for h in kept if h // group == g) != len(kept) // b.kv_heads
+                                              for g in range(b.kv_heads))):
             raise ValueError(f"layer {i}: with grouped-query attention every key/value head must keep the "
                              f"same number of query heads; kept {kept}")
 
@@ -332,17 +365,21 @@ def _heads_in_config(layout: BlockLayout, config) -> bool:
     return layout.head_size_config_key is not None and not getattr(config, "qk_layernorm", False)
 
 
-def _update_config(model, layout, keep_heads, keep_neurons, shapes, attention_heads, heads, group,
-                   head_dim) -> None:
+def _update_config(model, blocks: list[PrunableBlock], keep_heads, keep_neurons, shapes, attention_heads) -> None:
     config = model.config
-    head_counts = {len(k) for k in keep_heads} if keep_heads is not None else {heads}
-    neuron_counts = {len(k) for k in keep_neurons} if keep_neurons is not None else set()
     in_config = True
-    if len(neuron_counts) == 1:
-        setattr(config, layout.ffn_config_key, neuron_counts.pop())
-    elif neuron_counts:
-        in_config = False
-    if head_counts != {heads}:
+    for layout in dict.fromkeys(b.layout for b in blocks):  # each stack's layout, in order
+        index = [i for i, b in enumerate(blocks) if b.layout == layout]
+        heads, group, head_dim = blocks[index[0]].heads, blocks[index[0]].heads // blocks[index[0]].kv_heads, \
+            blocks[index[0]].head_dim
+        head_counts = {len(keep_heads[i]) for i in index} if keep_heads is not None else {heads}
+        neuron_counts = {len(keep_neurons[i]) for i in index} if keep_neurons is not None else set()
+        if len(neuron_counts) == 1:
+            setattr(config, layout.ffn_config_key, neuron_counts.pop())
+        elif neuron_counts:
+            in_config = False
+        if head_counts == {heads}:
+            continue
         if _heads_in_config(layout, config) and len(head_counts) == 1:
             count = head_counts.pop()
             # explicit from now on: it no longer equals hidden_size / heads

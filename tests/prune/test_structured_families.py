@@ -11,17 +11,16 @@ import pytest
 import torch
 import transformers
 
-from hf_modelopt.distill.student import transformer_layers
 from hf_modelopt.prune.structured import (
     LAYOUTS,
     block_layout,
     choose_kept,
-    head_geometry,
     magnitude_importance,
+    prunable_blocks,
     remove_heads_and_neurons_,
 )
 
-from ..conftest import DECODERS, TINY_CONFIGS, VISION
+from ..conftest import DECODERS, ENCODER_DECODERS, TINY_CONFIGS, VISION
 
 # Beyond the shared tiny configs: DeBERTa with its relative-position attention (and its own position
 # projections, which have a row block per head too).
@@ -36,6 +35,8 @@ def _build(model_type):
                                                **OVERRIDES.get(model_type, {}))
     if model_type in VISION:
         auto = transformers.AutoModelForImageClassification
+    elif model_type in ENCODER_DECODERS:
+        auto = transformers.AutoModelForSeq2SeqLM
     elif model_type in DECODERS:
         auto = transformers.AutoModelForCausalLM
     else:
@@ -60,51 +61,48 @@ def _inputs(model_type):
 def _outputs(model, inputs):
     with torch.no_grad():
         out = model.eval()(**inputs, output_hidden_states=True)
-    return out.logits, out.hidden_states[-1]
+    hidden = out.decoder_hidden_states if hasattr(out, "decoder_hidden_states") else out.hidden_states
+    return out.logits, hidden[-1]
+
+
+def _linear_weight(module):
+    """(out, in): GPT-2's Conv1D stores (in, out)."""
+    return module.weight if isinstance(module, torch.nn.Linear) else module.weight.t()
 
 
 def _random_kept(model, rng):
     """Per layer a random set of heads (each key/value group keeping as many) and of neurons; the counts
     differ between layers."""
-    heads, kv_heads, _ = head_geometry(model.config)
-    group = heads // kv_heads
-    layout = block_layout(model)
-    prefix, layers = transformer_layers(model)
     keep_heads, keep_neurons = [], []
-    for i in range(len(layers)):
+    for i, block in enumerate(prunable_blocks(model)):
+        heads, kv_heads = block.heads, block.kv_heads
+        group = heads // kv_heads
         if group > 1:  # the first layer keeps half of each group, the others all
             per_group = group // 2 if i == 0 else group
             keep_heads.append(sorted(g * group + h for g in range(kv_heads)
                                      for h in rng.sample(range(group), per_group)))
         else:
             keep_heads.append(sorted(rng.sample(range(heads), heads - 1 - i % (heads - 1))))
-        width = model.get_submodule(f"{prefix}.{i}.{layout.ffn_out}").weight.shape
-        width = width[1] if isinstance(model.get_submodule(f"{prefix}.{i}.{layout.ffn_out}"), torch.nn.Linear) \
-            else width[0]
+        width = _linear_weight(model.get_submodule(block.prefix + block.layout.ffn_out)).shape[1]
         keep_neurons.append(sorted(rng.sample(range(width), width // 2 - 3 * i)))
     return keep_heads, keep_neurons
 
 
 def _mask_(model, keep_heads, keep_neurons):
     """Zero the output-projection columns of the dropped heads and neurons: they then contribute nothing."""
-    layout = block_layout(model)
-    heads, _, head_dim = head_geometry(model.config)
-    prefix, _ = transformer_layers(model)
     with torch.no_grad():
-        for i, (kept_heads, kept_neurons) in enumerate(zip(keep_heads, keep_neurons)):
-            for name, kept, size in ((layout.out, kept_heads, head_dim), (layout.ffn_out, kept_neurons, 1)):
-                module = model.get_submodule(f"{prefix}.{i}.{name}")
-                # (out, in) view; GPT-2's Conv1D stores (in, out)
-                weight = module.weight if isinstance(module, torch.nn.Linear) else module.weight.t()
-                dropped = [u for u in range(weight.shape[1] // size) if u not in kept]
-                for unit in dropped:
-                    weight[:, unit * size:(unit + 1) * size] = 0
-    assert heads  # (the geometry was read from the unpruned config)
+        for block, kept_heads, kept_neurons in zip(prunable_blocks(model), keep_heads, keep_neurons):
+            for name, kept, size in ((block.layout.out, kept_heads, block.head_dim),
+                                     (block.layout.ffn_out, kept_neurons, 1)):
+                weight = _linear_weight(model.get_submodule(block.prefix + name))
+                for unit in range(weight.shape[1] // size):
+                    if unit not in kept:
+                        weight[:, unit * size:(unit + 1) * size] = 0
 
 
 def test_every_layout_has_a_tiny_model():
     assert set(LAYOUTS) <= set(TINY_CONFIGS)
-    with pytest.raises(ValueError, match="does not support model_type 't5'.*supported: bert"):
+    with pytest.raises(ValueError, match="does not support model_type 't5'; supported: bart, bert, "):
         block_layout(transformers.T5ForConditionalGeneration(transformers.T5Config(**TINY_CONFIGS["t5"])))
 
 
@@ -130,7 +128,7 @@ def test_removal_equals_masking_and_reloads_in_a_fresh_process(tmp_path):
         # Same counts in every layer (as `choose_kept` makes them): plain transformers loads the models whose
         # config states an explicit head size.
         model = _build(model_type)
-        heads, kv_heads, _ = head_geometry(model.config)
+        kv_heads = [block.kv_heads for block in prunable_blocks(model)]
         keep_heads, keep_neurons = choose_kept(*magnitude_importance(model), 0.5, 0.25, kv_heads)
         remove_heads_and_neurons_(model, keep_heads, keep_neurons)
         uniform = f"{model_type}-uniform"
