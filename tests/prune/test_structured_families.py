@@ -161,3 +161,11 @@ torch.save(logits, {str(tmp_path / "logits.pt")!r})
     reloaded = torch.load(tmp_path / "logits.pt")
     for name, logits in expected.items():
         torch.testing.assert_close(reloaded[name], logits, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_unstructured_pruning_targets_both_stacks_of_an_encoder_decoder():
+    from hf_modelopt.prune.masks import prunable_linears
+
+    names = prunable_linears(_build("t5"), targets=["*.SelfAttention.q"])
+    assert sorted(names) == [f"{side}.block.{i}.layer.0.SelfAttention.q" for side in ("decoder", "encoder")
+                             for i in range(2)]
