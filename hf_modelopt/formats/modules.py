@@ -27,17 +27,22 @@ def new_linear_like(old, out_features: int, in_features: int, bias: bool):
 
 
 def resize_linear_(model, name: str, out_features: int, in_features: int) -> None:
-    """Replace Linear (or Conv1D) `name` by an uninitialised one of the given shape (before weights are loaded)."""
+    """Replace Linear (or Conv1D, or Embedding) `name` by an uninitialised one of the given shape [out, in]
+    (an Embedding's weight shape), before the weights are loaded."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name)
     old = getattr(parent, child)
-    setattr(parent, child, new_linear_like(old, out_features, in_features, old.bias is not None))
+    if isinstance(old, torch.nn.Embedding):  # (T5's relative attention bias: buckets x heads)
+        new = torch.nn.Embedding(out_features, in_features, device=old.weight.device, dtype=old.weight.dtype)
+    else:
+        new = new_linear_like(old, out_features, in_features, old.bias is not None)
+    setattr(parent, child, new)
 
 
 # Attributes attention modules compute once from the config and use in forward (a `view` with the head count,
 # a `split` at the q/k/v width): after heads are removed, or when a pruned model is rebuilt, they must be set.
 _HEAD_COUNT_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_heads")
-_WIDTH_ATTRIBUTES = ("all_head_size", "split_size")  # (BERT-like, GPT-2): query heads x head size
+_WIDTH_ATTRIBUTES = ("all_head_size", "split_size", "inner_dim")  # (BERT-like, GPT-2, T5): heads x head size
 
 
 def set_attention_heads_(attention, heads: int, kv_heads: int, head_dim: int) -> None:

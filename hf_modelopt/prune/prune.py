@@ -65,6 +65,7 @@ def _structured(model, config: StructuredPruningConfig, batches) -> dict:
         parameter_count,
         prunable_blocks,
         remove_heads_and_neurons_,
+        same_heads_layers,
     )
 
     if config.importance == "gradient":
@@ -73,7 +74,8 @@ def _structured(model, config: StructuredPruningConfig, batches) -> dict:
     else:
         head_scores, neuron_scores = magnitude_importance(model)
     kv_heads = [block.kv_heads for block in prunable_blocks(model)]
-    keep_heads, keep_neurons = choose_kept(head_scores, neuron_scores, config.heads, config.neurons, kv_heads)
+    keep_heads, keep_neurons = choose_kept(head_scores, neuron_scores, config.heads, config.neurons, kv_heads,
+                                           same_heads_layers(model))
     before = parameter_count(model)
     remove_heads_and_neurons_(model, keep_heads if config.heads else None, keep_neurons if config.neurons else None)
     after = parameter_count(model)

@@ -37,7 +37,7 @@ class BlockLayout:
     key: str | None
     value: str | None
     out: str  # its columns are the heads
-    ffn_in: tuple[str, ...]  # their rows are the neurons
+    ffn_in: tuple[str, ...]  # their rows are the neurons (the block's own: T5's wi, or wi_0 and wi_1 when gated)
     ffn_out: str  # its columns are the neurons
     ffn_config_key: str  # the config attribute stating the FFN width
     # the config attribute of an explicit head size that every projection follows (None: derived)
@@ -46,6 +46,9 @@ class BlockLayout:
     fused_per_head: bool = False  # fused rows are [q_h, k_h, v_h] per head (GPT-NeoX); else [q | k | v] (GPT-2)
     head_rows_extra: tuple[str, ...] = ()  # more projections with a row block per head, if the block has them
     heads_config_key: str | None = None  # the stack's own head count (BART's encoder/decoder_attention_heads)
+    # a module of the stack's first block whose columns are the heads, used by every block of the stack (T5's
+    # relative attention bias): all blocks of the stack keep the same heads
+    shared_head_bias: str | None = None
 
 
 def _bert_like(prefix: str, query: str, key: str, value: str, extra: tuple[str, ...] = ()) -> BlockLayout:
@@ -80,13 +83,21 @@ GPT_NEOX_LAYOUT = BlockLayout("attention", None, None, None, "attention.dense", 
 BART_LAYOUTS = tuple(BlockLayout("self_attn", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                  "self_attn.out_proj", ("fc1",), "fc2", f"{side}_ffn_dim",
                                  heads_config_key=f"{side}_attention_heads") for side in ("encoder", "decoder"))
+# T5: self-attention heads (the same in every block of a stack: block 0's relative attention bias serves them
+# all) and FFN neurons of both stacks; the decoder's cross-attention keeps its heads.
+T5_LAYOUTS = tuple(BlockLayout("layer.0.SelfAttention", "layer.0.SelfAttention.q", "layer.0.SelfAttention.k",
+                               "layer.0.SelfAttention.v", "layer.0.SelfAttention.o",
+                               tuple(f"layer.{ff}.DenseReluDense.{name}" for name in ("wi", "wi_0", "wi_1")),
+                               f"layer.{ff}.DenseReluDense.wo", "d_ff", heads_config_key="num_heads",
+                               shared_head_bias="layer.0.SelfAttention.relative_attention_bias")
+                   for ff in (1, 2))
 # model_type -> layout (a tuple: one per layer stack, encoder first): the model types structured pruning
 # supports (nothing else decides it).
 LAYOUTS = {"bert": BERT_LAYOUT, "roberta": BERT_LAYOUT, "xlm-roberta": BERT_LAYOUT, "electra": BERT_LAYOUT,
            "deberta-v2": DEBERTA_V2_LAYOUT, "distilbert": DISTILBERT_LAYOUT, "vit": VIT_LAYOUT,
            "gpt2": GPT2_LAYOUT, "opt": OPT_LAYOUT, "gpt_neox": GPT_NEOX_LAYOUT, "phi": PHI_LAYOUT,
            "llama": LLAMA_LAYOUT, "mistral": LLAMA_LAYOUT, "qwen2": LLAMA_LAYOUT, "qwen3": LLAMA_LAYOUT,
-           "bart": BART_LAYOUTS}
+           "bart": BART_LAYOUTS, "t5": T5_LAYOUTS}
 
 
 def block_layout(model) -> BlockLayout | tuple[BlockLayout, ...]:
@@ -102,6 +113,7 @@ class PrunableBlock:
     """One transformer block: its module path (with a trailing dot), layout and attention geometry."""
 
     prefix: str
+    stack: str  # the layer stack's module path
     layout: BlockLayout
     heads: int
     kv_heads: int
@@ -122,8 +134,8 @@ def prunable_blocks(model) -> list[PrunableBlock]:
         heads, kv_heads, head_dim = head_geometry(model.config)
         if layout.heads_config_key:
             heads = kv_heads = getattr(model.config, layout.heads_config_key)
-            head_dim = model.config.d_model // heads
-        blocks.extend(PrunableBlock(f"{stack.path}.{i}.", layout, heads, kv_heads, head_dim)
+            head_dim = getattr(model.config, "d_kv", None) or model.config.d_model // heads  # (T5 states d_kv)
+        blocks.extend(PrunableBlock(f"{stack.path}.{i}.", stack.path, layout, heads, kv_heads, head_dim)
                       for i in range(len(stack.layers)))
     return blocks
 
@@ -142,8 +154,8 @@ def _module(model, name):
 
 
 def _weight(module) -> torch.Tensor:
-    """The weight as (out_features, in_features): a transposed view for GPT-2's Conv1D."""
-    return module.weight if isinstance(module, torch.nn.Linear) else module.weight.t()
+    """The weight as (out_features, in_features): a transposed view for GPT-2's Conv1D (an Embedding's as it is)."""
+    return module.weight if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) else module.weight.t()
 
 
 def _weight_gate(module) -> torch.Tensor:
@@ -204,7 +216,7 @@ def magnitude_importance(model) -> tuple[list[torch.Tensor], list[torch.Tensor]]
             score = score + kv.pow(2).sum((1, 2)).repeat_interleave(group) / group
         head_scores.append(score)
         neuron = _weight(_module(model, block + layout.ffn_out)).detach().float().pow(2).sum(0)
-        for name in layout.ffn_in:
+        for name in _ffn_in(model, block, layout):
             neuron = neuron + _weight(_module(model, block + name)).detach().float().pow(2).sum(1)
         neuron_scores.append(neuron)
     return head_scores, neuron_scores
@@ -246,12 +258,18 @@ def gradient_importance(model, batches, loss_fn=None) -> tuple[list[torch.Tensor
 
 
 def choose_kept(head_scores, neuron_scores, heads_fraction: float, neurons_fraction: float,
-                kv_heads: int | list[int]):
+                kv_heads: int | list[int], same_heads: list[list[int]] = ()):
     """The heads and neurons each layer keeps: the same count in every layer, best-scored first.
 
     With grouped-query attention every key/value group keeps the same number of query heads. `kv_heads`:
-    the key/value head count of every layer, or one per layer (`prunable_blocks`).
+    the key/value head count of every layer, or one per layer (`prunable_blocks`). `same_heads`: groups of
+    layers that must keep the same heads (`same_heads_layers`), chosen by their summed scores.
     """
+    head_scores = list(head_scores)
+    for group in same_heads:
+        total = sum(head_scores[i] for i in group)
+        for i in group:
+            head_scores[i] = total
     keep_heads, keep_neurons = [], []
     per_layer_kv = kv_heads if isinstance(kv_heads, list) else [kv_heads] * len(head_scores)
     for scores, kv_heads in zip(head_scores, per_layer_kv):
@@ -296,13 +314,22 @@ def remove_heads_and_neurons_(model, keep_heads: list[list[int]] | None, keep_ne
         attention_heads[block + layout.attention] = [len(kept), kept_kv, b.head_dim]
         if keep_neurons is not None:
             index = torch.tensor(keep_neurons[i], dtype=torch.long)
-            for name in layout.ffn_in:
+            for name in _ffn_in(model, block, layout):
                 _slice_linear_(model, block + name, rows=index)
             _slice_linear_(model, block + layout.ffn_out, cols=index)
         for name in _projections(model, block, layout):
             shapes[block + name] = list(_weight(_module(model, block + name)).shape)
     _update_config(model, blocks, keep_heads, keep_neurons, shapes, attention_heads)
     return model
+
+
+def same_heads_layers(model) -> list[list[int]]:
+    """Groups of layers (as `prunable_blocks` counts them) that must keep the same heads (T5's stacks)."""
+    groups: dict[str, list[int]] = {}
+    for i, b in enumerate(prunable_blocks(model)):
+        if b.layout.shared_head_bias:
+            groups.setdefault(b.stack, []).append(i)
+    return list(groups.values())
 
 
 def _check_kept(model, blocks: list[PrunableBlock], keep_heads, keep_neurons) -> None:
@@ -324,12 +351,23 @@ def _check_kept(model, blocks: list[PrunableBlock], keep_heads, keep_neurons) ->
                                               for g in range(b.kv_heads))):
             raise ValueError(f"layer {i}: with grouped-query attention every key/value head must keep the "
                              f"same number of query heads; kept {kept}")
+        first = next(j for j, other in enumerate(blocks) if other.stack == b.stack)
+        if kept is not None and b.layout.shared_head_bias and sorted(kept) != sorted(keep_heads[first]):
+            raise ValueError(f"layer {i} ({b.prefix.rstrip('.')}): every block of {b.stack} must keep the same "
+                             f"heads (its first block's relative attention bias serves them all); kept {kept}, "
+                             f"layer {first} kept {keep_heads[first]}")
 
 
 def _projections(model, block: str, layout: BlockLayout) -> list[str]:
     names = [layout.fused_qkv] if layout.fused_qkv else [layout.query, layout.key, layout.value]
     names += [name for name in layout.head_rows_extra if _has_module(model, block + name)]
-    return names + [layout.out, *layout.ffn_in, layout.ffn_out]
+    if layout.shared_head_bias and _has_module(model, block + layout.shared_head_bias):
+        names.append(layout.shared_head_bias)
+    return names + [layout.out, *_ffn_in(model, block, layout), layout.ffn_out]
+
+
+def _ffn_in(model, block: str, layout: BlockLayout) -> list[str]:
+    return [name for name in layout.ffn_in if _has_module(model, block + name)]
 
 
 def _has_module(model, name: str) -> bool:
@@ -357,6 +395,11 @@ def _remove_heads_(model, block: str, layout: BlockLayout, kept: list[int], head
             if _has_module(model, block + name):
                 _slice_linear_(model, block + name, rows=rows)
     _slice_linear_(model, block + layout.out, cols=rows)
+    if layout.shared_head_bias and _has_module(model, block + layout.shared_head_bias):
+        bias = _module(model, block + layout.shared_head_bias)  # an Embedding: (buckets, heads)
+        with torch.no_grad():
+            bias.weight = torch.nn.Parameter(bias.weight[:, kept].clone(), requires_grad=bias.weight.requires_grad)
+        bias.embedding_dim = len(kept)
 
 
 def _heads_in_config(layout: BlockLayout, config) -> bool:
@@ -368,16 +411,18 @@ def _heads_in_config(layout: BlockLayout, config) -> bool:
 def _update_config(model, blocks: list[PrunableBlock], keep_heads, keep_neurons, shapes, attention_heads) -> None:
     config = model.config
     in_config = True
+    if keep_neurons is not None:
+        for key in {b.layout.ffn_config_key for b in blocks}:  # (T5's d_ff counts both stacks)
+            widths = {len(kept) for b, kept in zip(blocks, keep_neurons) if b.layout.ffn_config_key == key}
+            if len(widths) == 1:
+                setattr(config, key, widths.pop())
+            else:
+                in_config = False
     for layout in dict.fromkeys(b.layout for b in blocks):  # each stack's layout, in order
         index = [i for i, b in enumerate(blocks) if b.layout == layout]
         heads, group, head_dim = blocks[index[0]].heads, blocks[index[0]].heads // blocks[index[0]].kv_heads, \
             blocks[index[0]].head_dim
         head_counts = {len(keep_heads[i]) for i in index} if keep_heads is not None else {heads}
-        neuron_counts = {len(keep_neurons[i]) for i in index} if keep_neurons is not None else set()
-        if len(neuron_counts) == 1:
-            setattr(config, layout.ffn_config_key, neuron_counts.pop())
-        elif neuron_counts:
-            in_config = False
         if head_counts == {heads}:
             continue
         if _heads_in_config(layout, config) and len(head_counts) == 1:

@@ -13,11 +13,11 @@ import transformers
 
 from hf_modelopt.prune.structured import (
     LAYOUTS,
-    block_layout,
     choose_kept,
     magnitude_importance,
     prunable_blocks,
     remove_heads_and_neurons_,
+    same_heads_layers,
 )
 
 from ..conftest import DECODERS, ENCODER_DECODERS, TINY_CONFIGS, VISION
@@ -55,6 +55,8 @@ def _inputs(model_type):
     ids = torch.randint(5, 300, (3, 10))
     mask = torch.ones_like(ids)
     mask[0, 7:] = 0
+    if model_type in ENCODER_DECODERS:
+        return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": ids[:, :6]}
     return {"input_ids": ids, "attention_mask": mask}
 
 
@@ -73,16 +75,19 @@ def _linear_weight(module):
 def _random_kept(model, rng):
     """Per layer a random set of heads (each key/value group keeping as many) and of neurons; the counts
     differ between layers."""
-    keep_heads, keep_neurons = [], []
+    keep_heads, keep_neurons, stack_heads = [], [], {}
     for i, block in enumerate(prunable_blocks(model)):
         heads, kv_heads = block.heads, block.kv_heads
         group = heads // kv_heads
-        if group > 1:  # the first layer keeps half of each group, the others all
+        if block.layout.shared_head_bias and block.stack in stack_heads:  # T5: the same heads in the whole stack
+            keep_heads.append(stack_heads[block.stack])
+        elif group > 1:  # the first layer keeps half of each group, the others all
             per_group = group // 2 if i == 0 else group
             keep_heads.append(sorted(g * group + h for g in range(kv_heads)
                                      for h in rng.sample(range(group), per_group)))
         else:
             keep_heads.append(sorted(rng.sample(range(heads), heads - 1 - i % (heads - 1))))
+        stack_heads.setdefault(block.stack, keep_heads[-1])
         width = _linear_weight(model.get_submodule(block.prefix + block.layout.ffn_out)).shape[1]
         keep_neurons.append(sorted(rng.sample(range(width), width // 2 - 3 * i)))
     return keep_heads, keep_neurons
@@ -102,8 +107,20 @@ def _mask_(model, keep_heads, keep_neurons):
 
 def test_every_layout_has_a_tiny_model():
     assert set(LAYOUTS) <= set(TINY_CONFIGS)
-    with pytest.raises(ValueError, match="does not support model_type 't5'; supported: bart, bert, "):
-        block_layout(transformers.T5ForConditionalGeneration(transformers.T5Config(**TINY_CONFIGS["t5"])))
+    gptj = transformers.GPTJForCausalLM(transformers.GPTJConfig(n_embd=32, n_layer=1, n_head=2, rotary_dim=8,
+                                                               vocab_size=100))
+    with pytest.raises(ValueError, match="does not support model_type 'gptj'; supported: bart, bert, "):
+        remove_heads_and_neurons_(gptj, [[0]], None)
+
+
+def test_t5_stack_keeps_the_same_heads_in_every_block():
+    model = _build("t5")
+    assert same_heads_layers(model) == [[0, 1], [2, 3]]
+    keep_heads, _ = choose_kept(*magnitude_importance(model), 0.5, 0.5, 4, same_heads_layers(model))
+    assert keep_heads[0] == keep_heads[1] and keep_heads[2] == keep_heads[3]
+    with pytest.raises(ValueError, match="every block of encoder.block must keep the same heads"):
+        remove_heads_and_neurons_(model, [[0, 1], [1, 2], [0, 1], [0, 1]], None)
+    assert model.encoder.block[0].layer[0].SelfAttention.q.out_features == 32  # nothing changed
 
 
 def test_removal_equals_masking_and_reloads_in_a_fresh_process(tmp_path):
@@ -129,7 +146,8 @@ def test_removal_equals_masking_and_reloads_in_a_fresh_process(tmp_path):
         # config states an explicit head size.
         model = _build(model_type)
         kv_heads = [block.kv_heads for block in prunable_blocks(model)]
-        keep_heads, keep_neurons = choose_kept(*magnitude_importance(model), 0.5, 0.25, kv_heads)
+        keep_heads, keep_neurons = choose_kept(*magnitude_importance(model), 0.5, 0.25, kv_heads,
+                                               same_heads_layers(model))
         remove_heads_and_neurons_(model, keep_heads, keep_neurons)
         uniform = f"{model_type}-uniform"
         model.save_pretrained(tmp_path / uniform)
