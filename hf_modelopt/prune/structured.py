@@ -3,16 +3,18 @@
 The Linear layers are rebuilt smaller, so the pruned model does less work, not just multiplies by zeros.
 transformers 5 has no `prune_heads` any more; this module does it for every model type in `LAYOUTS` (the
 single list of what structured pruning supports): BERT-like encoders (BERT, RoBERTa, XLM-RoBERTa, ELECTRA,
-DeBERTa-v2, DistilBERT), ViT, and the decoders GPT-2 (fused q|k|v Conv1D), OPT, GPT-NeoX (fused per-head
-[q, k, v] rows), Phi, Llama, Mistral, Qwen2 and Qwen3. With grouped-query attention each key/value head keeps
-the same number of query heads, so the groups stay consistent.
+DeBERTa-v2, DistilBERT), ViT, the decoders GPT-2 (fused q|k|v Conv1D), OPT, GPT-NeoX (fused per-head
+[q, k, v] rows), Phi, Llama, Mistral, Qwen2 and Qwen3, and the self-attention and FFN of both stacks of BART
+and T5 (cross-attention keeps its heads). With grouped-query attention each key/value head keeps the same
+number of query heads, so the groups stay consistent.
 
 Saving: when the config can describe the smaller model (FFN width everywhere; the head count of models that
 read an explicit `head_dim` from their config: ViT, Phi, Llama, Mistral, Qwen2, Qwen3), only the config
 changes and plain `from_pretrained` loads it. Models that derive the head size from hidden_size /
-num_attention_heads (BERT-like, GPT-2, OPT, GPT-NeoX) cannot write fewer heads in their config: the new Linear
-shapes and the attention modules' head counts go into `quantization_config` (`quant_method: hf_modelopt`) and
-the model loads after `import hf_modelopt` (see `formats/hf_modelopt.py`).
+num_attention_heads (BERT-like, GPT-2, OPT, GPT-NeoX, BART; T5 shares one head count among its stacks)
+cannot write fewer heads in their config: the new Linear shapes and the attention modules' head counts go
+into `quantization_config` (`quant_method: hf_modelopt`) and the model loads after `import hf_modelopt`
+(see `formats/hf_modelopt.py`).
 """
 
 from __future__ import annotations
