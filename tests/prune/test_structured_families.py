@@ -192,3 +192,18 @@ def test_unstructured_pruning_targets_both_stacks_of_an_encoder_decoder():
     names = prunable_linears(_build("t5"), targets=["*.SelfAttention.q"])
     assert sorted(names) == [f"{side}.block.{i}.layer.0.SelfAttention.q" for side in ("decoder", "encoder")
                              for i in range(2)]
+
+
+def test_phi_with_qk_layernorm_records_fewer_heads_as_layer_shapes():
+    # Its q/k LayerNorms are sized hidden_size // num_attention_heads: fewer heads in the config would resize them.
+    OVERRIDES["phi"] = dict(qk_layernorm=True)
+    try:
+        model = _build("phi")
+    finally:
+        del OVERRIDES["phi"]
+    keep_heads, keep_neurons = [[0, 2], [1, 3]], [list(range(0, 64, 2))] * 2
+    _mask_(model, keep_heads, keep_neurons)
+    masked = _outputs(model, _inputs("phi"))
+    remove_heads_and_neurons_(model, keep_heads, keep_neurons)
+    torch.testing.assert_close(_outputs(model, _inputs("phi")), masked, rtol=1e-5, atol=1e-5)
+    assert model.config.num_attention_heads == 4 and "layer_shapes" in model.config.quantization_config
