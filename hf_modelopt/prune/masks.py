@@ -7,7 +7,7 @@ from fnmatch import fnmatch
 
 import torch
 
-from ..distill.student import transformer_layers
+from ..distill.student import layer_stacks, transformer_layers
 from ..distributed import is_sharded, is_zero3_partitioned
 from ..formats.modules import is_linear
 
@@ -45,14 +45,16 @@ def prunable_linears(model, targets=("*",), exclude=()) -> dict[str, torch.nn.Mo
 
     Embeddings, norms and the task head live outside the blocks, so they are never selected.
     """
-    prefix, layers = transformer_layers(model)
+    stacks = layer_stacks(model) or [None]  # (None: transformer_layers raises its "no blocks" error)
     found, candidates = {}, []
-    for name, module in layers.named_modules():
-        if not is_linear(module):
-            continue
-        candidates.append(name)
-        if any(fnmatch(name, p) for p in targets) and not any(fnmatch(name, p) for p in exclude):
-            found[f"{prefix}.{name}"] = module
+    for stack in stacks:  # an encoder-decoder's encoder and decoder blocks alike
+        prefix, layers = (stack.path, stack.layers) if stack else transformer_layers(model)
+        for name, module in layers.named_modules():
+            if not is_linear(module):
+                continue
+            candidates.append(name)
+            if any(fnmatch(name, p) for p in targets) and not any(fnmatch(name, p) for p in exclude):
+                found[f"{prefix}.{name}"] = module
     if not found:
         shown = ", ".join(candidates[:8]) + (", ..." if len(candidates) > 8 else "")
         raise ValueError(f"no Linear layer matches targets {list(targets)} (minus exclude {list(exclude)}); "

@@ -61,10 +61,11 @@ def _structured(model, config: StructuredPruningConfig, batches) -> dict:
     from .structured import (
         choose_kept,
         gradient_importance,
-        head_geometry,
         magnitude_importance,
         parameter_count,
+        prunable_blocks,
         remove_heads_and_neurons_,
+        same_heads_layers,
     )
 
     if config.importance == "gradient":
@@ -72,8 +73,9 @@ def _structured(model, config: StructuredPruningConfig, batches) -> dict:
         head_scores, neuron_scores = gradient_importance(model, scoring)
     else:
         head_scores, neuron_scores = magnitude_importance(model)
-    _, kv_heads, _ = head_geometry(model.config)
-    keep_heads, keep_neurons = choose_kept(head_scores, neuron_scores, config.heads, config.neurons, kv_heads)
+    kv_heads = [block.kv_heads for block in prunable_blocks(model)]
+    keep_heads, keep_neurons = choose_kept(head_scores, neuron_scores, config.heads, config.neurons, kv_heads,
+                                           same_heads_layers(model))
     before = parameter_count(model)
     remove_heads_and_neurons_(model, keep_heads if config.heads else None, keep_neurons if config.neurons else None)
     after = parameter_count(model)
