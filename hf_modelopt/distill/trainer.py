@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
+from ..compat import require_support
 from . import losses
 from .config import DistillationConfig
 from .placement import is_dispatched
@@ -63,6 +64,9 @@ class DistillationTrainer(Trainer):
 
     def __init__(self, *args, teacher=None, distillation: DistillationConfig | None = None, layer_map=None,
                  **kwargs):
+        for checked in (kwargs.get("model", args[0] if args else None), teacher):
+            if checked is not None:
+                require_support("distillation", checked)
         super().__init__(*args, **kwargs)
         self.distillation = config = distillation if distillation is not None else DistillationConfig()
         if teacher is None and config.needs_hidden_states:
