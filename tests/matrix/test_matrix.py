@@ -273,11 +273,11 @@ def _structured(model):
 
 
 # export format -> (prepare(model) -> (model, save_compressed kwargs), the technique the preparation runs (whose
-# refusal the export inherits), wide model?, formats it may be written in, logits tolerance). Storage
-# quantization is lossy by design: its reload is compared with a tolerance.
+# refusal the export inherits), wide model?, formats it may be written in, logits tolerance: absolute, or relative
+# to the logits' spread for storage quantization, lossy by design: measured at most 0.018 (T5), 0.007 elsewhere).
 EXPORTS = {
     "sparse": (_sparse, "gradual pruning", False, {"hf-modelopt"}, 1e-5),
-    "storage-int8": (_storage_int8, "export", False, {"compressed-tensors", "hf-modelopt"}, 2e-2),
+    "storage-int8": (_storage_int8, "export", False, {"compressed-tensors", "hf-modelopt"}, "relative 0.05"),
     "bitsandbytes-nf4": (_bitsandbytes_nf4, "quantization", True, {"bitsandbytes"}, 1e-5),
     "structured": (_structured, "structured pruning", False, {"dense", "hf-modelopt"}, 1e-5),
 }
@@ -326,4 +326,8 @@ def test_export_reloads_in_a_fresh_process(export, model_type, exported):
     assert unsupported_reason(technique, tiny_model(model_type, wide=wide)) is None
     expected, reloaded, format_name = result
     assert format_name in formats
-    torch.testing.assert_close(reloaded, expected, atol=tolerance, rtol=0)
+    if isinstance(tolerance, str):
+        spread = (expected - expected.mean(-1, keepdim=True)).norm()
+        assert (reloaded - expected).norm() / spread < float(tolerance.split()[1])
+    else:
+        torch.testing.assert_close(reloaded, expected, atol=tolerance, rtol=0)
