@@ -31,6 +31,9 @@ HEAD_MAPPINGS = {
     "question-answering": "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",
 }
 
+HEAD_SUFFIXES = {"ForCausalLM": "causal-lm", "LMHeadModel": "causal-lm", "ForSequenceClassification":
+                 "text-classification", "ForImageClassification": "image-classification"}
+
 # Heads whose `logits` are one distribution per example (classification) or per next token (causal LM): what
 # the distillation losses and the task cross-entropy (`distill.trainer.task_cross_entropy`) compute on.
 # A seq2seq model's labels are its decoder's targets, not next tokens of its input, and its decoder needs them
@@ -67,7 +70,8 @@ def model_head(model) -> str | None:
     for head, mapping in HEAD_MAPPINGS.items():
         if name in getattr(modeling_auto, mapping, {}).values():
             return head
-    return None
+    # Classes the auto-mappings do not list (remote code): transformers' naming says the head.
+    return next((head for suffix, head in HEAD_SUFFIXES.items() if name.endswith(suffix)), None)
 
 
 def _logit_head(model) -> str | None:
