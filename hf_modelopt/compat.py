@@ -47,12 +47,14 @@ COMPRESSED_TENSORS_UNLOADABLE = {"t5": "transformers' T5 weight initialisation r
 
 
 def unwrapped(model):
-    """The transformers model inside peft adapters (`get_base_model`) or `torch.compile` (`_orig_mod`)."""
+    """The transformers model inside peft adapters, `torch.compile` (`_orig_mod`) or DistributedDataParallel."""
     for _ in range(4):
         if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
             model = model.get_base_model()
         elif hasattr(model, "_orig_mod"):
             model = model._orig_mod
+        elif type(model).__name__ == "DistributedDataParallel":
+            model = model.module
         else:
             break
     return model
