@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
+from ..compat import require_support
 from . import losses
 from .config import DistillationConfig
 from .placement import is_dispatched
@@ -72,6 +73,9 @@ class DistillationTrainer(Trainer):
                  task: str | None = None, **kwargs):
         from ..tasks import get_task, infer_task
 
+        for checked in (kwargs.get("model", args[0] if args else None), teacher):
+            if checked is not None:
+                require_support("distillation", checked)
         super().__init__(*args, **kwargs)
         self.task = get_task(task or infer_task(self.model))
         self.distillation = config = distillation if distillation is not None else DistillationConfig()

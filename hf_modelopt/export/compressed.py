@@ -21,6 +21,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from ..compat import COMPRESSED_TENSORS_UNLOADABLE, require_support
+
 logger = logging.getLogger("hf_modelopt")
 
 
@@ -40,7 +42,7 @@ def storage_format(model, storage) -> tuple[str, str | None]:
 
     if storage.format == "hf_modelopt":
         return "hf_modelopt", None
-    reason = compressed_tensors.blocker(model)
+    reason = compressed_tensors.blocker(model) or COMPRESSED_TENSORS_UNLOADABLE.get(model.config.model_type)
     if reason is None:
         quantized, kept = compressed_tensors.plan(model, storage.linear_bits, storage.embedding_bits,
                                                   storage.group_size, tuple(storage.skip_modules))
@@ -88,6 +90,7 @@ def save_compressed(model, folder, tokenizer=None, *, sparse: bool = False, stor
     from ..formats.hf_modelopt import save_sparse
     from ..quant.bnb import PRISTINE_STATE, save_quantized
 
+    require_support("export", model)
     folder = Path(folder)
     if _quant_method(model) == "gguf":
         from ..modeling import drop_gguf_quantizer

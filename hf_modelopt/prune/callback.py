@@ -8,6 +8,7 @@ import os
 import torch
 from transformers import TrainerCallback
 
+from ..compat import require_support
 from ..distributed import is_sharded, is_zero3_partitioned
 from .config import PruningConfig
 from .masks import apply_masks_, full_weight, masks_from_scores, prunable_linears, sparsity_of, weight_numel
@@ -44,6 +45,7 @@ class PruningCallback(TrainerCallback):
     # ------------------------------------------------------------------ events
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        require_support("gradual pruning", model)
         self.modules = prunable_linears(model, self.config.targets, self.config.exclude)
         if self.schedule.kind != "one_shot" and self.schedule.end_step is None:
             # Default: reach the final sparsity after two thirds of training, recover during the last third.

@@ -18,6 +18,7 @@ import logging
 
 import torch
 
+from ..compat import require_support
 from ..distill.student import transformer_layers
 from .masks import linear_weight, prunable_linears
 
@@ -147,6 +148,7 @@ def prune_oneshot_(model, batches, method: str = "wanda", sparsity: float = 0.5,
 
     Returns the measured sparsity of each pruned Linear layer.
     """
+    require_support("one-shot pruning", model)
     nm = parse_pattern(pattern)
     prefix, layers = transformer_layers(model)
     modules = prunable_linears(model, targets, exclude)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 
+from ..compat import require_support
 from .config import OneShotPruningConfig, PruningConfig, StructuredPruningConfig
 
 logger = logging.getLogger("hf_modelopt")
@@ -56,6 +57,7 @@ def _require_batches(batches, why: str):
 
 @_handles(StructuredPruningConfig)
 def _structured(model, config: StructuredPruningConfig, batches) -> dict:
+    require_support("structured pruning", model)
     from itertools import islice
 
     from .structured import (
@@ -102,6 +104,7 @@ def _one_shot(model, config: OneShotPruningConfig, batches) -> dict:
 def _at_once(model, config: PruningConfig, batches) -> dict:
     import torch
 
+    require_support("gradual pruning", model)  # the same pruning as PruningCallback's last update
     from .masks import apply_masks_, full_weight, masks_from_scores, prunable_linears, sparsity_of
 
     if config.method == "movement":

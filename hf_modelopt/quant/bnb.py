@@ -129,6 +129,12 @@ def quantize_with_bitsandbytes(model, config: QuantizationConfig, keep_modules=(
         model.save_pretrained(scratch)
         quantized = type(model).from_pretrained(scratch, quantization_config=bnb_config)
     quantized.eval()
+    # transformers keeps some layers in full precision on its own (a model's `_keep_in_fp32_modules`, such as T5's
+    # `wo`; skip names matched as suffixes: `classifier` keeps `pre_classifier`): the report says what was converted.
+    converted = {name for name, module in quantized.named_modules() if _is_bnb_layer(module)}
+    for name in [name for name in quantized_names if name not in converted]:
+        quantized_names.remove(name)
+        skipped[name] = "kept in full precision by transformers (_keep_in_fp32_modules or a skip name it matches)"
     # What save_pretrained would write now, before a CPU forward pass repacks 4-bit weights in place (4-bit: an
     # eighth of the full-precision size). The weights are frozen, so it stays the model's true state.
     setattr(quantized, PRISTINE_STATE, {k: v.detach().clone() for k, v in quantized.state_dict().items()})
@@ -139,6 +145,12 @@ def quantize_with_bitsandbytes(model, config: QuantizationConfig, keep_modules=(
         footprint_bytes=quantized.get_memory_footprint(), reference_footprint_bytes=model.get_memory_footprint(),
     )
     return quantized, report
+
+
+def _is_bnb_layer(module) -> bool:
+    import bitsandbytes as bnb
+
+    return isinstance(module, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))
 
 
 def repacked_layers(model) -> list[str]:

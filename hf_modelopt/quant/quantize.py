@@ -7,6 +7,7 @@ import logging
 import tempfile
 from collections.abc import Callable, Iterable
 
+from ..compat import require_support
 from .config import QuantizationConfig
 
 logger = logging.getLogger("hf_modelopt")
@@ -123,6 +124,7 @@ def quantize(model, config: QuantizationConfig, calibration: Iterable[dict] | No
 
     needs_data = [part for part, value in (("sensitivity", config.sensitivity), ("recovery", config.recovery))
                   if value is not None]
+    require_support("quantization with calibration" if needs_data else "quantization", model)
     if needs_data and calibration is None:
         raise ValueError(f"QuantizationConfig.{needs_data[0]} runs on data: pass calibration= (model-input "
                          "batches with labels, e.g. a DataLoader over training data)")

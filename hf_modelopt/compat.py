@@ -1,0 +1,148 @@
+"""Which models each technique supports, declared once, and the check every verb runs first.
+
+Each technique declares what it supports as a function `model -> why not (str) | None`; `require_support`
+turns a "why not" into one `UnsupportedModelError` line naming the technique, the model type and what is
+supported, before the verb does any work (no training step, no weight changed). The behaviour matrix
+(`tests/matrix/`) reads the same declarations: every supported (technique, architecture) pair is run and its
+result checked, every other pair must be refused with this error. `docs/architectures.md` records the outcome.
+
+    from hf_modelopt.compat import require_support
+    require_support("structured pruning", model)  # raises UnsupportedModelError for a GPT-2
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .errors import UserError
+
+
+class UnsupportedModelError(UserError):
+    """A technique was asked to work on a model architecture or head it does not support."""
+
+
+# Model heads (the task a model class is built for) -> the transformers auto-mapping that lists their classes.
+HEAD_MAPPINGS = {
+    "text-classification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+    "causal-lm": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "image-classification": "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+    "seq2seq": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+    "token-classification": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
+    "question-answering": "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",
+}
+
+HEAD_SUFFIXES = {"ForCausalLM": "causal-lm", "LMHeadModel": "causal-lm", "ForSequenceClassification":
+                 "text-classification", "ForImageClassification": "image-classification"}
+
+# Heads whose `logits` are one distribution per example (classification) or per next token (causal LM): what
+# the distillation losses and the task cross-entropy (`distill.trainer.task_cross_entropy`) compute on.
+# A seq2seq model's labels are its decoder's targets, not next tokens of its input, and its decoder needs them
+# as `decoder_input_ids` (which the distillation loss would drop); token classification has a label per token.
+LOGIT_HEADS = ("text-classification", "causal-lm", "image-classification")
+
+# Model types whose checkpoint in compressed-tensors transformers cannot load (checked by loading it): T5's
+# weight initialisation reads `.weight` of the feed-forward layers, which compressed-tensors' layers lack.
+COMPRESSED_TENSORS_UNLOADABLE = {"t5": "transformers' T5 weight initialisation reads `.weight` of the layers "
+                                       "compressed-tensors replaces, so the checkpoint would not load"}
+
+
+def unwrapped(model):
+    """The transformers model inside peft adapters, `torch.compile` (`_orig_mod`) or DistributedDataParallel."""
+    for _ in range(4):
+        if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
+            model = model.get_base_model()
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif type(model).__name__ == "DistributedDataParallel":
+            model = model.module
+        else:
+            break
+    return model
+
+
+def model_type(model) -> str:
+    return getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+
+
+def model_head(model) -> str | None:
+    """The task `model`'s class is built for (a key of `HEAD_MAPPINGS`), or None when no auto-mapping lists it."""
+    from transformers.models.auto import modeling_auto
+
+    name = type(model).__name__
+    for head, mapping in HEAD_MAPPINGS.items():
+        if name in getattr(modeling_auto, mapping, {}).values():
+            return head
+    # Classes the auto-mappings do not list (remote code): transformers' naming says the head.
+    return next((head for suffix, head in HEAD_SUFFIXES.items() if name.endswith(suffix)), None)
+
+
+def _logit_head(model) -> str | None:
+    head = model_head(model)
+    if head in LOGIT_HEADS:
+        return None
+    shown = head or "none of " + ", ".join(HEAD_MAPPINGS)
+    return (f"it supports the {', '.join(LOGIT_HEADS)} heads (logits per example or per next token); "
+            f"{type(model).__name__} is {shown}")
+
+
+def _one_block_stack(model) -> str | None:
+    # `transformer_layers` finds a single ModuleList of blocks: in an encoder-decoder it finds the encoder's, so the
+    # decoder's layers would silently stay as they are.
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return ("it supports models with one stack of transformer blocks (encoders, decoders, ViT); an "
+                "encoder-decoder has two and only its encoder's would be pruned")
+    return None
+
+
+def _structured_layout(model) -> str | None:
+    from .prune.structured import LAYOUTS  # read at call time: the layouts are the declaration
+
+    if model_type(model) in LAYOUTS:
+        return None
+    return f"it supports the model types whose block layout it knows: {', '.join(sorted(LAYOUTS))}"
+
+
+def _has_linear_layers(model) -> str | None:
+    import torch
+
+    if any(isinstance(module, torch.nn.Linear) for module in model.modules()):
+        return None
+    return "it quantizes Linear layers and the model has none"
+
+
+def _calibrated_quantization(model) -> str | None:
+    # The sensitivity scan and the recovery compute the task loss and the KL of the logits, as distillation does.
+    return _has_linear_layers(model) or _logit_head(model)
+
+
+def _any_model(model) -> str | None:
+    return None if hasattr(model, "save_pretrained") else "it saves transformers models (save_pretrained)"
+
+
+# technique -> why `model` is not supported (None: supported). The names are the ones the messages use.
+SUPPORT: dict[str, Callable[[object], str | None]] = {
+    "distillation": _logit_head,
+    "gradual pruning": _one_block_stack,
+    "one-shot pruning": _one_block_stack,
+    "structured pruning": _structured_layout,
+    "quantization": _has_linear_layers,
+    "quantization with calibration": _calibrated_quantization,
+    "export": _any_model,
+}
+
+
+def unsupported_reason(technique: str, model) -> str | None:
+    """Why `technique` does not support `model` (what it supports), or None when it does."""
+    if technique not in SUPPORT:
+        raise KeyError(f"unknown technique {technique!r}: one of {', '.join(SUPPORT)}")
+    return SUPPORT[technique](unwrapped(model))
+
+
+def require_support(technique: str, model) -> None:
+    """Raise `UnsupportedModelError` (one line: technique, model type, what is supported) unless `technique`
+    supports `model`. Verbs call it before any work."""
+    model = unwrapped(model)
+    reason = unsupported_reason(technique, model)
+    if reason is not None:
+        raise UnsupportedModelError(f"{technique} does not support model_type {model_type(model)!r} "
+                                    f"({type(model).__name__}): {reason}")
