@@ -85,6 +85,18 @@ def _logit_head(model) -> str | None:
             f"{type(model).__name__} is {shown}")
 
 
+def _task_head(model) -> str | None:
+    # Distillation compares logits as the model's task says (`Task.logits`: per example, per token, per span
+    # position, ...): any head of a registered task.
+    from .tasks import TASKS  # read at call time: the registered tasks are the declaration
+
+    head = model_head(model)
+    if head in TASKS:
+        return None
+    shown = head or "none of " + ", ".join(HEAD_MAPPINGS)
+    return f"it supports the heads of the registered tasks ({', '.join(TASKS)}); {type(model).__name__} is {shown}"
+
+
 def _one_block_stack(model) -> str | None:
     # `transformer_layers` finds a single ModuleList of blocks: in an encoder-decoder it finds the encoder's, so the
     # decoder's layers would silently stay as they are.
@@ -121,8 +133,8 @@ def _any_model(model) -> str | None:
 
 # technique -> why `model` is not supported (None: supported). The names are the ones the messages use.
 SUPPORT: dict[str, Callable[[object], str | None]] = {
-    "distillation": _logit_head,
-    "gradual pruning": _one_block_stack,
+    "distillation": _task_head,
+    "gradual pruning": _has_linear_layers,  # the Linears of every block stack (both of an encoder-decoder)
     "one-shot pruning": _one_block_stack,
     "structured pruning": _structured_layout,
     "quantization": _has_linear_layers,
