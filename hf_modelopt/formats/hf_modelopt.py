@@ -11,10 +11,12 @@ here through transformers' own extension points (`register_quantization_config`,
 - `weight_format: "groupwise"` (with `group_size`): Linear and embedding weights stored as 8-bit or NF4 codes
   (`W.weight`) with one fp16 scale per group (`W.weight_scale`), see `groupwise.py`; dequantized to
   full precision while loading, like the bitmask (the two combine: the kept values are quantized).
-- `layer_shapes: {module: [out, in]}`: Linear layers made smaller by structured pruning where the
-  architecture's config cannot say so (BERT derives the head size from hidden_size / num_attention_heads,
-  so a layer with fewer heads has no config field). Those modules are rebuilt at the recorded shape before
-  the weights load; the entry stays in the config so the model saves and reloads the same way.
+- `layer_shapes: {module: [out, in]}`: Linear (or GPT-2 Conv1D) layers made smaller by structured pruning
+  where the architecture's config cannot say so (BERT derives the head size from hidden_size /
+  num_attention_heads, so a layer with fewer heads has no config field), with `attention_heads: {attention
+  module: [heads, key/value heads, head size]}`, the head counts its attention modules cache (GPT-2's
+  `split_size`, OPT's `num_heads`). Those modules are rebuilt at the recorded shape, and the head counts set,
+  before the weights load; the entries stay in the config so the model saves and reloads the same way.
 """
 
 from __future__ import annotations
@@ -144,10 +146,12 @@ def _quantizer_class():
             return {"deserialize": Decompress, "dequantize": Decompress}
 
         def _process_model_before_weight_loading(self, model, **kwargs):
-            from .modules import resize_linear_
+            from .modules import resize_linear_, set_attention_heads_
 
             for name, (out_features, in_features) in self.quantization_config.layer_shapes.items():
                 resize_linear_(model, name, out_features, in_features)
+            for name, (heads, kv_heads, head_dim) in self.quantization_config.attention_heads.items():
+                set_attention_heads_(model.get_submodule(name), heads, kv_heads, head_dim)
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):

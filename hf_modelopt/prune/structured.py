@@ -1,15 +1,18 @@
 """Structured pruning: attention heads and FFN neurons scored, then physically removed.
 
 The Linear layers are rebuilt smaller, so the pruned model does less work, not just multiplies by zeros.
-transformers 5 has no `prune_heads` any more; this module does it for BERT-like (BERT, RoBERTa,
-DistilBERT) and Llama-like (Llama, Qwen2, Mistral) blocks. With grouped-query attention each key/value
-head keeps the same number of query heads, so the groups stay consistent.
+transformers 5 has no `prune_heads` any more; this module does it for every model type in `LAYOUTS` (the
+single list of what structured pruning supports): BERT-like encoders (BERT, RoBERTa, XLM-RoBERTa, ELECTRA,
+DeBERTa-v2, DistilBERT), ViT, and the decoders GPT-2 (fused q|k|v Conv1D), OPT, GPT-NeoX (fused per-head
+[q, k, v] rows), Phi, Llama, Mistral, Qwen2 and Qwen3. With grouped-query attention each key/value head keeps
+the same number of query heads, so the groups stay consistent.
 
-Saving: when the config can describe the smaller model (FFN width everywhere; head count of Llama-like
-models, whose `head_dim` is explicit), only the config changes and plain `from_pretrained` loads it.
-BERT-like models derive the head size from hidden_size / num_attention_heads, so fewer heads cannot be
-written in their config: the new Linear shapes go into `quantization_config` (`quant_method:
-hf_modelopt`) and the model loads after `import hf_modelopt` (see `formats/hf_modelopt.py`).
+Saving: when the config can describe the smaller model (FFN width everywhere; the head count of models that
+read an explicit `head_dim` from their config: ViT, Phi, Llama, Mistral, Qwen2, Qwen3), only the config
+changes and plain `from_pretrained` loads it. Models that derive the head size from hidden_size /
+num_attention_heads (BERT-like, GPT-2, OPT, GPT-NeoX) cannot write fewer heads in their config: the new Linear
+shapes and the attention modules' head counts go into `quantization_config` (`quant_method: hf_modelopt`) and
+the model loads after `import hf_modelopt` (see `formats/hf_modelopt.py`).
 """
 
 from __future__ import annotations
@@ -20,37 +23,70 @@ from dataclasses import dataclass
 import torch
 
 from ..distill.student import transformer_layers
+from ..formats.modules import new_linear_like, set_attention_heads_
 
 logger = logging.getLogger("hf_modelopt")
 
 
 @dataclass(frozen=True)
 class BlockLayout:
-    """Where a block's attention and FFN projections are, relative to the block."""
+    """Where a block's attention and FFN projections are, relative to the block, and what the config can say."""
 
-    query: str
-    key: str
-    value: str
-    out: str
+    attention: str  # the attention module (its cached head counts are updated)
+    query: str | None  # separate projections (None: `fused_qkv`)
+    key: str | None
+    value: str | None
+    out: str  # its columns are the heads
     ffn_in: tuple[str, ...]  # their rows are the neurons
     ffn_out: str  # its columns are the neurons
-    heads_in_config: bool  # the config can express a smaller head count (explicit head_dim)
+    ffn_config_key: str  # the config attribute stating the FFN width
+    # the config attribute of an explicit head size that every projection follows (None: derived)
+    head_size_config_key: str | None = None
+    fused_qkv: str | None = None  # one projection for queries, keys and values
+    fused_per_head: bool = False  # fused rows are [q_h, k_h, v_h] per head (GPT-NeoX); else [q | k | v] (GPT-2)
+    head_rows_extra: tuple[str, ...] = ()  # more projections with a row block per head, if the block has them
 
 
-BERT_LAYOUT = BlockLayout("attention.self.query", "attention.self.key", "attention.self.value",
-                          "attention.output.dense", ("intermediate.dense",), "output.dense", False)
-DISTILBERT_LAYOUT = BlockLayout("attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin",
-                                ("ffn.lin1",), "ffn.lin2", False)
-LLAMA_LAYOUT = BlockLayout("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                           ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", True)
-LAYOUTS = {"bert": BERT_LAYOUT, "roberta": BERT_LAYOUT, "distilbert": DISTILBERT_LAYOUT,
-           "llama": LLAMA_LAYOUT, "qwen2": LLAMA_LAYOUT, "mistral": LLAMA_LAYOUT}
+def _bert_like(prefix: str, query: str, key: str, value: str, extra: tuple[str, ...] = ()) -> BlockLayout:
+    return BlockLayout(prefix, f"{prefix}.{query}", f"{prefix}.{key}", f"{prefix}.{value}", "attention.output.dense",
+                       ("intermediate.dense",), "output.dense", "intermediate_size",
+                       head_rows_extra=tuple(f"{prefix}.{name}" for name in extra))
+
+
+BERT_LAYOUT = _bert_like("attention.self", "query", "key", "value")
+# DeBERTa's relative-position projections (when keys are not shared with content) have a row block per head
+# too. (Its config's `attention_head_size` sizes q/k/v but not the output projection, which stays
+# hidden_size x hidden_size: fewer heads go into the layer shapes.)
+DEBERTA_V2_LAYOUT = _bert_like("attention.self", "query_proj", "key_proj", "value_proj",
+                               extra=("pos_key_proj", "pos_query_proj"))
+DISTILBERT_LAYOUT = BlockLayout("attention", "attention.q_lin", "attention.k_lin", "attention.v_lin",
+                                "attention.out_lin", ("ffn.lin1",), "ffn.lin2", "hidden_dim")
+LLAMA_LAYOUT = BlockLayout("self_attn", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                           "self_attn.o_proj", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj",
+                           "intermediate_size", "head_dim")
+PHI_LAYOUT = BlockLayout("self_attn", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense",
+                         ("mlp.fc1",), "mlp.fc2", "intermediate_size", "head_dim")
+VIT_LAYOUT = BlockLayout("attention", "attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj",
+                         ("mlp.fc1",), "mlp.fc2", "intermediate_size", "head_dim")
+OPT_LAYOUT = BlockLayout("self_attn", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                         "self_attn.out_proj", ("fc1",), "fc2", "ffn_dim")
+GPT2_LAYOUT = BlockLayout("attn", None, None, None, "attn.c_proj", ("mlp.c_fc",), "mlp.c_proj", "n_inner",
+                          fused_qkv="attn.c_attn")
+GPT_NEOX_LAYOUT = BlockLayout("attention", None, None, None, "attention.dense", ("mlp.dense_h_to_4h",),
+                              "mlp.dense_4h_to_h", "intermediate_size", fused_qkv="attention.query_key_value",
+                              fused_per_head=True)
+# model_type -> layout: the model types structured pruning supports (nothing else decides it).
+LAYOUTS = {"bert": BERT_LAYOUT, "roberta": BERT_LAYOUT, "xlm-roberta": BERT_LAYOUT, "electra": BERT_LAYOUT,
+           "deberta-v2": DEBERTA_V2_LAYOUT, "distilbert": DISTILBERT_LAYOUT, "vit": VIT_LAYOUT,
+           "gpt2": GPT2_LAYOUT, "opt": OPT_LAYOUT, "gpt_neox": GPT_NEOX_LAYOUT, "phi": PHI_LAYOUT,
+           "llama": LLAMA_LAYOUT, "mistral": LLAMA_LAYOUT, "qwen2": LLAMA_LAYOUT, "qwen3": LLAMA_LAYOUT}
 
 
 def block_layout(model) -> BlockLayout:
     model_type = model.config.model_type
     if model_type not in LAYOUTS:
-        raise ValueError(f"structured pruning supports {sorted(LAYOUTS)}; got model_type {model_type!r}")
+        raise ValueError(f"structured pruning does not support model_type {model_type!r}; supported: "
+                         f"{', '.join(sorted(LAYOUTS))}")
     return LAYOUTS[model_type]
 
 
@@ -67,24 +103,52 @@ def _module(model, name):
     return model.get_submodule(name)
 
 
+def _weight(module) -> torch.Tensor:
+    """The weight as (out_features, in_features): a transposed view for GPT-2's Conv1D."""
+    return module.weight if isinstance(module, torch.nn.Linear) else module.weight.t()
+
+
+def _weight_gate(module) -> torch.Tensor:
+    """W ⊙ ∂L/∂W as (out_features, in_features)."""
+    gate = module.weight * module.weight.grad
+    return gate if isinstance(module, torch.nn.Linear) else gate.t()
+
+
 def _slice_linear_(model, name: str, rows=None, cols=None) -> None:
-    """Keep only `rows` (output features) or `cols` (input features) of Linear `name`."""
+    """Keep only `rows` (output features) or `cols` (input features) of Linear (or Conv1D) `name`."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name)
     old = getattr(parent, child)
-    weight, bias = old.weight.detach(), None if old.bias is None else old.bias.detach()
+    weight, bias = _weight(old).detach(), None if old.bias is None else old.bias.detach()
     if rows is not None:
         weight, bias = weight[rows], None if bias is None else bias[rows]
     if cols is not None:
         weight = weight[:, cols]
-    new = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
-                          dtype=weight.dtype)
+    new = new_linear_like(old, weight.shape[0], weight.shape[1], bias=bias is not None)
     with torch.no_grad():
-        new.weight.copy_(weight)
+        _weight(new).copy_(weight)
         if bias is not None:
             new.bias.copy_(bias)
     new.train(old.training)
     setattr(parent, child, new)
+
+
+def _qkv_weights(model, block: str, layout: BlockLayout, heads: int, kv_heads: int, head_dim: int):
+    """Query, key and value weights of a block as [heads, head_dim, in] (keys/values: [kv_heads, ...])."""
+    if layout.fused_qkv is None:
+        q, k, v = (_weight(_module(model, block + name)).detach().float()
+                   for name in (layout.query, layout.key, layout.value))
+        return q.view(heads, head_dim, -1), k.view(kv_heads, head_dim, -1), v.view(kv_heads, head_dim, -1)
+    fused = _weight(_module(model, block + layout.fused_qkv)).detach().float()
+    if layout.fused_per_head:
+        per_head = fused.view(heads, 3, head_dim, -1)
+        return per_head[:, 0], per_head[:, 1], per_head[:, 2]
+    q, k, v = fused.view(3, heads, head_dim, -1)
+    return q, k, v
+
+
+def _head_rows(kept: list[int], head_dim: int) -> torch.Tensor:
+    return torch.tensor([h * head_dim + d for h in kept for d in range(head_dim)], dtype=torch.long)
 
 
 # --------------------------------------------------------------------------- importance
@@ -99,16 +163,15 @@ def magnitude_importance(model) -> tuple[list[torch.Tensor], list[torch.Tensor]]
     head_scores, neuron_scores = [], []
     for i in range(len(layers)):
         block = f"{prefix}.{i}."
-        q = _module(model, block + layout.query).weight.detach().float()
-        o = _module(model, block + layout.out).weight.detach().float()
-        score = q.view(heads, -1).pow(2).sum(1) + o.view(o.shape[0], heads, head_dim).pow(2).sum((0, 2))
-        for name in (layout.key, layout.value):  # a key/value head is shared by its group of query heads
-            kv = _module(model, block + name).weight.detach().float().view(kv_heads, -1).pow(2).sum(1)
-            score = score + kv.repeat_interleave(group) / group
+        q, k, v = _qkv_weights(model, block, layout, heads, kv_heads, head_dim)
+        o = _weight(_module(model, block + layout.out)).detach().float()
+        score = q.pow(2).sum((1, 2)) + o.view(o.shape[0], heads, head_dim).pow(2).sum((0, 2))
+        for kv in (k, v):  # a key/value head is shared by its group of query heads
+            score = score + kv.pow(2).sum((1, 2)).repeat_interleave(group) / group
         head_scores.append(score)
-        neuron = _module(model, block + layout.ffn_out).weight.detach().float().pow(2).sum(0)
+        neuron = _weight(_module(model, block + layout.ffn_out)).detach().float().pow(2).sum(0)
         for name in layout.ffn_in:
-            neuron = neuron + _module(model, block + name).weight.detach().float().pow(2).sum(1)
+            neuron = neuron + _weight(_module(model, block + name)).detach().float().pow(2).sum(1)
         neuron_scores.append(neuron)
     return head_scores, neuron_scores
 
@@ -127,7 +190,7 @@ def gradient_importance(model, batches, loss_fn=None) -> tuple[list[torch.Tensor
     outs = [_module(model, f"{prefix}.{i}.{layout.out}") for i in range(len(layers))]
     downs = [_module(model, f"{prefix}.{i}.{layout.ffn_out}") for i in range(len(layers))]
     head_scores = [torch.zeros(heads) for _ in layers]
-    neuron_scores = [torch.zeros(d.weight.shape[1]) for d in downs]
+    neuron_scores = [torch.zeros(_weight(d).shape[1]) for d in downs]
     was_training = model.training
     model.eval()  # no dropout: the scores measure the model as it is
     device = next(model.parameters()).device
@@ -139,9 +202,9 @@ def gradient_importance(model, batches, loss_fn=None) -> tuple[list[torch.Tensor
         loss.backward()
         with torch.no_grad():
             for i, (o, d) in enumerate(zip(outs, downs)):
-                gate = (o.weight * o.weight.grad).float()
+                gate = _weight_gate(o).float()
                 head_scores[i] += gate.view(gate.shape[0], heads, head_dim).sum((0, 2)).abs().cpu()
-                neuron_scores[i] += (d.weight * d.weight.grad).float().sum(0).abs().cpu()
+                neuron_scores[i] += _weight_gate(d).float().sum(0).abs().cpu()
         count += 1
     model.zero_grad(set_to_none=True)
     model.train(was_training)
@@ -187,53 +250,106 @@ def remove_heads_and_neurons_(model, keep_heads: list[list[int]] | None, keep_ne
     prefix, layers = transformer_layers(model)
     heads, kv_heads, head_dim = head_geometry(model.config)
     group = heads // kv_heads
+    width = _weight(_module(model, f"{prefix}.0.{layout.ffn_out}")).shape[1]
+    _check_kept(keep_heads, keep_neurons, len(layers), heads, kv_heads, width)
     shapes: dict[str, list[int]] = {}
+    attention_heads: dict[str, list[int]] = {}
     for i in range(len(layers)):
         block = f"{prefix}.{i}."
-        if keep_heads is not None and len(keep_heads[i]) < heads:
-            kept = keep_heads[i]
-            rows = torch.tensor([h * head_dim + d for h in kept for d in range(head_dim)])
-            _slice_linear_(model, block + layout.query, rows=rows)
-            _slice_linear_(model, block + layout.out, cols=rows)
-            if group == 1:  # one key/value head per query head: they go together
-                _slice_linear_(model, block + layout.key, rows=rows)
-                _slice_linear_(model, block + layout.value, rows=rows)
-            elif len(kept) % kv_heads or any(sum(1 for h in kept if h // group == g) != len(kept) // kv_heads
-                                             for g in range(kv_heads)):
-                raise ValueError(f"layer {i}: with grouped-query attention every key/value head must keep the "
-                                 f"same number of query heads; kept {kept}")
+        kept = keep_heads[i] if keep_heads is not None else list(range(heads))
+        if len(kept) < heads:
+            _remove_heads_(model, block, layout, kept, heads, group, head_dim)
+        kept_kv = kv_heads if group > 1 else len(kept)
+        set_attention_heads_(_module(model, block + layout.attention), len(kept), kept_kv, head_dim)
+        attention_heads[block + layout.attention] = [len(kept), kept_kv, head_dim]
         if keep_neurons is not None:
-            index = torch.tensor(keep_neurons[i])
+            index = torch.tensor(keep_neurons[i], dtype=torch.long)
             for name in layout.ffn_in:
                 _slice_linear_(model, block + name, rows=index)
             _slice_linear_(model, block + layout.ffn_out, cols=index)
-        for name in (layout.query, layout.key, layout.value, layout.out, *layout.ffn_in, layout.ffn_out):
-            weight = _module(model, block + name).weight
-            shapes[block + name] = list(weight.shape)
-    _update_config(model, layout, keep_heads, keep_neurons, shapes, heads, kv_heads, head_dim)
+        for name in _projections(model, block, layout):
+            shapes[block + name] = list(_weight(_module(model, block + name)).shape)
+    _update_config(model, layout, keep_heads, keep_neurons, shapes, attention_heads, heads, group, head_dim)
     return model
 
 
-def _update_config(model, layout, keep_heads, keep_neurons, shapes, heads, kv_heads, head_dim) -> None:
+def _check_kept(keep_heads, keep_neurons, layers: int, heads: int, kv_heads: int, width: int) -> None:
+    """Every problem with the kept lists, raised before any layer changes."""
+    group = heads // kv_heads
+    for what, kept_lists, count in (("keep_heads", keep_heads, heads), ("keep_neurons", keep_neurons, width)):
+        if kept_lists is None:
+            continue
+        if len(kept_lists) != layers:
+            raise ValueError(f"{what} has {len(kept_lists)} entries; the model has {layers} layers")
+        for i, kept in enumerate(kept_lists):
+            if not kept or len(set(kept)) != len(kept) or not all(0 <= k < count for k in kept):
+                raise ValueError(f"{what}[{i}] must list distinct indices in 0..{count - 1}, at least one; "
+                                 f"got {kept}")
+    for i, kept in enumerate(keep_heads or []):
+        if group > 1 and len(kept) < heads and (
+                len(kept) % kv_heads or any(sum(1 for h in kept if h // group == g) != len(kept) // kv_heads
+                                            for g in range(kv_heads))):
+            raise ValueError(f"layer {i}: with grouped-query attention every key/value head must keep the "
+                             f"same number of query heads; kept {kept}")
+
+
+def _projections(model, block: str, layout: BlockLayout) -> list[str]:
+    names = [layout.fused_qkv] if layout.fused_qkv else [layout.query, layout.key, layout.value]
+    names += [name for name in layout.head_rows_extra if _has_module(model, block + name)]
+    return names + [layout.out, *layout.ffn_in, layout.ffn_out]
+
+
+def _has_module(model, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _remove_heads_(model, block: str, layout: BlockLayout, kept: list[int], heads: int, group: int,
+                   head_dim: int) -> None:
+    rows = _head_rows(kept, head_dim)
+    if layout.fused_per_head:  # GPT-NeoX: head h owns rows [h·3d, (h+1)·3d) = [q_h, k_h, v_h]
+        _slice_linear_(model, block + layout.fused_qkv, rows=_head_rows(kept, 3 * head_dim))
+    elif layout.fused_qkv:  # GPT-2: [all queries | all keys | all values]
+        width = heads * head_dim
+        _slice_linear_(model, block + layout.fused_qkv, rows=torch.cat([rows, rows + width, rows + 2 * width]))
+    else:
+        _slice_linear_(model, block + layout.query, rows=rows)
+        if group == 1:  # one key/value head per query head: they go together
+            _slice_linear_(model, block + layout.key, rows=rows)
+            _slice_linear_(model, block + layout.value, rows=rows)
+        for name in layout.head_rows_extra:
+            if _has_module(model, block + name):
+                _slice_linear_(model, block + name, rows=rows)
+    _slice_linear_(model, block + layout.out, cols=rows)
+
+
+def _heads_in_config(layout: BlockLayout, config) -> bool:
+    # Phi sizes its optional q/k LayerNorms hidden_size // num_attention_heads: with them, fewer heads in the
+    # config would change their shape, so the head count goes into the layer shapes instead.
+    return layout.head_size_config_key is not None and not getattr(config, "qk_layernorm", False)
+
+
+def _update_config(model, layout, keep_heads, keep_neurons, shapes, attention_heads, heads, group,
+                   head_dim) -> None:
     config = model.config
     head_counts = {len(k) for k in keep_heads} if keep_heads is not None else {heads}
     neuron_counts = {len(k) for k in keep_neurons} if keep_neurons is not None else set()
     in_config = True
     if len(neuron_counts) == 1:
-        width = neuron_counts.pop()
-        if hasattr(config, "intermediate_size"):
-            config.intermediate_size = width
-        elif hasattr(config, "hidden_dim"):
-            config.hidden_dim = width
-        else:
-            in_config = False
+        setattr(config, layout.ffn_config_key, neuron_counts.pop())
     elif neuron_counts:
         in_config = False
     if head_counts != {heads}:
-        if layout.heads_in_config and len(head_counts) == 1:
-            config.head_dim = head_dim  # explicit from now on: it no longer equals hidden_size / heads
-            config.num_attention_heads = head_counts.pop()
-            model_attention_update(model, config)
+        if _heads_in_config(layout, config) and len(head_counts) == 1:
+            count = head_counts.pop()
+            # explicit from now on: it no longer equals hidden_size / heads
+            setattr(config, layout.head_size_config_key, head_dim)
+            config.num_attention_heads = count
+            if group == 1 and getattr(config, "num_key_value_heads", None):
+                config.num_key_value_heads = count
         else:
             in_config = False
     if in_config:
@@ -241,16 +357,10 @@ def _update_config(model, layout, keep_heads, keep_neurons, shapes, heads, kv_he
     from ..formats.hf_modelopt import register_loading_hooks
 
     register_loading_hooks()
-    config.quantization_config = {"quant_method": "hf_modelopt", "layer_shapes": shapes}
+    config.quantization_config = {"quant_method": "hf_modelopt", "layer_shapes": shapes,
+                                  "attention_heads": attention_heads}
     logger.info("structured pruning: the new layer shapes are not expressible in a %s config; the model loads "
                 "with from_pretrained after `import hf_modelopt`", config.model_type)
-
-
-def model_attention_update(model, config) -> None:
-    """Llama-like attention modules cache the query/key-value ratio: refresh it after removing heads."""
-    for module in model.modules():
-        if hasattr(module, "num_key_value_groups"):
-            module.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
 
 
 def parameter_count(model) -> int:
