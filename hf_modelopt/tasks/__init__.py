@@ -10,10 +10,11 @@ A new task: a module here defining `TASK = Task(...)`, added to `TASKS` below.
 
 from __future__ import annotations
 
-from . import causal_lm, text_classification
+from . import causal_lm, seq2seq, text_classification
 from .task import PROBE_TEXTS, LogitsShape, Task, text_probe_batch  # noqa: F401  (re-exported)
 
 TASKS: dict[str, Task] = {task.name: task for task in (text_classification.TASK, causal_lm.TASK)}
+TASKS[seq2seq.TASK.name] = seq2seq.TASK
 
 
 def get_task(name: str) -> Task:
