@@ -141,12 +141,30 @@ def test_seq2seq_kd_compares_each_decoder_position_unshifted_over_labelled_posit
                             distillation=DistillationConfig(hidden_weight=1.0))
 
 
-def test_decoder_layers_are_refused_for_a_model_without_a_decoder(tiny_models, sst2_files, tmp_path):
+def test_what_seq2seq_cannot_do_is_refused_before_any_work(tiny_models, sst2_files, copy_files, tmp_path):
     from hf_modelopt.errors import UserError
 
     stages = [{"type": "distill", "student": {"layers": [0], "decoder_layers": [0]}}]
     with pytest.raises(UserError, match="distill.student.decoder_layers: .* 'bert' model without a decoder stack"):
         run_recipe(validate_recipe(tiny_recipe(tiny_models("bert"), sst2_files, stages=stages)), tmp_path / "o")
+    t5 = tiny_models("t5", "seq2seq")
+    refused = {
+        "distill.student.decoder_layers: \\[2\\] out of range: the teacher's decoder has layers 0..1":
+            [{"type": "distill", "student": {"decoder_layers": [0, 2]}}],
+        "distill.hidden_weight: compares one stack of layers":
+            [{"type": "distill", "student": {"every": 2}, "hidden_weight": 1.0}],
+        "distill.cache_teacher_logits: the cache is cut to the encoder's input length":
+            [{"type": "distill", "student": {"every": 2}, "cache_teacher_logits": True}],
+        "stages\\[0\\].sensitivity: the scan runs the model without decoder inputs":
+            [{"type": "quantize", "sensitivity": {"keep_fraction": 0.5}}],
+    }
+    for message, stages in refused.items():
+        with pytest.raises(UserError, match=message):
+            run_recipe(validate_recipe(seq2seq_recipe(t5, copy_files, stages)), tmp_path / "o")
+    missing_target = seq2seq_recipe(t5, copy_files, ["finetune"])
+    missing_target["data"]["target_column"] = "summary"
+    with pytest.raises(UserError, match="data.target_column: column 'summary' not found in .*train.jsonl"):
+        run_recipe(validate_recipe(missing_target), tmp_path / "o")
     assert not (tmp_path / "o").exists()
 
 
