@@ -141,6 +141,19 @@ def test_seq2seq_kd_compares_each_decoder_position_unshifted_over_labelled_posit
                             distillation=DistillationConfig(hidden_weight=1.0))
 
 
+def test_evaluate_model_generates_for_raw_rows(tiny_models):
+    import datasets
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from hf_modelopt.metrics import evaluate_model
+
+    folder = tiny_models("t5", "seq2seq")
+    model, tokenizer = AutoModelForSeq2SeqLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    rows = datasets.Dataset.from_dict({"text": ["red green", "blue", "cat dog sun"], "target": ["a", "b", "c"]})
+    metrics = evaluate_model(model, tokenizer, rows, config=DataConfig(max_target_length=4, eval_batch_size=2))
+    assert set(metrics) == {"rouge1", "rouge2", "rougeL", "bleu", "eval_samples"} and metrics["eval_samples"] == 3
+
+
 def test_what_seq2seq_cannot_do_is_refused_before_any_work(tiny_models, sst2_files, copy_files, tmp_path):
     from hf_modelopt.errors import UserError
 
