@@ -70,6 +70,17 @@ class DataConfig(BaseModel):
     )
     max_eval_tokens: int | None = Field(None, gt=1, description="causal-lm: evaluate on the first N tokens only.")
     eval_batch_size: int = Field(32, gt=0, description="Batch size of the evaluate stage.")
+    target_column: str = Field(
+        "target", description="seq2seq: column holding the target text (the source text is `text_column`, cut to "
+        "`max_length` tokens).",
+    )
+    source_prefix: str = Field(
+        "", description="seq2seq: text put before every source text, e.g. T5's task prefix `summarize: `.",
+    )
+    max_target_length: int = Field(
+        128, gt=0, description="seq2seq: tokens per target text in training; evaluation generates at most this "
+        "many new tokens.",
+    )
 
     def resolve(self, name: str | None) -> Path | None:
         return None if name is None else Path(self.data_dir).expanduser() / name

@@ -20,14 +20,25 @@ class StudentConfig(BaseModel):
     )
     every: int | None = Field(None, gt=0, description="Keep every n-th teacher layer, from layer 0.")
     name_or_path: str | None = Field(None, description="A separate student model (Hub id or folder).")
+    decoder_layers: list[int] | None = Field(
+        None, description="Encoder-decoders (T5, BART): teacher decoder layers the student keeps, in order; "
+        "`layers` / `every` then choose the encoder's (alone: the whole encoder is kept). Default: the decoder "
+        "follows the encoder's rule.",
+    )
 
     @model_validator(mode="after")
     def _one_source(self):
         given = [key for key in ("layers", "every", "name_or_path") if getattr(self, key) is not None]
-        if len(given) != 1:
+        if len(given) != 1 and not (not given and self.decoder_layers is not None):
             raise ValueError(f"set exactly one of layers, every, name_or_path (got {given or 'none'})")
         if self.layers is not None and (not self.layers or min(self.layers) < 0):
             raise ValueError(f"layers must be a non-empty list of layer indices >= 0, got {self.layers}")
+        if self.decoder_layers is not None and self.name_or_path is not None:
+            raise ValueError("decoder_layers chooses teacher layers to keep; a separate student (name_or_path) has "
+                             "its own: remove decoder_layers")
+        if self.decoder_layers is not None and (not self.decoder_layers or min(self.decoder_layers) < 0):
+            raise ValueError(f"decoder_layers must be a non-empty list of layer indices >= 0, "
+                             f"got {self.decoder_layers}")
         return self
 
 

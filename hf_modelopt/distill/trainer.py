@@ -62,7 +62,9 @@ class DistillationTrainer(Trainer):
 
     `task` (a registered task name, default: from the student's class) says how logits are compared
     (`Task.logits`): per example; per token, over labelled tokens (label -100 and padding excluded); per
-    position, start and end distributions over the real tokens; per decoder token, over real tokens.
+    position, start and end distributions over the real tokens; per decoder token, over real tokens; per
+    decoder position of an encoder-decoder, over the labelled positions (both models get the same decoder
+    inputs, made from the labels when the batch has none).
 
     Example:
         trainer = DistillationTrainer(model=student, teacher=teacher, distillation=DistillationConfig(ce_weight=0.5),
@@ -81,6 +83,9 @@ class DistillationTrainer(Trainer):
         self.distillation = config = distillation if distillation is not None else DistillationConfig()
         if teacher is None and config.needs_hidden_states:
             raise ValueError("hidden / cosine / attention losses compare the teacher's internals: pass teacher=")
+        if self.task.logits == "seq2seq-token" and config.needs_hidden_states:
+            raise ValueError(f"{self.task.name}: hidden / cosine / attention losses compare one stack of layers; an "
+                             "encoder-decoder has two: set hidden_weight, cosine_weight and attention_weight to 0")
         student = self.model
         if layer_map is None and teacher is not None:
             layer_map = default_layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
@@ -139,11 +144,18 @@ class DistillationTrainer(Trainer):
         cached = inputs.pop("teacher_top_values", None), inputs.pop("teacher_top_indices", None)
         need_hidden = bool(config.hidden_weight or config.cosine_weight)
         need_attention = bool(config.attention_weight)
-        student = model(**inputs, output_hidden_states=need_hidden, output_attentions=need_attention)
         shape = self.task.logits
+        if shape == "seq2seq-token" and labels is not None and "decoder_input_ids" not in inputs:
+            # Without labels the model would get no decoder inputs: make them as it would, once for both models.
+            from ..tasks.seq2seq import decoder_inputs_from_labels
+
+            inputs["decoder_input_ids"] = decoder_inputs_from_labels(labels, self.model.config)
+        student = model(**inputs, output_hidden_states=need_hidden, output_attentions=need_attention)
         mask = None if shape == "sequence" else inputs.get("attention_mask")
-        if shape == "token" and labels is not None:  # the tokens whose label counts: first sub-tokens
+        if shape in ("token", "seq2seq-token") and labels is not None:  # the labelled tokens / decoder positions
             mask = labels != -100
+        elif shape == "seq2seq-token":  # (attention_mask is the encoder's: every decoder position counts)
+            mask = None
 
         teacher = None
         if cached[0] is None and (config.kd_weight or need_hidden or need_attention):

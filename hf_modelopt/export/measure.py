@@ -98,6 +98,8 @@ def random_batch(model, batch_size: int, seq_len: int, seed: int = 0) -> dict:
     vocab = model.config.vocab_size
     ids = torch.randint(5, vocab, (batch_size, seq_len), generator=generator)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if getattr(model.config, "is_encoder_decoder", False):  # one decoder pass over as many target tokens
+        batch["decoder_input_ids"] = ids
     device = next(model.parameters()).device
     return {k: v.to(device) for k, v in batch.items()}
 

@@ -73,8 +73,11 @@ def probe_logits(model, batch: dict, task: str | None = None):
         outputs = model(**{k: v.to(device) for k, v in batch.items()})
     logits = (get_task(task).logits_of(outputs) if task is not None else outputs.logits).float().cpu()
     model.train(was_training)
-    if logits.dim() == 3 and "attention_mask" in batch:  # token-level: padding positions are arbitrary
-        logits = logits * batch["attention_mask"].unsqueeze(-1).to(logits.dtype)
+    # Token-level: padding positions are arbitrary. With decoder inputs the logits are the decoder's, masked by
+    # their own mask (the seq2seq probe has no decoder padding), not the encoder's.
+    mask = batch.get("decoder_attention_mask") if "decoder_input_ids" in batch else batch.get("attention_mask")
+    if logits.dim() == 3 and mask is not None:
+        logits = logits * mask.unsqueeze(-1).to(logits.dtype)
     return logits
 
 

@@ -42,19 +42,21 @@ def linear_weight(module) -> torch.Tensor:
 def prunable_linears(model, targets=("*",), exclude=()) -> dict[str, torch.nn.Module]:
     """Linear modules inside the transformer blocks whose name (relative to the block list, e.g.
     `0.attention.self.query`) matches a `targets` glob and no `exclude` glob; keys are full module names.
+    An encoder-decoder's encoder and decoder blocks are both selected (the globs apply to each stack).
 
     Embeddings, norms and the task head live outside the blocks, so they are never selected.
     """
-    stacks = layer_stacks(model) or [None]  # (None: transformer_layers raises its "no blocks" error)
+    stacks = layer_stacks(model)
+    if not stacks:
+        transformer_layers(model)  # raises the "no layer stack" error
     found, candidates = {}, []
-    for stack in stacks:  # an encoder-decoder's encoder and decoder blocks alike
-        prefix, layers = (stack.path, stack.layers) if stack else transformer_layers(model)
-        for name, module in layers.named_modules():
+    for stack in stacks:
+        for name, module in stack.layers.named_modules():
             if not is_linear(module):
                 continue
             candidates.append(name)
             if any(fnmatch(name, p) for p in targets) and not any(fnmatch(name, p) for p in exclude):
-                found[f"{prefix}.{name}"] = module
+                found[f"{stack.path}.{name}"] = module
     if not found:
         shown = ", ".join(candidates[:8]) + (", ..." if len(candidates) > 8 else "")
         raise ValueError(f"no Linear layer matches targets {list(targets)} (minus exclude {list(exclude)}); "

@@ -45,6 +45,13 @@ def check_kd_settings(kd: KnowledgeDistillationConfig, recipe, stage_training: d
     if kd.cache_teacher_logits and task.logits == "span":
         raise RecipeError(recipe.source, f"{key}.cache_teacher_logits", f"the cache holds one logits tensor per "
                           f"example; a {task.model_kind} has start and end logits: turn the cache off")
+    if kd.cache_teacher_logits and task.logits == "seq2seq-token":
+        raise RecipeError(recipe.source, f"{key}.cache_teacher_logits", f"the cache is cut to the encoder's input "
+                          f"length; a {task.model_kind}'s logits follow its targets: turn the cache off")
+    if task.logits == "seq2seq-token" and kd.needs_hidden_states:
+        weights = [name for name in ("hidden_weight", "cosine_weight", "attention_weight") if getattr(kd, name)]
+        raise RecipeError(recipe.source, f"{key}.{weights[0]}", f"compares one stack of layers; a {task.model_kind} "
+                          "has an encoder and a decoder: use kd_weight / ce_weight only")
     evaluates = {**recipe.training, **stage_training}.get("eval_strategy", "no") not in ("no", None)
     if kd.cache_teacher_logits and evaluates:
         raise RecipeError(recipe.source, f"{key}.cache_teacher_logits", "the cache covers the training set "
@@ -72,9 +79,11 @@ class DistillStageConfig(StageConfig, KnowledgeDistillationConfig):
         from ..tasks import get_task
 
         check_kd_settings(self, recipe, self.training, "distill")
+        if self.student.decoder_layers is not None:
+            _check_has_decoder(recipe, self.student.decoder_layers)
         if self.student.name_or_path:
             self._check_student_labels(recipe)
-        if get_task(recipe.task).logits == "decoder-token" and self.student.name_or_path:
+        if get_task(recipe.task).logits in ("decoder-token", "seq2seq-token") and self.student.name_or_path:
             from ..modeling import ModelConfig, load_tokenizer
 
             student = ModelConfig(name_or_path=self.student.name_or_path)
@@ -100,6 +109,27 @@ class DistillStageConfig(StageConfig, KnowledgeDistillationConfig):
         if named(teacher) and named(student) and named(teacher) != named(student):
             raise RecipeError(recipe.source, key, f"the student's classes {named(student)} are not the teacher's "
                               f"{named(teacher)}: soft targets would teach the wrong classes")
+
+
+def _check_has_decoder(recipe, decoder_layers: list[int]) -> None:
+    """`student.decoder_layers` needs an encoder-decoder teacher (the recipe's model; earlier stages keep its type)
+    with those decoder layers."""
+    from transformers import AutoConfig
+
+    spec = recipe.model
+    kwargs = {"trust_remote_code": spec.trust_remote_code, "revision": spec.revision}
+    if spec.gguf_file:
+        kwargs["gguf_file"] = spec.gguf_file
+    config = AutoConfig.from_pretrained(spec.name_or_path, **kwargs)
+    key = "distill.student.decoder_layers"
+    if not getattr(config, "is_encoder_decoder", False):
+        raise RecipeError(recipe.source, key, f"{spec.name_or_path} is a {config.model_type!r} model without a "
+                          "decoder stack: remove decoder_layers (layers / every choose its layers)")
+    count = next((getattr(config, name) for name in ("num_decoder_layers", "decoder_layers")
+                  if isinstance(getattr(config, name, None), int)), None)
+    bad = [i for i in decoder_layers if count is not None and i >= count]
+    if bad:
+        raise RecipeError(recipe.source, key, f"{bad} out of range: the teacher's decoder has layers 0..{count - 1}")
 
 
 def check_same_vocabulary(teacher_tokenizer, student_tokenizer) -> None:
@@ -219,7 +249,7 @@ def train_with_distillation(teacher, student, tokenizer, config: KnowledgeDistil
 
 @register_stage("distill", DistillStageConfig)
 def distill_stage(state: ModelState, config: DistillStageConfig, context: StageContext) -> ModelState:
-    from ..distill.student import student_from_teacher
+    from ..distill.student import layer_stacks, student_from_teacher
     from ..modeling import ModelConfig, load_model
 
     recipe = context.recipe
@@ -231,7 +261,15 @@ def distill_stage(state: ModelState, config: DistillStageConfig, context: StageC
         spec = ModelConfig(name_or_path=config.student.name_or_path)
         student = load_model(spec, recipe.task, num_labels=getattr(teacher.config, "num_labels", None))
     else:
-        student, copied_from = student_from_teacher(teacher, config.student.layers, config.student.every)
+        decoder_layers = config.student.decoder_layers
+        stacks = layer_stacks(teacher)
+        if decoder_layers is not None and not any(stack.is_decoder for stack in stacks):
+            raise UserError(f"distill.student.decoder_layers: the teacher ({type(teacher).__name__}) has no decoder "
+                            "stack: remove decoder_layers")
+        student, copied_from = student_from_teacher(teacher, config.student.layers, config.student.every,
+                                                    decoder_layers=decoder_layers)
         logger.info("distill: student keeps teacher layers %s of %d", copied_from, teacher.config.num_hidden_layers)
+        if decoder_layers is not None:
+            logger.info("distill: student keeps teacher decoder layers %s", decoder_layers)
     trainer = train_with_distillation(teacher, student, tokenizer, config, config.training, context, copied_from)
     return ModelState(model=trainer.model, tokenizer=tokenizer)

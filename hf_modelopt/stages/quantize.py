@@ -44,6 +44,7 @@ class QuantizeStageConfig(StageConfig, QuantizationConfig):
 
         from ..data import has_split
         from ..errors import RecipeError
+        from ..tasks import get_task
 
         stages = recipe.resolved_stages
         index = next((i for i, stage in enumerate(stages) if stage.config is self), None)
@@ -54,6 +55,10 @@ class QuantizeStageConfig(StageConfig, QuantizationConfig):
             if part is not None and importlib.util.find_spec(package) is None:
                 raise RecipeError(recipe.source, f"stages[{index}].{key}",
                                   f"needs {package}: pip install 'hf-modelopt[quant]'")
+        if self.sensitivity is not None and get_task(recipe.task).logits == "seq2seq-token":
+            raise RecipeError(recipe.source, f"stages[{index}].sensitivity", "the scan runs the model without "
+                              "decoder inputs and compares logits per input token: not for seq2seq models yet; "
+                              "remove sensitivity (or list layers in skip_modules)")
         for key, part in (("sensitivity", self.sensitivity), ("recovery", self.recovery)):
             if part is not None and not has_split(recipe.data, "train"):
                 raise RecipeError(recipe.source, f"stages[{index}].{key}",

@@ -10,12 +10,19 @@ A new task: a module here defining `TASK = Task(...)`, added to `TASKS` below.
 
 from __future__ import annotations
 
-from . import causal_lm, image_classification, question_answering, text_classification, token_classification
+from . import (
+    causal_lm,
+    image_classification,
+    question_answering,
+    seq2seq,
+    text_classification,
+    token_classification,
+)
 from .task import PROBE_TEXTS, LogitsShape, Task, text_probe_batch  # noqa: F401  (re-exported)
 
 TASKS: dict[str, Task] = {task.name: task for task in (
     text_classification.TASK, causal_lm.TASK, token_classification.TASK, question_answering.TASK,
-    image_classification.TASK,
+    seq2seq.TASK, image_classification.TASK,
 )}
 
 

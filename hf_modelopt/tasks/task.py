@@ -9,8 +9,9 @@ from typing import Literal
 # The shape of a task's logits, which decides how knowledge distillation compares teacher and student:
 # "sequence": one distribution per example (classifiers); "token": one per input token (token classifiers);
 # "span": a start and an end distribution over the positions of the input (extractive QA);
-# "decoder-token": one per token, predicting the next one (causal LMs).
-LogitsShape = Literal["sequence", "token", "span", "decoder-token"]
+# "decoder-token": one per token, predicting the next one (causal LMs);
+# "seq2seq-token": one per decoder position, predicting that position's label, not shifted (encoder-decoders).
+LogitsShape = Literal["sequence", "token", "span", "decoder-token", "seq2seq-token"]
 
 # Texts of the reload check's probe batch (`export.verify`): padded together, so padding paths run too.
 PROBE_TEXTS = (

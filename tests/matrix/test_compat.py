@@ -10,9 +10,10 @@ from tests.matrix.common import ARCHITECTURES, natural_task, tiny_model
 def test_structured_support_is_read_from_the_layouts(monkeypatch):
     from hf_modelopt.prune import structured
 
-    gpt2 = tiny_model("gpt2")
-    assert "gpt2" not in structured.LAYOUTS and unsupported_reason("structured pruning", gpt2)
-    monkeypatch.setitem(structured.LAYOUTS, "gpt2", structured.LLAMA_LAYOUT)  # a layout added: supported at once
+    gpt2, layout = tiny_model("gpt2"), structured.LAYOUTS["gpt2"]
+    monkeypatch.delitem(structured.LAYOUTS, "gpt2")  # a layout removed: refused at once
+    assert "it supports the model types whose block layout it knows" in unsupported_reason("structured pruning", gpt2)
+    monkeypatch.setitem(structured.LAYOUTS, "gpt2", layout)  # and added back: supported at once
     assert unsupported_reason("structured pruning", gpt2) is None
 
 
@@ -22,9 +23,9 @@ def test_heads_come_from_the_transformers_auto_mappings():
 
 
 def test_refusal_is_a_user_error_naming_technique_and_model_type():
-    with pytest.raises(UnsupportedModelError, match=r"^distillation does not support model_type 'bart' "
+    with pytest.raises(UnsupportedModelError, match=r"^one-shot pruning does not support model_type 'bart' "
                                                     r"\(BartForConditionalGeneration\): it supports") as refused:
-        require_support("distillation", tiny_model("bart"))
+        require_support("one-shot pruning", tiny_model("bart"))
     assert isinstance(refused.value, UserError)
     with pytest.raises(KeyError, match="unknown technique 'pruning'"):
         unsupported_reason("pruning", tiny_model("bert"))
