@@ -10,6 +10,10 @@ import pytest
 
 # Tests never reach the Hub; huggingface_hub reads this once, at import, so it is set before any import.
 os.environ["HF_HUB_OFFLINE"] = "1"
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist runs one worker per core: one math thread each (and in the processes tests start, which
+    # inherit it), instead of every worker's torch spinning a thread per core on cores the others use.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("HF_MODELOPT_DATA_DIR", REPO.parent / "shared" / "data"))
