@@ -35,9 +35,10 @@ HEAD_SUFFIXES = {"ForCausalLM": "causal-lm", "LMHeadModel": "causal-lm", "ForSeq
                  "text-classification", "ForImageClassification": "image-classification"}
 
 # Heads whose `logits` are one distribution per example (classification) or per next token (causal LM): what
-# the distillation losses and the task cross-entropy (`distill.trainer.task_cross_entropy`) compute on.
-# A seq2seq model's labels are its decoder's targets, not next tokens of its input, and its decoder needs them
-# as `decoder_input_ids` (which the distillation loss would drop); token classification has a label per token.
+# the quantization sensitivity scan and recovery compute the task cross-entropy
+# (`distill.trainer.task_cross_entropy`) and the logits' KL on. A seq2seq model's decoder needs its labels as
+# `decoder_input_ids`, which the scan does not pass; token classification and QA have labels per token / span.
+# (Distillation itself compares logits as each registered task says: `_task_head`.)
 LOGIT_HEADS = ("text-classification", "causal-lm", "image-classification")
 
 # Model types whose checkpoint in compressed-tensors transformers cannot load (checked by loading it): T5's
