@@ -21,19 +21,6 @@ class UnsupportedModelError(UserError):
     """A technique was asked to work on a model architecture or head it does not support."""
 
 
-# Model heads (the task a model class is built for) -> the transformers auto-mapping that lists their classes.
-HEAD_MAPPINGS = {
-    "text-classification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
-    "causal-lm": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
-    "image-classification": "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
-    "seq2seq": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
-    "token-classification": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
-    "question-answering": "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",
-}
-
-HEAD_SUFFIXES = {"ForCausalLM": "causal-lm", "LMHeadModel": "causal-lm", "ForSequenceClassification":
-                 "text-classification", "ForImageClassification": "image-classification"}
-
 # Heads whose `logits` are one distribution per example (classification) or per next token (causal LM): what
 # the quantization sensitivity scan and recovery compute the task cross-entropy
 # (`distill.trainer.task_cross_entropy`) and the logits' KL on. A seq2seq model's decoder needs its labels as
@@ -65,23 +52,13 @@ def model_type(model) -> str:
     return getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
 
 
-def model_head(model) -> str | None:
-    """The task `model`'s class is built for (a key of `HEAD_MAPPINGS`), or None when no auto-mapping lists it."""
-    from transformers.models.auto import modeling_auto
-
-    name = type(model).__name__
-    for head, mapping in HEAD_MAPPINGS.items():
-        if name in getattr(modeling_auto, mapping, {}).values():
-            return head
-    # Classes the auto-mappings do not list (remote code): transformers' naming says the head.
-    return next((head for suffix, head in HEAD_SUFFIXES.items() if name.endswith(suffix)), None)
-
-
 def _logit_head(model) -> str | None:
-    head = model_head(model)
+    from .tasks import TASKS, model_task  # at call time: the registry imports numpy and the data module
+
+    head = model_task(model)
     if head in LOGIT_HEADS:
         return None
-    shown = head or "none of " + ", ".join(HEAD_MAPPINGS)
+    shown = head or "none of " + ", ".join(TASKS)
     return (f"it supports the {', '.join(LOGIT_HEADS)} heads (logits per example or per next token); "
             f"{type(model).__name__} is {shown}")
 
@@ -89,12 +66,12 @@ def _logit_head(model) -> str | None:
 def _task_head(model) -> str | None:
     # Distillation compares logits as the model's task says (`Task.logits`: per example, per token, per span
     # position, ...): any head of a registered task.
-    from .tasks import TASKS  # read at call time: the registered tasks are the declaration
+    from .tasks import TASKS, model_task  # read at call time: the registered tasks are the declaration
 
-    head = model_head(model)
-    if head in TASKS:
+    head = model_task(model)
+    if head is not None:
         return None
-    shown = head or "none of " + ", ".join(HEAD_MAPPINGS)
+    shown = "none of " + ", ".join(TASKS)
     return f"it supports the heads of the registered tasks ({', '.join(TASKS)}); {type(model).__name__} is {shown}"
 
 

@@ -34,13 +34,23 @@ def get_task(name: str) -> Task:
         raise ValueError(f"unknown task {name!r}; expected one of: {', '.join(TASKS)}") from None
 
 
+def model_task(model) -> str | None:
+    """The registered task a model's class is built for (`BertForTokenClassification` -> "token-classification"),
+    or None (`BertModel`, a masked LM, a class of a head no task serves)."""
+    name = _class_name(model)
+    return next((task.name for task in TASKS.values() if task.recognises(name)), None)
+
+
 def infer_task(model) -> str:
-    """The task of a model from its class name (`BertForTokenClassification` -> "token-classification")."""
-    name = type(getattr(model, "get_base_model", lambda: model)()).__name__
-    for task in TASKS.values():
-        if task.recognises(name):
-            return task.name
-    raise ValueError(f"cannot tell the task of a {name}: pass task= (one of {', '.join(TASKS)})")
+    """`model_task`, or a `ValueError` asking for the task."""
+    task = model_task(model)
+    if task is None:
+        raise ValueError(f"cannot tell the task of a {_class_name(model)}: pass task= (one of {', '.join(TASKS)})")
+    return task
+
+
+def _class_name(model) -> str:
+    return type(getattr(model, "get_base_model", lambda: model)()).__name__  # a peft model: the model inside
 
 
 def check_data_contents(config, task: str, splits: set[str], source: str) -> int | None:

@@ -99,6 +99,7 @@ TASK = Task(
     peft_auto_class="AutoPeftModelForCausalLM",
     pipeline_tag="text-generation",
     model_kind="causal LM",
+    head_mapping="MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
     head_suffixes=("ForCausalLM", "LMHeadModel"),  # (GPT2LMHeadModel)
     logits="decoder-token",
     columns=columns,

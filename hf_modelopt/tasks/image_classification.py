@@ -67,6 +67,7 @@ TASK = Task(
     peft_auto_class="AutoPeftModel",  # peft has no class for image classifiers; its generic one loads the adapter
     pipeline_tag="image-classification",
     model_kind="image classifier",
+    head_mapping="MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
     head_suffixes=("ForImageClassification",),
     logits="sequence",
     columns=columns,

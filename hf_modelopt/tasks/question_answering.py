@@ -191,6 +191,7 @@ TASK = Task(
     peft_auto_class="AutoPeftModelForQuestionAnswering",
     pipeline_tag="question-answering",
     model_kind="question-answering model",
+    head_mapping="MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",
     head_suffixes=("ForQuestionAnswering",),
     logits="span",
     columns=columns,

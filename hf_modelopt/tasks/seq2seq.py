@@ -146,6 +146,7 @@ TASK = Task(
     peft_auto_class="AutoPeftModelForSeq2SeqLM",
     pipeline_tag="text2text-generation",
     model_kind="seq2seq model",
+    head_mapping="MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
     head_suffixes=("ForConditionalGeneration", "ForSeq2SeqLM"),
     logits="seq2seq-token",
     columns=columns,

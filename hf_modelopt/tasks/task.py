@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -32,6 +33,20 @@ def no_eval_notes(data) -> list[str]:
     return []
 
 
+@functools.cache
+def auto_mapped_classes(mapping: str | None = None) -> frozenset[str]:
+    """Model class names that one of transformers' auto-mappings lists (`"MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"`), or
+    that any of them lists (None)."""
+    from transformers.models.auto import modeling_auto
+
+    names = [mapping] if mapping else [name for name in dir(modeling_auto) if name.endswith("_MAPPING_NAMES")]
+    classes = set()
+    for name in names:
+        for listed in getattr(modeling_auto, name, {}).values():
+            classes.update((listed,) if isinstance(listed, str) else listed)  # a few list several classes
+    return frozenset(classes)
+
+
 @dataclass(frozen=True)
 class Task:
     """One task: its model class, data, training rows, evaluation and logits (see `hf_modelopt.tasks`).
@@ -45,7 +60,8 @@ class Task:
     peft_auto_class: str  # peft's AutoPeftModel class for adapters on such a model
     pipeline_tag: str  # the Hub's pipeline tag, for the model card
     model_kind: str  # how one-line errors name a model of this task ("sequence classifier")
-    head_suffixes: tuple[str, ...]  # model class names of this task end with one of these ("ForCausalLM")
+    head_mapping: str  # transformers' auto-mapping that lists this head's model classes (in modeling_auto)
+    head_suffixes: tuple[str, ...]  # unlisted (remote-code) classes with this head end with one of these
     logits: LogitsShape
     columns: Callable  # (DataConfig) -> {recipe key: column the data must have, or None when unused}
     prepare_train: Callable  # (dataset, processor, DataConfig) -> model-input rows with their labels
@@ -61,8 +77,15 @@ class Task:
     head_noun: str = field(default="head")  # "language-model head", in errors about untrained heads
 
     def recognises(self, class_name: str) -> bool:
-        """Whether a model class (`BertForTokenClassification`) has this task's head."""
-        return class_name.endswith(self.head_suffixes)
+        """Whether a model class (`BertForTokenClassification`) has this task's head.
+
+        As transformers' auto-mapping for the head says, for the classes the auto-mappings list: a listed class of
+        another head is not this task's even when its name looks so (`LlavaForConditionalGeneration` is
+        image-text-to-text, not seq2seq). Classes no auto-mapping lists (remote code) go by transformers' naming.
+        """
+        if class_name in auto_mapped_classes(self.head_mapping):
+            return True
+        return class_name not in auto_mapped_classes() and class_name.endswith(self.head_suffixes)
 
     def logits_of(self, outputs):
         """The model output as one tensor: start and end logits stacked on the last axis for "span" tasks."""

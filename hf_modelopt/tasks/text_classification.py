@@ -107,6 +107,7 @@ TASK = Task(
     peft_auto_class="AutoPeftModelForSequenceClassification",
     pipeline_tag="text-classification",
     model_kind="sequence classifier",
+    head_mapping="MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
     head_suffixes=("ForSequenceClassification",),
     logits="sequence",
     columns=columns,

@@ -122,6 +122,7 @@ TASK = Task(
     peft_auto_class="AutoPeftModelForTokenClassification",
     pipeline_tag="token-classification",
     model_kind="token classifier",
+    head_mapping="MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
     head_suffixes=("ForTokenClassification",),
     logits="token",
     columns=columns,

@@ -2,8 +2,9 @@
 
 import pytest
 
-from hf_modelopt.compat import SUPPORT, UnsupportedModelError, model_head, require_support, unsupported_reason
+from hf_modelopt.compat import SUPPORT, UnsupportedModelError, require_support, unsupported_reason
 from hf_modelopt.errors import UserError
+from hf_modelopt.tasks import model_task
 from tests.matrix.common import ARCHITECTURES, natural_task, tiny_model
 
 
@@ -19,7 +20,7 @@ def test_structured_support_is_read_from_the_layouts(monkeypatch):
 
 def test_heads_come_from_the_transformers_auto_mappings():
     for model_type in ARCHITECTURES:
-        assert model_head(tiny_model(model_type)) == natural_task(model_type)
+        assert model_task(tiny_model(model_type)) == natural_task(model_type)
 
 
 def test_refusal_is_a_user_error_naming_technique_and_model_type():

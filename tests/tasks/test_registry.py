@@ -2,7 +2,7 @@ import pytest
 
 from hf_modelopt.errors import RecipeError
 from hf_modelopt.recipe import validate_recipe
-from hf_modelopt.tasks import TASKS, get_task, infer_task
+from hf_modelopt.tasks import TASKS, get_task, infer_task, model_task
 
 from ..conftest import tiny_recipe
 
@@ -28,6 +28,23 @@ def test_infer_task_and_the_refusal_of_a_model_type_without_the_head(tiny_models
                                           r"\(AutoModelForImageClassification cannot load it\)"):
         check_model_for_task(ModelConfig(name_or_path=str(tiny_models("bert"))), "image-classification", None,
                              "model.name_or_path", "r.yaml")
+
+
+def test_the_task_of_a_class_is_its_auto_mapping_and_the_naming_only_for_unlisted_classes():
+    def instance_of(class_name):
+        return type(class_name, (), {})()
+
+    # Listed by transformers: the auto-mapping decides, whatever the name looks like.
+    assert model_task(instance_of("GPT2LMHeadModel")) == "causal-lm"
+    assert model_task(instance_of("T5ForConditionalGeneration")) == "seq2seq"
+    assert model_task(instance_of("LlavaForConditionalGeneration")) is None  # image-text-to-text: no task of ours
+    assert model_task(instance_of("BertForMaskedLM")) is None
+    assert model_task(instance_of("BertModel")) is None
+    # Remote code (no auto-mapping lists it): transformers' naming.
+    assert model_task(instance_of("MyCustomForSequenceClassification")) == "text-classification"
+    assert model_task(instance_of("MyCustomForConditionalGeneration")) == "seq2seq"
+    with pytest.raises(ValueError, match="cannot tell the task of a LlavaForConditionalGeneration: pass task="):
+        infer_task(instance_of("LlavaForConditionalGeneration"))
 
 
 def test_a_missing_column_of_a_task_is_named_before_any_work(task_data):
