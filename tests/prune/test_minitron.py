@@ -22,9 +22,12 @@ from hf_modelopt.prune.minitron import (
     MinitronConfig,
     activation_importance,
     calibration_lm_loss,
+    candidate_shapes,
+    current_shape,
+    parameters_of,
     skipped_block,
 )
-from hf_modelopt.prune.structured import head_geometry
+from hf_modelopt.prune.structured import head_geometry, parameter_count
 
 VOCAB = 64
 # Larger than transformers' default init (0.02), so that every removed unit visibly changes the logits and the
@@ -289,10 +292,60 @@ def test_shapes_pruning_cannot_reach_are_refused_unchanged(shape, message):
 def test_fewer_than_one_layer_or_no_target_or_no_batches_is_refused():
     with pytest.raises(ValueError, match="greater than or equal to 1"):
         MinitronConfig(num_hidden_layers=0)
-    with pytest.raises(ValueError, match="set at least one target shape field"):
+    with pytest.raises(ValueError, match="set target_params, or at least one target shape field"):
         MinitronConfig()
     model = tiny_lm("llama")
     before = state(model)
     with pytest.raises(UserError, match="pass batches="):
         prune_(model, MinitronConfig(hidden_size=16), None)
     assert_unchanged(model, before)
+
+
+# --------------------------------------------------------------------------- the budget search
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_parameter_count_of_a_shape_is_that_of_the_pruned_model(model_type):
+    # (qwen2: biased q/k/v; qwen3: per-head q/k norms; llama: tied embeddings)
+    model, batches = tiny_lm(model_type, num_hidden_layers=4), calibration_batches(1)
+    count = parameters_of(model, "total")
+    assert count(current_shape(model)) == parameter_count(model)
+    for shape in candidate_shapes(model)[::40]:
+        pruned = copy.deepcopy(model)
+        prune_(pruned, MinitronConfig(**shape), batches)
+        assert parameter_count(pruned) == count(shape), shape
+
+
+@pytest.mark.parametrize("counted", ["total", "non_embedding"])
+def test_search_takes_the_lowest_loss_shape_within_the_budget(counted, capsys):
+    model, batches = tiny_lm("qwen3", num_hidden_layers=4), calibration_batches()
+    count = parameters_of(model, counted)
+    budget = int(0.6 * count(current_shape(model)))
+    report = prune_(model, MinitronConfig(target_params=budget, target_params_counted=counted,
+                                          search_candidates=4), batches)
+    rows = report["search"]
+    assert len(rows) == 4 and all(row["parameters"] <= budget for row in rows)
+    best = min(rows, key=lambda row: row["lm_loss"])
+    assert report["shape_after"] == {key: best[key] for key in report["shape_after"]}
+    assert count(report["shape_after"]) == best["parameters"] <= budget
+    assert calibration_lm_loss(model, batches)[0] == pytest.approx(best["lm_loss"])
+    printed = capsys.readouterr().out
+    assert "<- best" in printed and len(printed.strip().splitlines()) == 1 + 4
+
+
+@pytest.mark.parametrize("budget, message", [
+    (10**9, "is not below the model's"),
+    (10, "below the smallest shape the search tries"),
+])
+def test_budgets_the_search_cannot_meet_are_refused_unchanged(budget, message):
+    model = tiny_lm("llama")
+    before = state(model)
+    with pytest.raises(UserError, match=message) as raised:
+        prune_(model, MinitronConfig(target_params=budget), calibration_batches())
+    assert "\n" not in str(raised.value)
+    assert_unchanged(model, before)
+
+
+def test_a_budget_and_a_shape_together_are_refused():
+    with pytest.raises(ValueError, match="either target_params or a shape"):
+        MinitronConfig(target_params=1000, hidden_size=16)

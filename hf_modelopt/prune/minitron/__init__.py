@@ -30,28 +30,41 @@ from .removal import (
     remove_kv_groups_,
     resolve_shape,
 )
+from .search import candidate_shapes, format_search_table, parameters_of, search_shape, shapes_within_budget
 
 logger = logging.getLogger("hf_modelopt")
 
 __all__ = [
     "DECODER_LAYOUTS", "MinitronConfig", "MinitronImportance", "MinitronPlan", "activation_importance",
-    "apply_plan_", "calibration_lm_loss", "choose_plan", "current_shape", "prune_minitron_", "remove_blocks_",
-    "remove_hidden_channels_", "remove_kv_groups_", "skipped_block",
+    "apply_plan_", "calibration_lm_loss", "candidate_shapes", "choose_plan", "current_shape", "parameters_of",
+    "prune_minitron_", "remove_blocks_", "remove_hidden_channels_", "remove_kv_groups_", "skipped_block",
 ]
 
 
 def prune_minitron_(model, config: MinitronConfig, batches) -> dict:
     """Score `model` on `batches` (dicts with `input_ids`, optionally `attention_mask`) and prune it in place to
-    the config's shape. Everything that can be refused (the model, the shape, no batches) is refused first, with
-    the model unchanged. Returns the report: the importance (with `.table()`), the shapes, the removed blocks,
-    the parameter counts."""
+    the config's shape, or to the best shape within `target_params` (the search: `search.py`).
+
+    Everything that can be refused (the model, the shape or budget, no batches) is refused first, the model
+    unchanged. Returns the report: the importance (with `.table()`), the shapes, the plan (what was kept), the
+    removed blocks, the parameter counts, and the search's rows and table when there was one.
+    """
     decoder_layout(model)
-    shape = resolve_shape(model, config.target_shape())
+    if config.target_params is not None:
+        candidates = shapes_within_budget(model, config.target_params, config.target_params_counted,
+                                          config.search_candidates)
+    else:
+        shape = resolve_shape(model, config.target_shape())
     batches = list(islice(batches or [], config.calibration_batches))
     if not batches:
         raise UserError("Minitron pruning scores from activations: pass batches= (dicts with input_ids, e.g. a "
                         "DataLoader of calibration text)")
     importance = activation_importance(model, batches)
+    search = []
+    if config.target_params is not None:
+        best, search = search_shape(model, importance, batches, candidates, config.depth_importance,
+                                    config.target_params_counted)
+        shape = {key: best[key] for key in current_shape(model)}
     plan = choose_plan(model, importance, shape, config.depth_importance)
     shape_before, before = current_shape(model), parameter_count(model)
     apply_plan_(model, plan)
@@ -61,7 +74,9 @@ def prune_minitron_(model, config: MinitronConfig, batches) -> dict:
     return {"shape_before": shape_before, "shape_after": shape_after, "plan": plan,
             "dropped_layers": [i for i in range(shape_before["num_hidden_layers"]) if i not in plan.kept_layers],
             "importance": importance, "importance_table": importance.table(),
-            "depth_importance": config.depth_importance, "parameters_before": before, "parameters_after": after}
+            "depth_importance": config.depth_importance, "parameters_before": before, "parameters_after": after,
+            "search": search,
+            "search_table": format_search_table(search, config.target_params_counted) if search else None}
 
 
 _handles(MinitronConfig)(prune_minitron_)

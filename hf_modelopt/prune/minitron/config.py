@@ -25,6 +25,16 @@ class MinitronConfig(BaseModel):
         "query heads. Default: unchanged, unless the model has one key/value head per query head (then it "
         "follows num_attention_heads).",
     )
+    target_params: int | None = Field(
+        None, gt=0, description="A parameter budget instead of a shape: the grid of candidate shapes within it is "
+        "searched and the one with the lowest calibration LM loss right after pruning is taken.",
+    )
+    target_params_counted: Literal["total", "non_embedding"] = Field(
+        "total", description="What target_params counts: every parameter (total), or all but the input "
+        "embeddings and an untied LM head (non_embedding).",
+    )
+    search_candidates: int = Field(8, gt=0, description="The search prunes and scores this many of the largest "
+                                   "grid shapes within the budget.")
     depth_importance: Literal["lm_loss", "block_influence"] = Field(
         "lm_loss", description="Which blocks go: those whose skipping raises the calibration LM loss least "
         "(lm_loss), or those changing their input least, 1 - cos(input, output) (block_influence, Men et al. "
@@ -34,9 +44,12 @@ class MinitronConfig(BaseModel):
                                      "dicts) used to score; the first this many are taken.")
 
     @model_validator(mode="after")
-    def _changes_something(self):
-        if all(getattr(self, key) is None for key in SHAPE_KEYS):
-            raise ValueError(f"set at least one target shape field: {', '.join(SHAPE_KEYS)}")
+    def _shape_or_budget(self):
+        explicit = [key for key in SHAPE_KEYS if getattr(self, key) is not None]
+        if self.target_params is not None and explicit:
+            raise ValueError(f"give either target_params or a shape ({', '.join(explicit)}), not both")
+        if self.target_params is None and not explicit:
+            raise ValueError(f"set target_params, or at least one target shape field: {', '.join(SHAPE_KEYS)}")
         return self
 
     def target_shape(self) -> dict[str, int]:
