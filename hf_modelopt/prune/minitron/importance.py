@@ -129,7 +129,7 @@ def activation_importance(model, batches: list[dict]) -> MinitronImportance:
     def on_attention_output(i):
         def hook(module, args):
             x = args[0]
-            head_norms[i].add_(masked_sum(x.view(*x.shape[:2], heads, head_dim).float().norm(dim=-1)))
+            head_norms[i].add_(masked_sum(x.reshape(*x.shape[:2], heads, head_dim).float().norm(dim=-1)))
         return hook
 
     def on_norm_output(module, args, output):

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from ...errors import UserError
+from ...formats.modules import set_attention_heads_
 from ..structured import _ffn_in, _slice_linear_, head_geometry, remove_heads_and_neurons_
-from ..structured import _module as module_at
 from .importance import MinitronImportance
 from .layout import decoder_layout
 
@@ -72,8 +72,6 @@ def remove_blocks_(model, drop: list[int]) -> None:
 def remove_kv_groups_(model, keep_groups: list[list[int]]) -> None:
     """Keep, in block i, the key/value heads `keep_groups[i]` (the same count in every block) with all their query
     heads."""
-    from ...formats.modules import set_attention_heads_
-
     layout, block = decoder_layout(model)
     heads, kv_heads, head_dim = head_geometry(model.config)
     group = heads // kv_heads
@@ -106,7 +104,7 @@ def remove_hidden_channels_(model, keep: list[int]) -> None:
     embeddings, lm_head = model.get_submodule(layout.embeddings), model.get_submodule(layout.lm_head)
     tied = lm_head.weight is embeddings.weight
     with torch.no_grad():
-        norms = [module_at(model, layout.final_norm)]
+        norms = [model.get_submodule(layout.final_norm)]
         for layer in model.get_submodule(layout.layers):
             norms += [layer.get_submodule(name) for name in layout.block_norms]
             for name in (block.query, block.key, block.value, *_ffn_in(layer, "", block)):
