@@ -25,6 +25,7 @@ from hf_modelopt.prune.minitron import (
     candidate_shapes,
     current_shape,
     parameters_of,
+    remove_blocks_,
     skipped_block,
 )
 from hf_modelopt.prune.structured import head_geometry, parameter_count
@@ -350,3 +351,20 @@ def test_budgets_the_search_cannot_meet_are_refused_unchanged(budget, message):
 def test_a_budget_and_a_shape_together_are_refused():
     with pytest.raises(ValueError, match="either target_params or a shape"):
         MinitronConfig(target_params=1000, hidden_size=16)
+
+
+def test_depth_removal_keeps_each_blocks_own_attention_type():
+    # Qwen2 with sliding-window attention in its last two blocks: a kept block keeps its window after renumbering.
+    original = tiny_lm("qwen2", num_hidden_layers=4, use_sliding_window=True, sliding_window=4, max_window_layers=2)
+    types = list(original.config.layer_types)
+    assert types.count("sliding_attention") == 2
+    batches = calibration_batches()
+    for dropped in ([0, 3], [1, 2]):
+        pruned = copy.deepcopy(original)
+        remove_blocks_(pruned, dropped)
+        kept = [i for i in range(4) if i not in dropped]
+        assert pruned.config.layer_types == [types[i] for i in kept]
+        masked = copy.deepcopy(original)
+        skip_with_hooks(masked, dropped)
+        for batch in batches:  # 10 tokens: the 4-token window matters
+            assert_same_logits(pruned, masked, original, batch)
