@@ -61,22 +61,34 @@ def _token_mask(batch: dict, hidden: torch.Tensor) -> torch.Tensor:
     return mask.to(hidden.device, torch.float32)
 
 
+def _model_inputs(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+
+
+def _summed_nll(logits: torch.Tensor, inputs: dict) -> tuple[float, int]:
+    """Next-token negative log-likelihood summed over the masked tokens of one batch, and their count."""
+    targets = inputs["input_ids"][:, 1:]
+    mask = _token_mask(inputs, inputs["input_ids"])[:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
+    return (nll * mask).sum().item(), int(mask.sum().item())
+
+
+def _mean(total: float, count: int) -> float:
+    if count == 0:
+        raise ValueError("the calibration batches hold no token to predict (each needs at least 2 tokens)")
+    return total / count
+
+
 def calibration_lm_loss(model, batches: list[dict]) -> tuple[float, int]:
     """Mean next-token cross-entropy over the masked tokens of `batches`, and how many tokens it averages."""
     total, count = 0.0, 0
     device = next(model.parameters()).device
     with torch.no_grad():
         for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-            logits = model(**batch).logits[:, :-1].float()
-            targets = batch["input_ids"][:, 1:]
-            mask = _token_mask(batch, batch["input_ids"])[:, 1:]
-            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-            total += (nll * mask).sum().item()
-            count += int(mask.sum().item())
-    if count == 0:
-        raise ValueError("the calibration batches hold no token to predict (each needs at least 2 tokens)")
-    return total / count, count
+            inputs = _model_inputs(batch, device)
+            nll, predicted = _summed_nll(model(**inputs).logits, inputs)
+            total, count = total + nll, count + predicted
+    return _mean(total, count), count
 
 
 class _SkippedBlock(torch.nn.Module):
@@ -101,8 +113,9 @@ def skipped_block(model, index: int):
 
 def activation_importance(model, batches: list[dict]) -> MinitronImportance:
     """Score every block, head, FFN neuron and embedding channel of a supported causal LM from `batches`
-    (dicts with `input_ids` and optionally `attention_mask`). Forward passes only: one for the activations and
-    one per block for the loss with that block skipped. The model is left as it was."""
+    (dicts with `input_ids` and optionally `attention_mask`). Forward passes only, over every batch: one with the
+    hooks (which also gives the full model's loss), and one per block with that block skipped. The model is left
+    as it was."""
     layout, block = decoder_layout(model)
     batches = list(batches)
     if not batches:
@@ -146,6 +159,7 @@ def activation_importance(model, batches: list[dict]) -> MinitronImportance:
     was_training = model.training
     model.eval()  # no dropout: the scores measure the model as it is
     handles = []
+    total_nll, predicted = 0.0, 0
     try:
         for i, layer in enumerate(layers):
             handles.append(layer.get_submodule(block.ffn_out).register_forward_pre_hook(on_ffn_input(i)))
@@ -156,20 +170,23 @@ def activation_importance(model, batches: list[dict]) -> MinitronImportance:
         handles.append(model.get_submodule(layout.final_norm).register_forward_hook(on_norm_output))
         with torch.no_grad():
             for batch in batches:
-                batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-                state["mask"] = _token_mask(batch, batch["input_ids"])
+                inputs = _model_inputs(batch, device)
+                state["mask"] = _token_mask(inputs, inputs["input_ids"])
                 state["tokens"] += int(state["mask"].sum().item())
-                model(**batch)
+                nll, count = _summed_nll(model(**inputs).logits, inputs)  # the full model's loss, in the same pass
+                total_nll, predicted = total_nll + nll, predicted + count
+        for handle in handles:
+            handle.remove()
+        loss = _mean(total_nll, predicted)
+        without = []
+        for i in range(len(layers)):
+            with skipped_block(model, i):
+                without.append(calibration_lm_loss(model, batches)[0])
     finally:
         for handle in handles:
             handle.remove()
+        model.train(was_training)
     tokens = state["tokens"]
-    loss, _ = calibration_lm_loss(model, batches)
-    without = []
-    for i in range(len(layers)):
-        with skipped_block(model, i):
-            without.append(calibration_lm_loss(model, batches)[0])
-    model.train(was_training)
     head_scores = [h / tokens for h in head_norms]
     group = heads // kv_heads
     return MinitronImportance(
