@@ -2,10 +2,22 @@
 
 Every stage writes to `OUTPUT/stages/<name>/`. A stage's fingerprint hashes everything it could depend
 on: the model, task, data (file contents), training arguments, its own config and the fingerprint of the
-stage before it. A finished stage records its fingerprint in `stage.json` (written last, so a crashed
-stage is never mistaken for a finished one) and in a cache index (`$HF_MODELOPT_CACHE`, default
-`~/.cache/hf_modelopt`), so an identical stage in any later run, in any output directory, is reused
-instead of recomputed: a teacher fine-tuned once serves every recipe.
+stage before it. A finished stage records its fingerprint and the sha256 of every file it keeps in
+`stage.json` (written last, so a crashed stage is never mistaken for a finished one) and in a cache index
+(`$HF_MODELOPT_CACHE`, default `~/.cache/hf_modelopt`), so an identical stage in any later run, in any output
+directory, is reused instead of recomputed: a teacher fine-tuned once serves every recipe. A reuse first
+checks the hashes: a finished output whose files changed (or went missing, or were added) is never reused,
+the stage is recomputed. Outputs reused from another folder are copied (reflinked where the file system can),
+never hard-linked, so editing one folder never changes another.
+
+The output folder is the run's own (`check_output_dir`, `claim_output_dir`):
+- a run locks it (`fcntl.flock` on `OUTPUT/.hf-modelopt.lock`, released by the kernel when the process ends)
+  and marks it (`OUTPUT/.hf-modelopt-run.json`) before writing anything; a second run into a locked folder is
+  refused with one line naming the holder;
+- a folder is an earlier run only when it carries that marker; a `stages/` folder alone does not make one;
+- every deletion goes through `hf_modelopt.files.remove_inside`: the path is resolved and must stay inside
+  the output folder; the run deletes only its own stage folders and records, and the export only files of its
+  own manifest (see `hf_modelopt.export.save`), never a file a user added.
 """
 
 from __future__ import annotations

@@ -160,9 +160,11 @@ def test_corrupted_stage_cache_is_recomputed_and_exports_are_copies(tiny_models,
     assert recomputed == exported[tmp_path / "b" / "model.safetensors"]  # the same training, run again
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="hf_modelopt"):
-        run_recipe(validate_recipe(data), tmp_path / "a")  # in its own folder too: recomputed, not reused
-    assert any("Stage 'finetune' (finetune) starting" in record.getMessage() for record in caplog.records)
-    assert (tmp_path / "a" / "model.safetensors").read_bytes() == recomputed
+        run_recipe(validate_recipe(data), tmp_path / "a")  # in its own folder: the damaged output is replaced
+    logged = [record.getMessage() for record in caplog.records]
+    assert any(f"the finished output in {cached.parents[1]} is not reused" in line for line in logged)
+    assert any(f"Stage 'finetune' reused from {tmp_path / 'c' / 'stages' / 'finetune'}" in line for line in logged)
+    assert cached.read_bytes() == recomputed and (tmp_path / "a" / "model.safetensors").read_bytes() == recomputed
 
 
 def test_export_records_no_absolute_local_path(tiny_models, sst2_files, tmp_path):
