@@ -92,7 +92,7 @@ def _local_paths_in(upload: Path, folder: Path) -> None:
     for file in sorted(upload.rglob("*")):
         if file.suffix in (".json", ".yaml", ".yml", ".md", ".txt") and file.is_file():
             text = file.read_text(errors="replace")
-            found = next((path for path in local if path in text), None)
+            found = next((path for path in sorted(local, key=len, reverse=True) if path in text), None)
             if found is not None:
                 raise PushRefusedError(f"{folder}: {file.relative_to(upload)} contains the local path {found}; "
                                        "export again with this version (it writes paths relative to the export)")
