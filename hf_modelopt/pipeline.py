@@ -261,7 +261,11 @@ def claim_output_dir(output_dir: Path) -> int:
 
     output_dir.mkdir(parents=True, exist_ok=True)
     # O_NOFOLLOW: a symlink planted in the lock file's place is not followed (its target is never truncated).
-    descriptor = os.open(output_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        descriptor = os.open(output_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as err:
+        raise UserError(f"--output-dir {output_dir}: cannot open its lock file {LOCK_FILE} ({err.strerror}); "
+                        "remove it if it is a link, or choose another folder") from None
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -269,6 +273,7 @@ def claim_output_dir(output_dir: Path) -> int:
             holder = json.loads(os.read(descriptor, 4096) or b"{}")
         except ValueError:
             holder = {}
+        holder = holder if isinstance(holder, dict) else {}
         os.close(descriptor)
         raise UserError(f"--output-dir {output_dir}: in use by another hf-modelopt run (pid {holder.get('pid', '?')} "
                         f"on {holder.get('host', '?')}, started {holder.get('started', '?')}); wait for it to end, "

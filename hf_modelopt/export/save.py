@@ -126,7 +126,7 @@ def write_plots(history: list[dict], stages_dir: Path, target: Path) -> list[dic
     for record in history:
         stage_dir = stages_dir / record["name"]
         logs = stage_dir / "log_history.json"
-        pngs = sorted(stage_dir.glob("*.png"))
+        pngs = sorted(png for png in stage_dir.glob("*.png") if png.is_file() and not png.is_symlink())
         if not logs.is_file() and not pngs:
             continue
         if logs.is_file():
@@ -310,6 +310,10 @@ def commit_export(staging: Path, output_dir: Path) -> None:
         if target.is_dir() and not target.is_symlink():
             raise UserError(f"{target}: a folder is where the export writes its file {name}; move it away and "
                             "export again (--rerun-from export)")
+        blocking = next((p for p in target.relative_to(output_dir).parents if (output_dir / p).is_file()), None)
+        if blocking is not None:
+            raise UserError(f"{output_dir / blocking}: a file is where the export needs a folder (for {name}); move "
+                            "it away and export again (--rerun-from export)")
         targets[name] = target
     owned = _owned_files(output_dir)
     for name, entry in new.items():
