@@ -239,7 +239,8 @@ def check_output_dir(output_dir: Path, resume: bool = False, overwrite: bool = F
     if resume and not earlier_run:
         raise UserError(f"--resume: {output_dir} holds no earlier hf-modelopt run (no {RUN_MARKER}); "
                         "run without --resume")
-    if earlier_run or not output_dir.is_dir() or not any(output_dir.iterdir()):
+    # (a lock file alone is what a run killed between locking and marking the folder leaves: still empty)
+    if earlier_run or not output_dir.is_dir() or not any(p.name != LOCK_FILE for p in output_dir.iterdir()):
         return
     if (output_dir / "stages").exists():
         raise UserError(f"--output-dir {output_dir}: has a stages/ folder but no {RUN_MARKER}, so it is not an "
@@ -278,15 +279,16 @@ def claim_output_dir(output_dir: Path) -> int:
         raise UserError(f"--output-dir {output_dir}: in use by another hf-modelopt run (pid {holder.get('pid', '?')} "
                         f"on {holder.get('host', '?')}, started {holder.get('started', '?')}); wait for it to end, "
                         "or choose another folder") from None
-    holder = {"pid": os.getpid(), "host": socket.gethostname(),
-              "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
-    os.ftruncate(descriptor, 0)
-    os.pwrite(descriptor, json.dumps(holder).encode(), 0)
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     marker = output_dir / RUN_MARKER
     if not marker.is_file():
         temporary = output_dir / f"{RUN_MARKER}.tmp"
-        temporary.write_text(json.dumps({"hf_modelopt": __version__, "created": holder["started"]}))
+        temporary.write_text(json.dumps({"hf_modelopt": __version__, "created": started}))
         os.replace(temporary, marker)  # (replaces a symlink in its place rather than following it)
+    # The holder's name last: whoever reads it finds the folder marked.
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}).encode(),
+              0)
     return descriptor
 
 

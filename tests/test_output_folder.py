@@ -94,6 +94,31 @@ def test_a_second_run_into_a_locked_folder_is_refused_naming_the_holder(recipe_f
     assert (out / "model.safetensors").is_file() and (out / EXPORT_RECORD).is_file()
 
 
+def test_two_runs_into_one_folder_the_second_is_refused_the_first_completes(tiny_models, sst2_files, tmp_path):
+    """Case 2 as reported: a second run started while the first is running, into the same folder."""
+    import time
+
+    data = tiny_recipe(tiny_models("bert"), sst2_files)  # with the export's fresh-process check: seconds of work
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    out = tmp_path / "out"
+    first = subprocess.Popen([sys.executable, "-m", "hf_modelopt.cli", "run", str(recipe), "--output-dir", str(out)],
+                             cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while f'"pid": {first.pid}' not in ((out / LOCK_FILE).read_text() if (out / LOCK_FILE).is_file() else ""):
+        assert first.poll() is None, first.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "the first run never claimed the folder"
+        time.sleep(0.05)
+    with pytest.raises(UserError, match=f"in use by another hf-modelopt run \\(pid {first.pid} on "):
+        run_recipe(validate_recipe(data), out)
+    assert first.wait() == 0, first.stderr.read()[-3000:]
+    record = json.loads((out / EXPORT_RECORD).read_text())
+    assert record["reload_check"]["passed"] and (out / "model.safetensors").is_file()
+    for name, entry in record["files"].items():
+        assert sha256_file(out / name) == entry["sha256"], name
+
+
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     out = tmp_path / "out"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
