@@ -2,14 +2,27 @@
 
 Every stage writes to `OUTPUT/stages/<name>/`. A stage's fingerprint hashes everything it could depend
 on: the model, task, data (file contents), training arguments, its own config and the fingerprint of the
-stage before it. A finished stage records its fingerprint in `stage.json` (written last, so a crashed
-stage is never mistaken for a finished one) and in a cache index (`$HF_MODELOPT_CACHE`, default
-`~/.cache/hf_modelopt`), so an identical stage in any later run, in any output directory, is reused
-instead of recomputed: a teacher fine-tuned once serves every recipe.
+stage before it. A finished stage records its fingerprint and the sha256 of every file it keeps in
+`stage.json` (written last, so a crashed stage is never mistaken for a finished one) and in a cache index
+(`$HF_MODELOPT_CACHE`, default `~/.cache/hf_modelopt`), so an identical stage in any later run, in any output
+directory, is reused instead of recomputed: a teacher fine-tuned once serves every recipe. A reuse first
+checks the hashes: a finished output whose files changed (or went missing, or were added) is never reused,
+the stage is recomputed. Outputs reused from another folder are copied (reflinked where the file system can),
+never hard-linked, so editing one folder never changes another.
+
+The output folder is the run's own (`check_output_dir`, `claim_output_dir`):
+- a run locks it (`fcntl.flock` on `OUTPUT/.hf-modelopt.lock`, released by the kernel when the process ends)
+  and marks it (`OUTPUT/.hf-modelopt-run.json`) before writing anything; a second run into a locked folder is
+  refused with one line naming the holder;
+- a folder is an earlier run only when it carries that marker; a `stages/` folder alone does not make one;
+- every deletion goes through `hf_modelopt.files.remove_inside`: the path is resolved and must stay inside
+  the output folder; the run deletes only its own stage folders and records, and the export only files of its
+  own manifest (see `hf_modelopt.export.save`), never a file a user added.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -21,13 +34,16 @@ from typing import Any
 
 from . import __version__
 from .errors import UserError
+from .files import copy_tree, remove_inside, sha256_file
 from .recipe import Recipe, RecipeError, Stage, load_recipe
-from .stages import MODEL_SUBDIR, STAGES, ModelState, StageContext, link_or_copy, save_model_state
+from .stages import MODEL_SUBDIR, STAGES, ModelState, StageContext, save_model_state
 
 logger = logging.getLogger("hf_modelopt")
 
 STAGE_RECORD = "stage.json"
 ATTEMPT_RECORD = "attempt.json"  # written when a stage starts: the fingerprint its checkpoints belong to
+RUN_MARKER = ".hf-modelopt-run.json"  # written when a run first claims a folder: "this folder is a run's"
+LOCK_FILE = ".hf-modelopt.lock"  # flock()ed by the run writing into the folder; names that run
 # Content hashes for data files up to this size; larger files are identified by size and mtime.
 HASH_FILES_UP_TO = 64 << 20
 
@@ -157,22 +173,51 @@ def _index_path(fingerprint: str) -> Path:
     return cache_root() / "stages" / f"{fingerprint}.json"
 
 
-def _find_finished(fingerprint: str, stage_dir: Path) -> Path | None:
-    """A finished output of this exact stage: in this run's folder, else anywhere the cache index knows."""
+def _stage_files(stage_dir: Path) -> dict[str, str]:
+    """sha256 of every file a finished stage keeps (its checkpoints and records aside), by relative path."""
+    hashes = {}
+    for file in sorted(stage_dir.rglob("*")):
+        relative = file.relative_to(stage_dir)
+        if relative.parts[0] == "checkpoints" or relative.as_posix() in (STAGE_RECORD, ATTEMPT_RECORD):
+            continue
+        if file.is_symlink() or file.is_file():
+            hashes[relative.as_posix()] = sha256_file(file) if not file.is_symlink() else "symlink"
+    return hashes
+
+
+def _damage(candidate: Path, record: dict) -> str | None:
+    """Why a finished stage's files are not those it finished with (content hashes of stage.json), or None."""
+    recorded = record.get("files")
+    if not isinstance(recorded, dict):
+        return "its stage.json records no content hashes (made by an older hf-modelopt)"
+    found = _stage_files(candidate)
+    for name, digest in recorded.items():
+        if name not in found:
+            return f"{name} is missing"
+        if found[name] != digest:
+            return f"{name} changed since the stage finished (sha256 differs)"
+    added = sorted(set(found) - set(recorded))
+    return f"{added[0]} was added after the stage finished" if added else None
+
+
+def _find_finished(fingerprint: str, stage_dir: Path, stage_name: str = "") -> Path | None:
+    """A finished output of this exact stage whose files are intact: in this run's folder, else anywhere the
+    cache index knows. A damaged one (a file changed, missing or added since it finished) is never reused."""
     candidates = [stage_dir]
     try:
         candidates.append(Path(json.loads(_index_path(fingerprint).read_text())["dir"]))
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         pass
     for candidate in candidates:
         record = _read_record(candidate)
-        if record and record.get("fingerprint") == fingerprint:
+        if not record or record.get("fingerprint") != fingerprint:
+            continue
+        damage = _damage(candidate, record)
+        if damage is None:
             return candidate
+        logger.warning("Stage '%s': the finished output in %s is not reused: %s; it is recomputed", stage_name,
+                       candidate, damage)
     return None
-
-
-def _link_or_copy_tree(source: Path, target: Path) -> None:
-    shutil.copytree(source, target, copy_function=link_or_copy, ignore=shutil.ignore_patterns("checkpoints"))
 
 
 class RunResult(dict):
@@ -180,22 +225,117 @@ class RunResult(dict):
 
 
 def check_output_dir(output_dir: Path, resume: bool = False, overwrite: bool = False) -> None:
-    """The output-directory rule, checked before any work.
+    """The output-folder rule, checked before any work (nothing is written here).
 
-    A new or empty folder is used as is. A folder holding an earlier hf-modelopt run (a `stages/` folder)
-    is used again: finished stages whose inputs are unchanged are reused, an unfinished one starts over,
-    or continues from its last checkpoint with `resume`. Any other non-empty folder is refused unless
-    `overwrite`: then files of the same name are replaced and nothing else is touched.
+    A new or empty folder is used as is. A folder holding an earlier hf-modelopt run (its run marker,
+    `.hf-modelopt-run.json`) is used again: finished stages whose inputs are unchanged are reused, an unfinished
+    one starts over, or continues from its last checkpoint with `resume`. Any other non-empty folder is refused
+    unless `overwrite`: then files of the export's names are replaced and nothing else is touched; a `stages/`
+    folder the run did not make is refused even then (the run would write into it).
     """
-    earlier_run = (output_dir / "stages").is_dir()
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"--output-dir {output_dir}: is a file, not a folder")
+    earlier_run = (output_dir / RUN_MARKER).is_file()
     if resume and not earlier_run:
-        raise UserError(f"--resume: {output_dir} holds no earlier hf-modelopt run (no stages/ folder); "
+        raise UserError(f"--resume: {output_dir} holds no earlier hf-modelopt run (no {RUN_MARKER}); "
                         "run without --resume")
-    if not earlier_run and not overwrite and output_dir.is_dir() and any(output_dir.iterdir()):
+    # (a lock file alone is what a run killed between locking and marking the folder leaves: still empty)
+    if earlier_run or not output_dir.is_dir() or not any(p.name != LOCK_FILE for p in output_dir.iterdir()):
+        return
+    if (output_dir / "stages").exists():
+        raise UserError(f"--output-dir {output_dir}: has a stages/ folder but no {RUN_MARKER}, so it is not an "
+                        "hf-modelopt run folder (or one made before run markers); choose a new or empty folder")
+    if not overwrite:
         raise UserError(f"--output-dir {output_dir}: not empty and not an earlier hf-modelopt run; choose a new or "
                         "empty folder, or pass --overwrite to write into it")
+
+
+def claim_output_dir(output_dir: Path) -> int:
+    """Lock `output_dir` for this run (creating it) and mark it as a run folder; returns the lock's descriptor.
+
+    The lock is an `fcntl.flock` on `OUTPUT/.hf-modelopt.lock`: the kernel releases it when the process ends,
+    however it ends, so a killed run never leaves a stale lock. The file names its holder (pid, host, start),
+    for the message another run gets. Release with `os.close(descriptor)`.
+    """
+    import fcntl
+    import socket
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    # O_NOFOLLOW: a symlink planted in the lock file's place is not followed (its target is never truncated).
+    try:
+        descriptor = os.open(output_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as err:
+        raise UserError(f"--output-dir {output_dir}: cannot open its lock file {LOCK_FILE} ({err.strerror}); "
+                        "remove it if it is a link, or choose another folder") from None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = json.loads(os.read(descriptor, 4096) or b"{}")
+        except ValueError:
+            holder = {}
+        holder = holder if isinstance(holder, dict) else {}
+        os.close(descriptor)
+        raise UserError(f"--output-dir {output_dir}: in use by another hf-modelopt run (pid {holder.get('pid', '?')} "
+                        f"on {holder.get('host', '?')}, started {holder.get('started', '?')}); wait for it to end, "
+                        "or choose another folder") from None
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    marker = output_dir / RUN_MARKER
+    if not marker.is_file():
+        temporary = output_dir / f"{RUN_MARKER}.tmp"
+        temporary.write_text(json.dumps({"hf_modelopt": __version__, "created": started}))
+        os.replace(temporary, marker)  # (replaces a symlink in its place rather than following it)
+    # The holder's name last: whoever reads it finds the folder marked.
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}).encode(),
+              0)
+    return descriptor
+
+
+def _checkpoint_damage(checkpoint: Path) -> str | None:
+    """What is wrong with a Trainer checkpoint's files (truncated, not the format their name says), or None.
+
+    Checked before `--resume` loads it, so that a damaged checkpoint is one line, not a traceback mid-run:
+    JSON files must parse, safetensors files must be as long as their header says, torch files (zip archives)
+    must pass their CRC checks.
+    """
+    import zipfile
+
+    for file in sorted(checkpoint.rglob("*")):
+        name = file.relative_to(checkpoint).as_posix()
+        if file.is_symlink():
+            return f"{name} is a symlink"
+        if not file.is_file():
+            continue
+        try:
+            if file.suffix == ".json":
+                json.loads(file.read_text())
+            elif file.suffix == ".safetensors":
+                with file.open("rb") as handle:
+                    length = int.from_bytes(handle.read(8), "little")
+                    if not 2 <= length <= file.stat().st_size - 8:
+                        return f"{name} is not a safetensors file (truncated or overwritten)"
+                    header = json.loads(handle.read(length))
+                ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+                if 8 + length + max(ends, default=0) != file.stat().st_size:
+                    return f"{name} is truncated (its header describes {8 + length + max(ends, default=0)} bytes)"
+            elif file.suffix in (".pt", ".pth", ".bin"):
+                with zipfile.ZipFile(file) as archive:
+                    if archive.testzip() is not None:
+                        return f"{name} is damaged (a CRC check failed)"
+        except (OSError, ValueError, KeyError, TypeError, IndexError, zipfile.BadZipFile) as err:
+            return f"{name} cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:80]})"
+    return None
+
+
+@contextlib.contextmanager
+def _released(lock: int | None):
+    """Hold the output folder's lock (from `claim_output_dir`) until the block ends, however it ends."""
+    try:
+        yield
+    finally:
+        if lock is not None:
+            os.close(lock)
 
 
 def _plan(recipe: Recipe, stages: list[Stage]) -> list[tuple[Stage, str]]:
@@ -220,7 +360,9 @@ def _resume_point(recipe: Recipe, plan: list[tuple[Stage, str]], output_dir: Pat
     for stage, stage_fp in plan:
         stage_dir = output_dir / "stages" / stage.name
         rerunning = rerunning or stage.name == rerun_from
-        if not STAGES[stage.type].cacheable or (not rerunning and _find_finished(stage_fp, stage_dir) is not None):
+        if not STAGES[stage.type].cacheable:
+            continue
+        if not rerunning and _find_finished(stage_fp, stage_dir, stage.name) is not None:
             continue
         checkpoint = last_checkpoint(stage_dir / "checkpoints")
         if checkpoint is None:
@@ -233,6 +375,10 @@ def _resume_point(recipe: Recipe, plan: list[tuple[Stage, str]], output_dir: Pat
             raise RecipeError(recipe.source, "", f"--resume: the checkpoint of stage '{stage.name}' in {output_dir} "
                               "was made with other inputs (the recipe, its data or an earlier stage changed); run "
                               "without --resume to start that stage over")
+        damage = _checkpoint_damage(checkpoint)
+        if damage is not None:
+            raise UserError(f"--resume: the checkpoint {checkpoint} is damaged: {damage}; run without --resume to "
+                            f"start stage '{stage.name}' over (its checkpoints are then discarded)")
         return stage.name, checkpoint
     logger.info("--resume: no unfinished stage has a checkpoint in %s; unfinished stages start over", output_dir)
     return None
@@ -275,12 +421,14 @@ def run_recipe(recipe: Recipe | str | os.PathLike, output_dir: str | os.PathLike
                         f"{', '.join(stage.name for stage in stages)})")
     rerunning = False
     resume_from = _resume_point(recipe, plan, output_dir, rerun_from) if resume else None
+    # From here on the folder is this run's: locked (a second run into it is refused) and marked as a run folder.
+    lock = claim_output_dir(output_dir) if main else None
     (output_dir / "stages").mkdir(parents=True, exist_ok=True)
 
     model_name = recipe.model.name_or_path  # grows "-> stage" with every stage that changes the model
     state = ModelState(description=model_name)
     history: list[dict[str, Any]] = []
-    with stop_cleanly_on_signals():
+    with _released(lock), stop_cleanly_on_signals():
         for stage, stage_fp in plan:
             spec = STAGES[stage.type]
             stage_dir = output_dir / "stages" / stage.name
@@ -293,16 +441,17 @@ def run_recipe(recipe: Recipe | str | os.PathLike, output_dir: str | os.PathLike
                                    output_dir=output_dir if main else scratch, history=history,
                                    shared_stage_dir=stage_dir)
             rerunning = rerunning or stage.name == rerun_from
-            finished = _find_finished(stage_fp, stage_dir) if spec.cacheable and not rerunning else None
+            finished = _find_finished(stage_fp, stage_dir, stage.name) if spec.cacheable and not rerunning else None
             if finished is not None:
-                if finished != stage_dir and main:
-                    shutil.rmtree(stage_dir, ignore_errors=True)
-                    _link_or_copy_tree(finished, stage_dir)
                 record = {**_read_record(finished), "name": stage.name, "reused": True}  # this recipe's name for it
-                logger.info("Stage '%s' reused from %s: inputs and config unchanged (fingerprint %s)",
+                if finished != stage_dir and main:
+                    remove_inside(stage_dir, output_dir)
+                    # Copied (or reflinked), never hard-linked: editing one copy must not change the other.
+                    copy_tree(finished, stage_dir, ignore=shutil.ignore_patterns("checkpoints", ATTEMPT_RECORD))
+                logger.info("Stage '%s' reused from %s: inputs and config unchanged, files intact (fingerprint %s)",
                             stage.name, finished, stage_fp[:12])
                 if spec.changes_model:
-                    state = ModelState(path=finished / MODEL_SUBDIR)
+                    state = ModelState(path=(stage_dir if main else finished) / MODEL_SUBDIR)
                 state.metrics = record.get("metrics")
             else:
                 if resume_from is not None and resume_from[0] == stage.name:
@@ -311,7 +460,7 @@ def run_recipe(recipe: Recipe | str | os.PathLike, output_dir: str | os.PathLike
                     if last_checkpoint(context.stage_dir / "checkpoints") is not None:
                         logger.warning("Stage '%s': discarding the checkpoint of an interrupted attempt (--resume "
                                        "continues from it instead)", stage.name)
-                    shutil.rmtree(context.stage_dir, ignore_errors=True)  # leftovers of an unfinished attempt
+                    remove_inside(context.stage_dir, output_dir)  # leftovers of an unfinished attempt
                 if spec.cacheable:
                     context.stage_dir.mkdir(parents=True, exist_ok=True)
                     (context.stage_dir / ATTEMPT_RECORD).write_text(json.dumps({"fingerprint": stage_fp}))
@@ -326,12 +475,15 @@ def run_recipe(recipe: Recipe | str | os.PathLike, output_dir: str | os.PathLike
                           "config": stage.config.model_dump(mode="json"), "metrics": state.metrics,
                           "seconds": round(time.perf_counter() - started, 1), "hf_modelopt": __version__}
                 if spec.cacheable and main:
+                    # Content hashes of what the stage keeps: a later reuse checks them (a changed file is never
+                    # reused). stage.json is written last: without it the stage is unfinished.
+                    record["files"] = _stage_files(stage_dir)
                     (stage_dir / STAGE_RECORD).write_text(json.dumps(record, indent=2))
                     _index_path(stage_fp).parent.mkdir(parents=True, exist_ok=True)
                     _index_path(stage_fp).write_text(json.dumps({"dir": str(stage_dir.resolve())}))
                     # Finished: its model is the output; checkpoints were only there to resume it.
-                    shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
-                    (stage_dir / ATTEMPT_RECORD).unlink(missing_ok=True)
+                    remove_inside(stage_dir / "checkpoints", output_dir)
+                    remove_inside(stage_dir / ATTEMPT_RECORD, output_dir)
                 logger.info("Stage '%s' finished in %.1f s", stage.name, record["seconds"])
             if spec.changes_model:
                 model_name = f"{model_name} -> {stage.name}"
@@ -339,6 +491,6 @@ def run_recipe(recipe: Recipe | str | os.PathLike, output_dir: str | os.PathLike
             history.append(record)
     wait_for_everyone()
     if scratch is not None:
-        shutil.rmtree(scratch, ignore_errors=True)
+        remove_inside(scratch, output_dir)
     return RunResult(output_dir=str(output_dir), stages=history,
                      metrics=[r for r in history if r["type"] == "evaluate"])

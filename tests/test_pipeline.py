@@ -124,3 +124,64 @@ def test_rerun_from_runs_that_stage_and_later_ones_again(tiny_models, sst2_files
     assert any("Stage 'after' (evaluate) starting" in line for line in logged)
     with pytest.raises(UserError, match="--rerun-from nowhere: the recipe has no stage of that name"):
         run_recipe(recipe, tmp_path / "bad", rerun_from="nowhere")
+
+
+def test_corrupted_stage_cache_is_recomputed_and_exports_are_copies(tiny_models, sst2_files, tmp_path, caplog):
+    """Case 5 of issue 28: 4 KB overwritten in a finished stage's weights change no export made from them (copies,
+    not hard links), and the stage's content hashes refuse the damaged entry: the next run recomputes it."""
+    import os
+
+    from hf_modelopt.files import sha256_file
+
+    data = tiny_recipe(tiny_models("bert"), sst2_files, verify_export=False)  # about the stage cache only
+    run_recipe(validate_recipe(data), tmp_path / "a")
+    run_recipe(validate_recipe(data), tmp_path / "b")  # finetune reused from a, through the cache index
+    cached = tmp_path / "a" / "stages" / "finetune" / "model" / "model.safetensors"
+    copies = [tmp_path / "a" / "model.safetensors", tmp_path / "b" / "model.safetensors",
+              tmp_path / "b" / "stages" / "finetune" / "model" / "model.safetensors"]
+    assert all(os.stat(copy).st_ino != os.stat(cached).st_ino for copy in copies)
+    exported = {copy: copy.read_bytes() for copy in copies}
+    record = json.loads((cached.parents[1] / "stage.json").read_text())
+    assert record["files"]["model/model.safetensors"] == sha256_file(cached)
+
+    with cached.open("r+b") as weights:  # 4 KB of 0xFF in the middle: float32 NaNs and huge values
+        weights.seek(cached.stat().st_size // 2)
+        weights.write(b"\xff" * 4096)
+    assert all(copy.read_bytes() == exported[copy] for copy in copies)  # no export changed
+
+    with caplog.at_level(logging.INFO, logger="hf_modelopt"):
+        run_recipe(validate_recipe(data), tmp_path / "c")
+    logged = [record.getMessage() for record in caplog.records]
+    assert any("Stage 'finetune': the finished output in" in line and "model/model.safetensors changed since the "
+               "stage finished" in line for line in logged), logged
+    assert not any("Stage 'finetune' reused" in line for line in logged)
+    assert any("Stage 'finetune' (finetune) starting" in line for line in logged)
+    recomputed = (tmp_path / "c" / "model.safetensors").read_bytes()
+    assert recomputed == exported[tmp_path / "b" / "model.safetensors"]  # the same training, run again
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hf_modelopt"):
+        run_recipe(validate_recipe(data), tmp_path / "a")  # in its own folder: the damaged output is replaced
+    logged = [record.getMessage() for record in caplog.records]
+    assert any(f"the finished output in {cached.parents[1]} is not reused" in line for line in logged)
+    assert any(f"Stage 'finetune' reused from {tmp_path / 'c' / 'stages' / 'finetune'}" in line for line in logged)
+    assert cached.read_bytes() == recomputed and (tmp_path / "a" / "model.safetensors").read_bytes() == recomputed
+
+
+def test_export_records_no_absolute_local_path(tiny_models, sst2_files, tmp_path):
+    """recipe.yaml, metrics.json and export.json name the base model and the data relative to the export."""
+    import yaml
+
+    data = tiny_recipe(tiny_models("bert"), sst2_files, verify_export=False)
+    out = tmp_path / "runs" / "out"
+    run_recipe(validate_recipe(data), out)
+    local = [str(tiny_models("bert")), str(sst2_files), str(tmp_path)]
+    for name in ("recipe.yaml", "metrics.json", "export.json", "README.md"):
+        text = (out / name).read_text()
+        if name == "README.md":  # the local card's loading code names the local folder; a push renders it again
+            text = text.replace(f'"{out}"', '"OUT"')
+        assert not any(path in text for path in local), (name, text[:2000])
+    exported = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert (out / exported["model"]["name_or_path"]).resolve() == tiny_models("bert").resolve()
+    assert (out / exported["data"]["data_dir"]).resolve() == sst2_files.resolve()
+    chain = json.loads((out / "metrics.json").read_text())[-1]["model"]
+    assert chain == f"{exported['model']['name_or_path']} -> finetune"

@@ -106,3 +106,34 @@ def test_first_signal_waits_for_the_training_step_a_second_one_stops_at_once():
 def test_resume_needs_an_earlier_run(tiny_models, sst2_files, tmp_path):
     with pytest.raises(UserError, match="holds no earlier hf-modelopt run"):
         run_recipe(validate_recipe(tiny_recipe(tiny_models("bert"), sst2_files)), tmp_path / "new", resume=True)
+
+
+def test_resume_from_a_damaged_checkpoint_is_one_line_and_touches_nothing(tiny_models, sst2_files, tmp_path):
+    """A truncated or garbage file in the checkpoint: `--resume` names the checkpoint and what to do (exit 2)."""
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(yaml.safe_dump(resumable_recipe(tiny_models, sst2_files)))
+    out = tmp_path / "out"
+    code, output = start_and_signal(recipe_file, out, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, output[-3000:]
+    (checkpoint,) = (out / "stages" / "finetune" / "checkpoints").glob("checkpoint-*")
+
+    def snapshot():
+        return {f.relative_to(out).as_posix(): (f.stat().st_size, f.stat().st_mtime_ns, f.read_bytes())
+                for f in sorted(out.rglob("*")) if f.is_file()}
+
+    damages = {"optimizer.pt": lambda data: data[: len(data) // 2], "model.safetensors": lambda data: data[:-100],
+               "trainer_state.json": lambda data: b"\x00garbage" + data}
+    for name, damage in damages.items():
+        original = (checkpoint / name).read_bytes()
+        (checkpoint / name).write_bytes(damage(original))
+        before = snapshot()
+        result = subprocess.run([sys.executable, "-m", "hf_modelopt.cli", "run", str(recipe_file), "--output-dir",
+                                 str(out), "--resume"], capture_output=True, text=True, cwd=REPO,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert errors[0].startswith(f"error: --resume: the checkpoint {checkpoint} is damaged: {name} "), errors
+        assert errors[0].endswith("run without --resume to start stage 'finetune' over (its checkpoints are then "
+                                  "discarded)")
+        assert snapshot() == before  # the output folder untouched
+        (checkpoint / name).write_bytes(original)

@@ -2,41 +2,55 @@
 
 `OUTPUT/` receives the model (safetensors, config, tokenizer, or an adapter), `recipe.yaml` (resolved),
 `metrics.json` (the run's evaluate stages), `plots/` (loss curves and the PNG files stages made),
-`README.md` (the model card) and `export.json` (what was exported and measured, and the manifest of files).
+`README.md` (the model card) and `export.json` (what was exported and measured, and the manifest of files:
+size and sha256 of each).
 
-Order of work, so that a killed or failed export never leaves a half export behind:
+Order of work, so that a killed or failed export never looks finished and never costs a user's file:
 
-1. everything is written to a sibling staging folder, `.OUTPUT.export-tmp/`;
+1. everything is written to a staging folder inside the output folder, `OUTPUT/.hf-modelopt-export/` (the
+   stage outputs are copied or reflinked, never hard-linked: a user editing the export must not change the
+   stage cache, nor the reverse);
 2. the staging folder is reloaded in a fresh process (`verify.py`), its logits compared with the model in
    memory, and its metrics, size, parameters, sparsity and latency re-measured; the card is written from
    those figures only;
-3. the staging folder receives hard links of everything else in `OUTPUT/` (the stage folders), then the two
-   folders are swapped in one atomic `renameat2(RENAME_EXCHANGE)`. Where that is not possible (not Linux,
-   `OUTPUT` is a mount point or the current directory), the files are moved into `OUTPUT/` one by one with
-   `export.json` removed first and written last: a folder without `export.json` is not a finished export.
+3. the commit (`commit_export`): the files the export may own are noted in
+   `OUTPUT/.hf-modelopt-export-pending.json` (the previous manifest, an interrupted commit's list and the new
+   manifest, with their hashes); `export.json` is removed; each new file is renamed into place (replacing the
+   file of that name, nothing else); files of the previous export that the new one lacks are removed only if
+   they are inside the folder and unchanged since exported (same sha256); `export.json` is renamed in last.
+   A folder without `export.json` is not a finished export; a killed commit is finished by the next one.
+
+Never touched: files a user added (they are in no manifest), files of the previous export that a user
+changed, anything outside `OUTPUT/` (every path is resolved and checked: `hf_modelopt.files`), the stage
+folders. Paths written into recipe.yaml, metrics.json, export.json and the card are the Hub id, or relative
+to `OUTPUT/` for local folders: nothing in the export names the machine's absolute paths.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import json
 import logging
 import os
-import shutil
-import sys
 import time
 from pathlib import Path
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..stages import ModelState, ensure_loaded, link_or_copy
+from ..errors import UserError
+from ..files import UnsafePathError, copy_file, inside, remove_inside, sha256_file
+from ..stages import ModelState, ensure_loaded
 from ..tasks import get_task
 from .record import EXPORT_RECORD, read_export_record
 
 logger = logging.getLogger("hf_modelopt")
 
 PLOTS_DIR = "plots"
+STAGING = ".hf-modelopt-export"  # OUTPUT/.hf-modelopt-export/: the export being written and verified
+PENDING = ".hf-modelopt-export-pending.json"  # the files an unfinished commit may have put in OUTPUT/
+VERIFY_RECIPE = ".verify-recipe.yaml"  # the recipe with local paths, for the fresh process only
+# Never an export's file, whatever a manifest says: the run's own folders and records.
+NOT_EXPORT_FILES = ("stages", ".hf-modelopt")
 MEASURE_TIMEOUT_S = 3 * 3600  # the fresh process evaluates the whole eval set: minutes for a real LM
 
 
@@ -112,7 +126,7 @@ def write_plots(history: list[dict], stages_dir: Path, target: Path) -> list[dic
     for record in history:
         stage_dir = stages_dir / record["name"]
         logs = stage_dir / "log_history.json"
-        pngs = sorted(stage_dir.glob("*.png"))
+        pngs = sorted(png for png in stage_dir.glob("*.png") if png.is_file() and not png.is_symlink())
         if not logs.is_file() and not pngs:
             continue
         if logs.is_file():
@@ -126,7 +140,7 @@ def write_plots(history: list[dict], stages_dir: Path, target: Path) -> list[dic
                 plots.append({"path": f"{PLOTS_DIR}/{record['name']}-loss.png",
                               "title": f"training losses of stage {record['name']}"})
         for png in pngs:
-            shutil.copy2(png, folder / f"{record['name']}-{png.name}")
+            copy_file(png, folder / f"{record['name']}-{png.name}")
             plots.append({"path": f"{PLOTS_DIR}/{record['name']}-{png.name}",
                           "title": f"{png.stem.replace('_', ' ')} (stage {record['name']})"})
     if not plots:
@@ -161,91 +175,160 @@ def _metric_records(history: list[dict]) -> list[dict]:
             for r in history if r["type"] == "evaluate"]
 
 
-def _file_manifest(folder: Path) -> dict[str, int]:
-    return {str(f.relative_to(folder).as_posix()): f.stat().st_size
+def _file_manifest(folder: Path) -> dict[str, dict]:
+    """Size and sha256 of every file in `folder` (the staging folder) but export.json."""
+    return {f.relative_to(folder).as_posix(): {"size": f.stat().st_size, "sha256": sha256_file(f)}
             for f in sorted(folder.rglob("*")) if f.is_file() and f.name != EXPORT_RECORD}
+
+
+def _local_paths(recipe, output_dir: Path) -> dict[str, str]:
+    """Local paths the recipe names (base model, data, other model folders) -> the same path relative to
+    `output_dir`, as the export writes them: an absolute path of this machine is never exported."""
+    found: dict[str, str] = {}
+
+    def add(value) -> None:
+        if not isinstance(value, str) or not value or "\n" in value:
+            return
+        path = Path(value).expanduser()
+        try:
+            if not path.exists():
+                return  # a Hub id, a name, a missing file: kept as given
+        except OSError:
+            return
+        relative = os.path.relpath(path.resolve(), output_dir)
+        for form in {value, str(path), str(path.absolute()), str(path.resolve())}:
+            found[form] = relative
+
+    def walk(value) -> None:
+        if isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+        elif isinstance(value, str) and os.sep in value:  # (a bare word may name a folder in the cwd by chance)
+            add(value)
+
+    data = recipe.data
+    for value in (data.data_dir, data.train_file and str(data.resolve(data.train_file)),
+                  data.eval_file and str(data.resolve(data.eval_file))):
+        add(value)
+    if recipe.model.is_local:
+        add(recipe.model.name_or_path)
+    walk([stage.config.model_dump(mode="json") for stage in recipe.resolved_stages])
+    return found
+
+
+def _without_local_paths(value, paths: dict[str, str]):
+    """`value` (JSON-like) with every local path of `paths` written relative to the export folder: a string
+    that is one, starts with one (a model chain `/x/bert -> finetune`) or contains an absolute one."""
+    if isinstance(value, dict):
+        return {key: _without_local_paths(item, paths) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_local_paths(item, paths) for item in value]
+    if not isinstance(value, str):
+        return value
+    if value in paths:
+        return paths[value]
+    for local in sorted(paths, key=len, reverse=True):
+        if value.startswith(local + " ") or (os.path.isabs(local) and len(local) > 1 and local in value):
+            value = value.replace(local, paths[local])
+    return value
 
 
 # --------------------------------------------------------------------------- committing the staging folder
 
 
 def staging_dir(output_dir: Path) -> Path:
-    return output_dir.parent / f".{output_dir.name}.export-tmp"
+    return Path(output_dir) / STAGING
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two directories in one step (Linux `renameat2(RENAME_EXCHANGE)`); False where unsupported."""
-    if not sys.platform.startswith("linux"):
-        return False
+def _hashes(entry) -> set[str]:
+    """The sha256 values a manifest entry allows: `{"size", "sha256"}` (export.json), a list (pending file);
+    none for an older export.json's bare sizes, whose files are then never removed."""
+    if isinstance(entry, dict) and isinstance(entry.get("sha256"), str):
+        return {entry["sha256"]}
+    if isinstance(entry, list):
+        return {item for item in entry if isinstance(item, str)}
+    return set()
+
+
+def _owned_files(output_dir: Path) -> dict[str, set[str]]:
+    """Files the export may own in `output_dir`, with the hashes it wrote them with: the previous export's
+    manifest and the list of an interrupted commit."""
+    owned: dict[str, set[str]] = {}
+    pending = None
     try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):  # a C library without renameat2 (glibc < 2.28, musl < 1.2.?)
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EXDEV, errno.EOPNOTSUPP, errno.EBUSY):
-        return False
-    raise OSError(code, os.strerror(code), str(b))
+        pending = json.loads((output_dir / PENDING).read_text())
+    except (OSError, ValueError):
+        pass
+    for source in (read_export_record(output_dir), pending):
+        files = source.get("files") if isinstance(source, dict) else None
+        for name, entry in (files.items() if isinstance(files, dict) else ()):
+            if isinstance(name, str):
+                owned.setdefault(name, set()).update(_hashes(entry))
+    return owned
 
 
-def _can_swap(output_dir: Path) -> bool:
-    """Swapping replaces the folder's inode: not for a mount point or a folder a shell may be sitting in."""
-    cwd = Path.cwd().resolve()
-    if cwd == output_dir or output_dir in cwd.parents:
-        return False
-    return output_dir.stat().st_dev == output_dir.parent.stat().st_dev
+def _remove_if_unchanged(output_dir: Path, name: str, hashes: set[str]) -> None:
+    """Remove a file of an earlier export if it is inside `output_dir`, a regular file and unchanged since it
+    was exported; then the folders it leaves empty (plots/). Anything else stays, with a log line."""
+    try:
+        path = inside(output_dir / name, output_dir)
+    except UnsafePathError:
+        logger.warning("export.json lists %r, which is outside %s: left alone", name, output_dir)
+        return
+    if path.is_symlink() or not path.is_file() or path.relative_to(output_dir).parts[0].startswith(NOT_EXPORT_FILES):
+        return  # gone, replaced by the user (a link, a folder), or never an export's file
+    if sha256_file(path) not in hashes:
+        logger.info("export: kept %s: it is not the file the previous export wrote (changed since, or recorded "
+                    "without a hash by an older version)", name)
+        return
+    remove_inside(path, output_dir)
+    folder = path.parent
+    while folder != output_dir and not any(folder.iterdir()):
+        folder.rmdir()
+        folder = folder.parent
 
 
-def _carry_over(output_dir: Path, staging: Path) -> None:
-    """Hard-link into `staging` what `output_dir` holds besides the previous export's files (stage folders)."""
-    previous = read_export_record(output_dir) or {}
-    owned = {name.split("/")[0] for name in previous.get("files", {})} | {EXPORT_RECORD}
-    replaced = {entry.name for entry in staging.iterdir()}
-    for entry in output_dir.iterdir():
-        if entry.name in owned or entry.name in replaced or entry.name == ".export-tmp":  # (older versions' staging)
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.copytree(entry, staging / entry.name, symlinks=True, copy_function=link_or_copy)
-        elif entry.is_symlink():
-            os.symlink(os.readlink(entry), staging / entry.name)
-        else:
-            link_or_copy(entry, staging / entry.name)
-
-
-def _move_in_place(staging: Path, output_dir: Path) -> None:
-    """The fallback commit: remove the old marker, move files in, write the new marker last."""
-    previous = read_export_record(output_dir) or {}
-    (output_dir / EXPORT_RECORD).unlink(missing_ok=True)
-    for name in previous.get("files", {}):  # files of the previous export that this one does not replace
-        if not (staging / name).exists():
-            (output_dir / name).unlink(missing_ok=True)
-    for file in sorted(staging.rglob("*"), key=lambda f: f.name == EXPORT_RECORD):
-        if not file.is_file():
-            continue
-        target = output_dir / file.relative_to(staging)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists() and os.path.samefile(file, target):
-            file.unlink()  # already in place (a hard link to the same weights): rename() would do nothing
-        else:
-            os.replace(file, target)
-    shutil.rmtree(staging)
+def _write_json(path: Path, data) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data))
+    os.replace(temporary, path)
 
 
 def commit_export(staging: Path, output_dir: Path) -> None:
-    """Make the finished `staging` folder the export in `output_dir`, never leaving a half export."""
-    if not output_dir.exists():
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(staging, output_dir)
-        return
-    if _can_swap(output_dir):
-        _carry_over(output_dir, staging)
-        if _exchange(staging, output_dir):
-            shutil.rmtree(staging)  # now the previous output folder; its stage files live on as hard links
-            return
-    _move_in_place(staging, output_dir)
+    """Make the finished `staging` folder (inside `output_dir`) the export in `output_dir` (module docstring, 3.)."""
+    output_dir = Path(output_dir).resolve()
+    staging = Path(staging)
+    new = read_export_record(staging)["files"]
+    # Every target first, before anything changes: an export file never goes outside the folder, through a
+    # symlinked folder, nor in place of a folder the user has there.
+    targets = {}
+    for name in new:
+        target = inside(output_dir / name, output_dir)
+        if target.is_dir() and not target.is_symlink():
+            raise UserError(f"{target}: a folder is where the export writes its file {name}; move it away and "
+                            "export again (--rerun-from export)")
+        blocking = next((p for p in target.relative_to(output_dir).parents if (output_dir / p).is_file()), None)
+        if blocking is not None:
+            raise UserError(f"{output_dir / blocking}: a file is where the export needs a folder (for {name}); move "
+                            "it away and export again (--rerun-from export)")
+        targets[name] = target
+    owned = _owned_files(output_dir)
+    for name, entry in new.items():
+        owned.setdefault(name, set()).update(_hashes(entry))
+    _write_json(output_dir / PENDING, {"files": {name: sorted(hashes) for name, hashes in owned.items()}})
+    remove_inside(EXPORT_RECORD, output_dir)  # first: from here on the folder is no finished export
+    for name, target in targets.items():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / name, target)
+    for name, hashes in owned.items():
+        if name not in new:
+            _remove_if_unchanged(output_dir, name, hashes)
+    os.replace(staging / EXPORT_RECORD, output_dir / EXPORT_RECORD)  # last: the export is complete
+    remove_inside(PENDING, output_dir)
+    remove_inside(staging, output_dir)
 
 
 # --------------------------------------------------------------------------- the export
@@ -259,8 +342,8 @@ def _write_model(state: ModelState, recipe, folder: Path, sparse: bool = False) 
         save_compressed(state.model, folder, state.tokenizer, sparse=sparse)
     else:
         for file in state.path.iterdir():
-            if file.is_file():
-                link_or_copy(file, folder / file.name)
+            if file.is_file() and not file.is_symlink():
+                copy_file(file, folder / file.name)  # a copy (or reflink): the export and the stage stay apart
 
 
 def _compare_with_run(remeasured: dict, run_metrics: dict | None) -> None:
@@ -281,14 +364,21 @@ def export_model(state: ModelState, recipe, output_dir, history: list[dict] = ()
 
     config = config or ExportConfig()
     output_dir = Path(output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
     staging = staging_dir(output_dir)
-    shutil.rmtree(staging, ignore_errors=True)  # leftovers of a killed export
-    staging.mkdir(parents=True)
+    remove_inside(staging, output_dir)  # leftovers of a killed export
+    staging.mkdir()
+    local_paths = _local_paths(recipe, output_dir)
     try:
         _write_model(state, recipe, staging, sparse=config.sparse)
-        recipe_yaml = recipe.to_yaml()
+        # The exported recipe names local folders relative to the export (run it from there); the fresh process
+        # gets the recipe as it ran, in a file that is not part of the export.
+        recipe_data = recipe.model_dump(mode="json", exclude={"source", "resolved_stages"})
+        recipe_yaml = yaml.safe_dump(_without_local_paths(recipe_data, local_paths), sort_keys=False)
         (staging / "recipe.yaml").write_text(recipe_yaml)
-        (staging / "metrics.json").write_text(json.dumps(_metric_records(history), indent=2))
+        (staging / VERIFY_RECIPE).write_text(recipe.to_yaml())
+        metric_records = _without_local_paths(_metric_records(history), local_paths)
+        (staging / "metrics.json").write_text(json.dumps(metric_records, indent=2))
         export_format = detect_format(staging)
         quantization = staging / "quantization.json"  # the quantize stage's report, saved with its model
         spec = recipe.model
@@ -313,7 +403,7 @@ def export_model(state: ModelState, recipe, output_dir, history: list[dict] = ()
         if config.verify:
             ensure_loaded(state, recipe)  # the reference the reloaded logits must match
             logger.info("export: reloading %s in a fresh process and re-measuring it", output_dir.name)
-            request = MeasureRequest(str(staging / "recipe.yaml"), config.compare_base, config.latency_repeats)
+            request = MeasureRequest(str(staging / VERIFY_RECIPE), config.compare_base, config.latency_repeats)
             check = verify_reload(staging, state.model, state.tokenizer, recipe.task, timeout=MEASURE_TIMEOUT_S,
                                   measure=request)
             measured = check.measurements
@@ -325,12 +415,15 @@ def export_model(state: ModelState, recipe, output_dir, history: list[dict] = ()
         else:
             record.update(reload_check={"passed": False, "skipped": True}, metrics=record["run_metrics"],
                           figures=None, latency_setup=None, base_error=None)
+        remove_inside(staging / VERIFY_RECIPE, output_dir)
+        record = _without_local_paths(record, local_paths)
         render_model_card(record, recipe_yaml, load_from=str(output_dir)).save(staging / "README.md")
         record["files"] = _file_manifest(staging)
-        (staging / EXPORT_RECORD).write_text(json.dumps(record, indent=2))  # last: the export is complete
+        (staging / EXPORT_RECORD).write_text(json.dumps(record, indent=2))
         commit_export(staging, output_dir)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging.is_dir():
+            remove_inside(staging, output_dir)
         raise
     state.path = output_dir
     logger.info("Exported the final model to %s (%s)", output_dir,

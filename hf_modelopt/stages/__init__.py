@@ -157,14 +157,14 @@ def load_entry_point_stages() -> None:
 
 
 def link_or_copy(source, target) -> None:
-    """Hard-link a file (no second copy of the weights on the same file system), else copy it."""
-    import os
-    import shutil
+    """Copy a file (a reflink where the file system supports it), never a hard link.
 
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
+    (The name is historical: it used to hard-link. A hard link shares the inode, so editing a stage's weights
+    changed every export and cached stage made from them; see `hf_modelopt.files.copy_file`.)
+    """
+    from ..files import copy_file
+
+    copy_file(source, target)
 
 
 def save_model_state(state: ModelState, folder: Path) -> None:

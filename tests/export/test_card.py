@@ -11,7 +11,9 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard
 
+from hf_modelopt.errors import UserError
 from hf_modelopt.export.hub import PushRefusedError, plan_push, push_export
+from hf_modelopt.files import sha256_file
 from hf_modelopt.pipeline import run_recipe
 from hf_modelopt.recipe import RecipeError, validate_recipe
 
@@ -35,7 +37,8 @@ class RecordingHubApi:
     def upload_folder(self, *, repo_id, folder_path, **kwargs):
         folder = Path(folder_path)
         files = sorted(str(f.relative_to(folder).as_posix()) for f in folder.rglob("*") if f.is_file())
-        self.calls.append(("upload_folder", repo_id, {**kwargs, "files": files,
+        texts = {name: (folder / name).read_text() for name in files if name.endswith((".json", ".yaml", ".md"))}
+        self.calls.append(("upload_folder", repo_id, {**kwargs, "files": files, "texts": texts,
                                                       "card": (folder / "README.md").read_text()}))
         return "https://huggingface.co/commit/0"
 
@@ -93,10 +96,13 @@ def test_card_has_valid_metadata_and_before_after(verified_export):
     assert (out / "plots" / "finetune-loss.png").read_bytes()[:4] == b"\x89PNG"
     assert "](plots/finetune-loss.png)" in text
 
-    # The manifest is the folder: every file but export.json and the stage folders.
+    # The manifest is the folder: every file but export.json, the stage folders and the run's marker and lock,
+    # each with its size and sha256.
     listed = {str(f.relative_to(out).as_posix()) for f in out.rglob("*")
               if f.is_file() and f.parts[len(out.parts)] != "stages"} - {"export.json"}
-    assert set(record["files"]) == listed
+    assert set(record["files"]) == {name for name in listed if not name.startswith(".hf-modelopt")}
+    assert all(record["files"][name] == {"size": (out / name).stat().st_size, "sha256": sha256_file(out / name)}
+               for name in record["files"])
 
 
 def test_card_loading_code_works_and_remeasures_to_the_card(verified_export):
@@ -106,8 +112,9 @@ def test_card_loading_code_works_and_remeasures_to_the_card(verified_export):
     measure = ("\nimport json, sys\nfrom hf_modelopt.metrics import evaluate_model\nfrom hf_modelopt.recipe import "
                "load_recipe\nrecipe = load_recipe(sys.argv[1])\n"
                "print(json.dumps(evaluate_model(model, tokenizer, recipe.data, task=recipe.task)))\n")
-    run = subprocess.run([sys.executable, "-c", code + measure, str(out / "recipe.yaml")], capture_output=True,
-                         text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    # (run from the export folder: its recipe.yaml names the data relative to the export)
+    run = subprocess.run([sys.executable, "-c", code + measure, "recipe.yaml"], capture_output=True,
+                         text=True, cwd=out, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads(run.stdout.strip().splitlines()[-1]) == json.loads((out / "export.json").read_text())["metrics"]
 
@@ -130,6 +137,9 @@ def test_push_to_hub_option_uploaded_exactly_the_plan(verified_export):
     assert (upload, upload_repo) == ("upload_folder", REPO_ID)
     assert upload_args["files"] == plan.files and upload_args["card"] == plan.card
     assert upload_args["delete_patterns"] == "*"  # the repository ends up holding exactly the export
+    # No uploaded file names a local path of this machine (base model, data, the export folder).
+    root = str(verified_export.parent)
+    assert not [name for name, text in upload_args["texts"].items() if root in text]
 
 
 def test_push_refuses_unverified_or_changed_exports(verified_export, tmp_path):
@@ -145,6 +155,12 @@ def test_push_refuses_unverified_or_changed_exports(verified_export, tmp_path):
     with (copy / "model.safetensors").open("ab") as weights:
         weights.write(b"\0")
     with pytest.raises(PushRefusedError, match="model.safetensors changed since the export"):
+        plan_push(copy, "org/name")
+    with (copy / "model.safetensors").open("r+b") as weights:  # the same size, other bytes: the hash tells
+        weights.truncate(record["files"]["model.safetensors"]["size"])
+        weights.seek(1000)
+        weights.write(b"\xff" * 8)
+    with pytest.raises(PushRefusedError, match="model.safetensors changed since the export.*sha256 differs"):
         plan_push(copy, "org/name")
     (copy / "export.json").unlink()
     with pytest.raises(PushRefusedError, match="not a finished hf-modelopt export"):
@@ -174,3 +190,73 @@ def test_push_to_hub_offline_fails_before_any_work(tiny_models, sst2_files, tmp_
     data["stages"][-1]["push_to_hub"]["repo_id"] = "not a repo id"
     with pytest.raises(RecipeError, match="repo_id: not a valid Hub repository id"):
         validate_recipe(data, "r.yaml")
+
+
+def test_push_uploads_only_listed_regular_files_inside_the_folder(verified_export, tmp_path, monkeypatch):
+    """Case 6 of issue 28: a symlink to a secret, listed or not, and a listed path leaving the folder."""
+    import shutil
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the recorded Hub stands in
+
+    secret = tmp_path / "secret"
+    secret.write_text("hf_secret_token")
+    copy = tmp_path / "exports" / "copy"
+    shutil.copytree(verified_export, copy, ignore=shutil.ignore_patterns("stages"))
+    (copy / "notes.txt").symlink_to(secret)  # present, not listed: skipped (never uploaded)
+    plan = plan_push(copy, "org/name")
+    assert "notes.txt" not in plan.files
+    RecordingHubApi.calls = []
+    push_export(copy, "org/name", api=RecordingHubApi())
+    uploaded = RecordingHubApi.calls[-1][2]
+    assert "notes.txt" not in uploaded["files"] and not any("hf_secret_token" in t for t in uploaded["texts"].values())
+
+    record = json.loads((copy / "export.json").read_text())
+    listed = {**record, "files": {**record["files"], "notes.txt": {"size": 15, "sha256": sha256_file(secret)}}}
+    (copy / "export.json").write_text(json.dumps(listed))
+    with pytest.raises(PushRefusedError, match="notes.txt is a symlink; push never follows symlinks"):
+        plan_push(copy, "org/name")
+    escaping = {**record, "files": {**record["files"], "../../secret": {"size": 15, "sha256": sha256_file(secret)}}}
+    (copy / "export.json").write_text(json.dumps(escaping))
+    with pytest.raises(PushRefusedError, match="lists '../../secret', which is outside the folder"):
+        plan_push(copy, "org/name")
+    older = {**record, "files": {name: entry["size"] for name, entry in record["files"].items()}}
+    (copy / "export.json").write_text(json.dumps(older))
+    with pytest.raises(PushRefusedError, match="records no sha256 for its files"):
+        plan_push(copy, "org/name")
+    (copy / "export.json").write_text(json.dumps(record))
+    (copy / "recipe.yaml").write_text((copy / "recipe.yaml").read_text() + f"# {copy}\n")
+    listed = {**record, "files": {**record["files"], "recipe.yaml": {"size": (copy / "recipe.yaml").stat().st_size,
+                                                                     "sha256": sha256_file(copy / "recipe.yaml")}}}
+    (copy / "export.json").write_text(json.dumps(listed))
+    with pytest.raises(PushRefusedError, match=f"(README.md|recipe.yaml) contains the local path {copy}"):  # (the card
+        # embeds the recipe)
+        push_export(copy, "org/name", api=RecordingHubApi())
+
+
+def test_push_offline_is_one_line(verified_export, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError, match="push to org/name: the Hub is offline"):
+        push_export(verified_export, "org/name")
+    cli = subprocess.run([sys.executable, "-m", "hf_modelopt.cli", "push", str(verified_export), "--repo-id",
+                          "org/name"], capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
+    assert cli.returncode == 2 and "Traceback" not in cli.stderr, cli.stderr[-3000:]
+    assert [line for line in cli.stderr.splitlines() if line.startswith("error:")] == [
+        "error: push to org/name: the Hub is offline (HF_HUB_OFFLINE=1, set by you or because huggingface.co was "
+        "unreachable); go online, then push again"]
+
+
+def test_push_to_an_unreachable_hub_is_one_line(verified_export, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    class UnreachableHub(RecordingHubApi):
+        def create_repo(self, repo_id, **kwargs):
+            raise ConnectionError("[Errno 111] Connection refused")
+
+    with pytest.raises(UserError, match="push to org/name failed: ConnectionError: \\[Errno 111\\] Connection"):
+        push_export(verified_export, "org/name", api=UnreachableHub())
