@@ -99,7 +99,15 @@ def _load_any(path: str, **kwargs):
 
 def _bench(args) -> int:
     from .benchmark import folder_candidate, format_benchmark, run_benchmark, write_benchmark
+    from .extras import require_extra
+    from .modeling import ModelConfig, required_packages
 
+    # Optional packages first: a missing one must not cost the minutes of loading and timing models.
+    if args.recipe and args.output_dir:
+        require_extra("bench's plots (--recipe with --output-dir)", "matplotlib")
+    for path in args.models:
+        for feature, modules in required_packages(ModelConfig(name_or_path=path)).values():
+            require_extra(f"{path}: {feature}", *modules)
     recipe = None
     if args.recipe:
         from .pipeline import preflight
