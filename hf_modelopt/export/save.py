@@ -124,7 +124,7 @@ def write_plots(history: list[dict], stages_dir: Path, target: Path) -> list[dic
                 drawn = plot_loss_curves(json.loads(logs.read_text()), f"stage {record['name']} ({record['type']})",
                                          folder / f"{record['name']}-loss.png")
             else:
-                logger.info("no loss curves in the card: the plots %s", problem)
+                logger.info("loss curves left out of the card: drawing them %s", problem)
                 drawn = False
             if drawn:
                 plots.append({"path": f"{PLOTS_DIR}/{record['name']}-loss.png",
