@@ -149,6 +149,14 @@ def test_a_saved_bitsandbytes_model_needs_bitsandbytes(tmp_path, capsys, monkeyp
     hide(monkeypatch, "bitsandbytes")
     line = refused(tmp_path, capsys, tiny_recipe(model, tmp_path / "no-data", stages=["evaluate"]))
     assert line.endswith("model.name_or_path: a bitsandbytes model needs bitsandbytes (pip install 'hf-modelopt[bnb]')")
+    # The commands that load a model say the same before loading it.
+    for command in (["inspect", str(model)], ["bench", str(model)]):
+        assert main(command) == 2
+        assert capsys.readouterr().err.strip() == (f"error: {model}: a bitsandbytes model needs bitsandbytes "
+                                                   "(pip install 'hf-modelopt[bnb]')")
+    hide(monkeypatch, "gguf")
+    assert main(["inspect", "org/model-gguf", "--gguf-file", "m.gguf"]) == 2
+    assert "a GGUF model needs gguf (pip install 'hf-modelopt[gguf]')" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- Python verbs: refused when called
