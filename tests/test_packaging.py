@@ -16,6 +16,7 @@ import subprocess
 import sys
 import venv
 import zipfile
+from pathlib import Path
 
 import yaml
 
@@ -48,7 +49,7 @@ def _run(command, cwd, env, timeout=300) -> subprocess.CompletedProcess:
     return result
 
 
-def build_wheel(tmp_path, env) -> zipfile.Path:
+def build_wheel(tmp_path, env) -> Path:
     # From a copy: pip builds in the source folder, and build/ and *.egg-info must not appear in the checkout (or
     # race between test workers).
     source = tmp_path / "source"
@@ -80,8 +81,8 @@ def test_wheel_in_a_fresh_venv_runs_a_recipe_from_another_directory(tiny_models,
     site_packages = _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp_path,
                          env).stdout.strip()
     modules = [module for packages in EXTRAS.values() for module in packages]
-    (home / site_packages.split(str(home) + "/", 1)[1] / "sitecustomize.py").write_text(
-        HIDE_OPTIONAL.format(modules=modules))
+    assert site_packages.startswith(str(home) + "/"), site_packages
+    (Path(site_packages) / "sitecustomize.py").write_text(HIDE_OPTIONAL.format(modules=modules))
 
     # A user's project: a recipe and its data side by side, run from another directory. The recipe names no
     # data_dir: it is the recipe's folder. The tiny model (built by the fixtures) is named by its absolute path.
