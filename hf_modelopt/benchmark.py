@@ -226,6 +226,10 @@ def format_benchmark(result: dict) -> str:
 
 def write_benchmark(result: dict, output_dir) -> list[Path]:
     """bench.json, bench.md and, with a metric, accuracy_vs_latency.png and accuracy_vs_size.png."""
+    from .extras import require_extra
+
+    if result["setup"]["metric"] is not None:
+        require_extra("bench's plots", "matplotlib")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     written = [output_dir / "bench.json", output_dir / "bench.md"]

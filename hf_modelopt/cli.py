@@ -97,9 +97,24 @@ def _load_any(path: str, **kwargs):
     return getattr(transformers, architecture, transformers.AutoModel).from_pretrained(path, **kwargs)
 
 
+def _require_packages_to_load(path: str, gguf_file: str | None = None) -> None:
+    """Refuse, before anything loads, a model whose file format needs an optional package that is not installed."""
+    from .extras import require_extra
+    from .modeling import ModelConfig, required_packages
+
+    for feature, modules in required_packages(ModelConfig(name_or_path=path, gguf_file=gguf_file)).values():
+        require_extra(f"{path}: {feature}", *modules)
+
+
 def _bench(args) -> int:
     from .benchmark import folder_candidate, format_benchmark, run_benchmark, write_benchmark
+    from .extras import require_extra
 
+    # Optional packages first: a missing one must not cost the minutes of loading and timing models.
+    if args.recipe and args.output_dir:
+        require_extra("bench's plots (--recipe with --output-dir)", "matplotlib")
+    for path in args.models:
+        _require_packages_to_load(path)
     recipe = None
     if args.recipe:
         from .pipeline import preflight
@@ -190,6 +205,7 @@ def _eval(args) -> int:
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    _require_packages_to_load(args.model)
     preflight(recipe)
     if os.path.isdir(args.model):  # an export folder loads the way its format does (peft adapters, ...)
         from .formats.detect import load_exported
@@ -238,6 +254,7 @@ def _stages(args) -> int:
 def _inspect(args) -> int:
     from .inspection import format_report, inspect_model
 
+    _require_packages_to_load(args.model, args.gguf_file)
     kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     model = _load_any(args.model, **kwargs)
     report = inspect_model(model, args.model if os.path.isdir(args.model) else None)

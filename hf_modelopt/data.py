@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import RecipeError, UserError
 
-DEFAULT_DATA_DIR = "../shared/data"
+DATA_DIR_VARIABLE = "HF_MODELOPT_DATA_DIR"
 
 # File suffix -> (datasets builder, extra load_dataset arguments)
 FILE_FORMATS = {
@@ -27,10 +27,14 @@ class DataConfig(BaseModel):
     """Where the data is and how it is read (the recipe's `data:`)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # The default in a recipe file is the file's own folder, filled in by `load_recipe` (which also resolves a
+    # relative data_dir against the file that wrote it): an installed package has no folder of its own to offer.
     data_dir: str = Field(
-        default_factory=lambda: os.environ.get("HF_MODELOPT_DATA_DIR", DEFAULT_DATA_DIR),
-        description="Folder that `train_file` / `eval_file` are relative to (relative paths resolve from the "
-        "current directory). Default: $HF_MODELOPT_DATA_DIR, else ../shared/data.",
+        default_factory=lambda: os.environ.get(DATA_DIR_VARIABLE, "."),
+        description="Folder that `train_file` / `eval_file` are relative to. Relative, it resolves against the "
+        "folder of the recipe file that sets it (like `extends:`); set with --set or from Python, against the "
+        "current directory. Default: $HF_MODELOPT_DATA_DIR, else the recipe file's folder (from Python: the current "
+        "directory).",
     )
     train_file: str | None = Field(None, description="Training data: .tsv, .csv, .json(l), .parquet or .txt.")
     eval_file: str | None = Field(None, description="Evaluation data, same formats as `train_file`.")

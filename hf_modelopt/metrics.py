@@ -31,8 +31,10 @@ def evaluate_model(model, tokenizer, data, *, task: str | None = None, config=No
                                                      text_column="sentence"))
     """
     from .data import DataConfig, load_split
+    from .extras import require_extra
 
     spec = get_task(task or infer_task(model))
+    require_extra(f"evaluating a {spec.name} model", *spec.packages)
     if isinstance(data, DataConfig):
         config, dataset = data, load_split(data, "eval")
     else:

@@ -139,10 +139,37 @@ def check_model_for_task(spec: ModelConfig, task: str, num_labels: int | None, k
     return config
 
 
+# `quantization_config.quant_method` of a saved model -> the package transformers needs to load it (import name).
+QUANT_METHOD_PACKAGES = {"bitsandbytes": "bitsandbytes", "compressed-tensors": "compressed_tensors"}
+
+
+def required_packages(spec: ModelConfig) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Optional packages that loading `spec` needs (see `hf_modelopt.extras`): {recipe key: (what needs them, import
+    names)}. A GGUF file needs gguf; a local folder saved quantized needs its quantization method's package."""
+    import json
+    from pathlib import Path
+
+    needs = {}
+    if spec.gguf_file:
+        needs["model.gguf_file"] = ("a GGUF model", ("gguf",))
+    try:
+        config = json.loads((Path(spec.name_or_path).expanduser() / "config.json").read_text())
+        method = (config.get("quantization_config") or {}).get("quant_method")
+    except (OSError, ValueError, AttributeError):  # a Hub id, or no readable config: from_pretrained says more
+        method = None
+    if method in QUANT_METHOD_PACKAGES:
+        needs["model.name_or_path"] = (f"a {method} model", (QUANT_METHOD_PACKAGES[method],))
+    return needs
+
+
 def load_model(spec: ModelConfig, task: str, num_labels: int | None = None, path: str | None = None):
     """Load the recipe's model for `task`; `path` loads a saved stage output with the same settings."""
+    from .extras import require_extra
     from .tasks import get_task
 
+    if path is None:
+        for feature, modules in required_packages(spec).values():
+            require_extra(f"{spec.name_or_path}: {feature}", *modules)
     kwargs = {"trust_remote_code": spec.trust_remote_code, **loading_options(spec)}
     if spec.trust_remote_code:
         logger.warning("trust_remote_code is on: code shipped with %s will run", path or spec.name_or_path)

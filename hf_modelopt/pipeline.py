@@ -139,12 +139,35 @@ def check_device_map(recipe: Recipe) -> None:
                           "(each process then holds the whole model on its device), or run in one process")
 
 
+def check_packages(recipe: Recipe) -> None:
+    """Refuse a recipe whose model, task or stages need an optional package that is not installed, naming the recipe
+    key and the `pip install hf-modelopt[extra]` that brings it (`hf_modelopt.extras`)."""
+    from .extras import MissingRecipeExtraError, missing_packages
+    from .modeling import required_packages as model_packages
+    from .tasks import get_task
+
+    needs = [(key, feature, modules) for key, (feature, modules) in model_packages(recipe.model).items()]
+    task = get_task(recipe.task)
+    if task.packages:
+        needs.append(("task", f"the {task.name} task", task.packages))
+    for index, stage in enumerate(recipe.resolved_stages):
+        for key, modules in stage.config.required_packages().items():
+            feature = f"the {stage.type} stage" + (f"'s {key}" if key else "")
+            needs.append((f"stages[{index}]" + (f".{key}" if key else ""), feature, modules))
+    for key, feature, modules in needs:
+        problem = missing_packages(modules)
+        if problem is not None:
+            raise MissingRecipeExtraError(recipe.source, key, f"{feature} {problem}")
+
+
 def preflight(recipe: Recipe) -> None:
-    """Everything that can be checked before work starts: data files and contents, the model and the stages."""
+    """Everything that can be checked before work starts: optional packages first (nothing read or loaded before
+    that), then data files and contents, the model and the stages."""
     from .data import check_data
     from .modeling import check_model_for_task
     from .tasks import check_data_contents
 
+    check_packages(recipe)
     needed = {split for stage in recipe.resolved_stages for split in type(stage.config).requires_data}
     check_data(recipe.data, needed, recipe.source)
     check_model_available(recipe)

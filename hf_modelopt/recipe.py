@@ -100,6 +100,7 @@ def _load_with_extends(path: Path, origins: dict, chain: tuple[Path, ...] = ()) 
         cycle = " -> ".join(str(p) for p in chain + (path,))
         raise RecipeError(str(chain[0]), "extends", f"recipes extend each other in a cycle: {cycle}")
     data = _read_yaml(path, str(chain[-1]) if chain else str(path))
+    _anchor_data_dir(data, path)
     parent = data.pop("extends", None)
     if parent is None:
         return _merge({}, data, origins, str(path))
@@ -117,6 +118,24 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise RecipeError("--set", text, "expected KEY=VALUE, for example training.learning_rate=3e-5")
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def _anchor_data_dir(data: dict, recipe_file: Path) -> None:
+    """A relative `data.data_dir` written in a recipe file resolves against that file's folder, as `extends:` does,
+    so that a recipe finds its data from any current directory (one set with --set stays relative to it)."""
+    section = data.get("data")
+    value = section.get("data_dir") if isinstance(section, dict) else None
+    if isinstance(value, str) and not Path(value).expanduser().is_absolute():
+        section["data_dir"] = str((recipe_file.parent / value).resolve())
+
+
+def _default_data_dir(data: dict, recipe_file: Path) -> None:
+    """No file sets `data.data_dir` and $HF_MODELOPT_DATA_DIR is unset: the recipe file's own folder."""
+    from .data import DATA_DIR_VARIABLE
+
+    section = data.get("data")
+    if isinstance(section, dict) and "data_dir" not in section and DATA_DIR_VARIABLE not in os.environ:
+        section["data_dir"] = str(recipe_file.resolve().parent)
 
 
 def _apply_override(data: dict, keys: list[str], value: Any, origins: dict) -> None:
@@ -316,4 +335,5 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     for text in overrides:
         keys, value = _parse_override(text)
         _apply_override(data, keys, value, origins)
+    _default_data_dir(data, path)
     return validate_recipe(data, str(path), origins)

@@ -15,8 +15,8 @@ The model: `OUT_DIR/vit-tiny/`, a ViT image classifier built from a config (hidd
 initialised with `--seed` and saved with `save_pretrained` beside a `ViTImageProcessor` for 32 x 32 images.
 No pretrained ViT can be downloaded here, so the recipes train it from scratch.
 
-OUT_DIR is yours (e.g. `digits-data`, ignored by git); the recipes expect `digits-data` in the current
-directory, or `--set data.data_dir=OUT_DIR --set model.name_or_path=OUT_DIR/vit-tiny`.
+OUT_DIR is yours (e.g. `digits-data`, ignored by git); the recipes expect `digits-data` at the repository
+root, run from there, or `--set data.data_dir=OUT_DIR --set model.name_or_path=OUT_DIR/vit-tiny`.
 
 Usage: python scripts/prepare_digits.py OUT_DIR [--seed 0] [--eval-fraction 0.2]
 Needs scikit-learn and pillow: pip install 'hf-modelopt[tasks]'.

@@ -110,10 +110,14 @@ def test_no_import_cycles(graph):
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
+LEAVES = ("hf_modelopt.errors", "hf_modelopt.extras")  # every layer may import these; they import only each other
+
+
 def test_formats_is_a_leaf(graph):
     wrong = {(module, target) for module, targets in graph.items() if module.startswith("hf_modelopt.formats")
-             for target in targets if not target.startswith("hf_modelopt.formats") and target != "hf_modelopt.errors"}
+             for target in targets if not target.startswith("hf_modelopt.formats") and target not in LEAVES}
     assert not wrong, f"hf_modelopt.formats must import no technique or runner: {sorted(wrong)}"
+    assert all(graph[leaf] <= set(LEAVES) for leaf in LEAVES), {leaf: graph[leaf] for leaf in LEAVES}
 
 
 def test_techniques_do_not_import_export_or_pipeline(graph):

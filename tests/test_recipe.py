@@ -15,10 +15,12 @@ def write(path: Path, data) -> Path:
     return path
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "recipes").rglob("*.yaml")), ids=lambda p: str(p.relative_to(REPO)))
+# recipes/accelerate/ holds `accelerate launch` configs, not recipes: left out, not skipped.
+SHIPPED_RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if p.parent.name != "accelerate")
+
+
+@pytest.mark.parametrize("path", SHIPPED_RECIPES, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_shipped_recipe_validates(path):
-    if path.parent.name == "accelerate":
-        pytest.skip("accelerate launch configs are not recipes")
     recipe = load_recipe(path)
     assert recipe.resolved_stages and recipe.description
 

@@ -1,23 +1,22 @@
 """Real models on real data, as a user runs them. Minutes each: marked slow (python -m pytest -m slow)."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from .conftest import REPO, SHARED_DATA
+from .conftest import REPO
 
+RECIPE_DATA = REPO.parent / "shared" / "data"  # where the shipped recipes' data_dir points (relative to them)
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not (SHARED_DATA / "sst2").is_dir(), reason="needs ../shared/data"),
+    pytest.mark.skipif(not (RECIPE_DATA / "sst2").is_dir(), reason="needs ../shared/data"),
 ]
 
 
 def cli(*args):
-    env = {**os.environ, "HF_MODELOPT_DATA_DIR": str(SHARED_DATA)}
-    result = subprocess.run([sys.executable, "-m", "hf_modelopt.cli", *map(str, args)], cwd=REPO, env=env,
+    result = subprocess.run([sys.executable, "-m", "hf_modelopt.cli", *map(str, args)], cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
@@ -72,7 +71,6 @@ def test_smollm2_int8_recipe_runs_and_reloads(tmp_path):
 
 
 def test_digits_vit_learns_from_scratch(tmp_path):
-    pytest.importorskip("sklearn", reason="scikit-learn ships the digits: pip install 'hf-modelopt[tasks]'")
     subprocess.run([sys.executable, "scripts/prepare_digits.py", tmp_path / "digits-data"], cwd=REPO, check=True,
                    capture_output=True)
     out = tmp_path / "out"

@@ -1,4 +1,5 @@
-"""Model cards rendered with huggingface_hub's `ModelCard` from the templates in `model_cards/`.
+"""Model cards rendered with huggingface_hub's `ModelCard` from the templates in `templates/` beside this
+module (package data, so that an installed wheel has them).
 
 The card is a view of the export record (`export.json`): every figure in its results table was measured
 on the exported folder reloaded in a fresh process (see `verify.py`), so rendering it again later (for a
@@ -16,7 +17,8 @@ from ..tasks import get_task
 
 logger = logging.getLogger("hf_modelopt")
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "model_cards"
+# Package data beside this module: found the same way in a checkout, an editable install and a wheel.
+TEMPLATES = Path(__file__).resolve().parent / "templates"
 # Stage type prefix -> the tag Hub users search for; the stage types themselves are added as method tags.
 TECHNIQUE_TAGS = {"distill": "distilled", "prune": "pruned", "sparsif": "pruned", "quant": "quantized"}
 MEASURE_ONLY_STAGES = ("evaluate", "export")

@@ -86,10 +86,13 @@ def save_compressed(model, folder, tokenizer=None, *, sparse: bool = False, stor
         fmt = save_compressed(model, "out/", tokenizer, sparse=True)
         print(fmt.loads_with)  # "hf_modelopt": `import hf_modelopt` before `from_pretrained("out/")`
     """
+    from ..extras import require_extra
     from ..formats.detect import detect_format
     from ..formats.hf_modelopt import save_sparse
     from ..quant.bnb import PRISTINE_STATE, save_quantized
 
+    if storage is not None and storage.format == "compressed-tensors":
+        require_extra("storage in the compressed-tensors format", "compressed_tensors")
     require_support("export", model)
     folder = Path(folder)
     if _quant_method(model) == "gguf":

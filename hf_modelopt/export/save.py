@@ -120,6 +120,8 @@ def plot_loss_curves(log_history: list[dict], title: str, target: Path) -> bool:
 
 def write_plots(history: list[dict], stages_dir: Path, target: Path) -> list[dict]:
     """Loss curves from the stages' trainer logs and the PNG files stages wrote, into `target/plots/`."""
+    from ..extras import missing_packages
+
     plots = []
     folder = target / PLOTS_DIR
     folder.mkdir()
@@ -130,11 +132,13 @@ def write_plots(history: list[dict], stages_dir: Path, target: Path) -> list[dic
         if not logs.is_file() and not pngs:
             continue
         if logs.is_file():
-            try:
+            # The curves only illustrate the card: without matplotlib the export goes on without them.
+            problem = missing_packages(("matplotlib",))
+            if problem is None:
                 drawn = plot_loss_curves(json.loads(logs.read_text()), f"stage {record['name']} ({record['type']})",
                                          folder / f"{record['name']}-loss.png")
-            except ImportError:
-                logger.info("matplotlib is not installed: no loss curves in the card")
+            else:
+                logger.info("loss curves left out of the card: drawing them %s", problem)
                 drawn = False
             if drawn:
                 plots.append({"path": f"{PLOTS_DIR}/{record['name']}-loss.png",

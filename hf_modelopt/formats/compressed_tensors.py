@@ -132,6 +132,9 @@ def _quantized_copy(model, linear_bits, embedding_bits, group_size, skip):
 def fake_quantize_in_place_(model, linear_bits: int | None = 8, embedding_bits: int | None = 8, group_size: int = 64,
                             skip: tuple[str, ...] = ()) -> StorageReport:
     """Give `model` the weights `from_pretrained` returns for its compressed-tensors export: dequantize(quantize(w))."""
+    from ..extras import require_extra
+
+    require_extra("the compressed-tensors format", "compressed_tensors")
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
     copied, report, _ = _quantized_copy(model, linear_bits, embedding_bits, group_size, skip)
@@ -153,6 +156,9 @@ def save_compressed_tensors(model, folder, tokenizer=None, linear_bits: int | No
 
     Returns what was stored how (`StorageReport`); modules kept in full precision are logged with the reason.
     """
+    from ..extras import require_extra
+
+    require_extra("the compressed-tensors format", "compressed_tensors")
     from compressed_tensors.compressors import ModelCompressor
 
     reason = blocker(model)

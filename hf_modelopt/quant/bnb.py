@@ -112,6 +112,9 @@ def quantize_with_bitsandbytes(model, config: QuantizationConfig, keep_modules=(
     input model is not changed. The quantized state is also kept in memory as it was before any forward
     pass (`PRISTINE_STATE`), so that `save_quantized` can write it after the model has run (see above).
     """
+    from ..extras import require_extra
+
+    require_extra("bitsandbytes quantization", "bitsandbytes")
     skipped = plan_skips(model, config, keep_modules)
     layers = linear_layers(model)
     quantized_names = [name for name in layers if name not in skipped]

@@ -120,8 +120,13 @@ def quantize(model, config: QuantizationConfig, calibration: Iterable[dict] | No
         quantized = quantize(model, QuantizationConfig(method="nf4"))
         save_compressed(quantized, "out/")
     """
+    from ..extras import require_extra
     from .bnb import quantize_with_bitsandbytes
 
+    # Every package it will need, before the scan or the quantization starts.
+    require_extra("quantize()", "bitsandbytes")
+    if config.recovery is not None:
+        require_extra("QuantizationConfig.recovery (LoRA adapters)", "peft")
     needs_data = [part for part, value in (("sensitivity", config.sensitivity), ("recovery", config.recovery))
                   if value is not None]
     require_support("quantization with calibration" if needs_data else "quantization", model)

@@ -20,12 +20,10 @@ logger = logging.getLogger("hf_modelopt")
 
 def add_lora_adapters(quantized_model, config: RecoveryConfig, base_model_name_or_path: str | None = None):
     """Wrap `quantized_model` in a `PeftModel` with trainable LoRA adapters; the base stays frozen."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:  # pragma: no cover - peft is an optional dependency
-        from .bnb import QuantizationError
+    from ..extras import require_extra
 
-        raise QuantizationError("quantize.recovery needs peft: pip install 'hf-modelopt[quant]'") from None
+    require_extra("LoRA recovery", "peft")
+    from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(
         r=config.rank,

@@ -175,6 +175,9 @@ def estimated_quantized_size(model, skipped: set[str], method: str, double_quant
 
 def write_sensitivity_report(results: list[UnitSensitivity], folder: str | Path, method: str) -> dict[str, Path]:
     """`sensitivity.json`, `sensitivity.md` (a table) and `sensitivity.png` (a bar chart) in `folder`."""
+    from ..extras import require_extra
+
+    require_extra("the sensitivity plot", "matplotlib")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"json": folder / "sensitivity.json", "markdown": folder / "sensitivity.md",

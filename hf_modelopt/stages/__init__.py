@@ -55,6 +55,11 @@ class StageConfig(BaseModel):
         Runs while the recipe is validated; the default accepts any order.
         """
 
+    def required_packages(self) -> dict[str, tuple[str, ...]]:
+        """Optional packages (import names, see `hf_modelopt.extras`) this stage imports, by the config key that asks
+        for them ("" for the stage itself); the runner refuses a missing one before any stage starts."""
+        return {}
+
     def preflight(self, recipe: Recipe) -> None:
         """Checks that need more than the config (models, tokenizers), run before any stage starts.
 

@@ -38,10 +38,16 @@ class QuantizeStageConfig(StageConfig, QuantizationConfig):
                 raise ValueError(f"stage '{stage.name}' before it already quantized the model with bitsandbytes; "
                                  "quantizing bnb weights again is not supported: keep one quantize stage")
 
-    def preflight(self, recipe) -> None:
-        """Optional packages and training data that the scan and the recovery need, checked before any stage runs."""
-        import importlib.util
+    def required_packages(self) -> dict[str, tuple[str, ...]]:
+        needs = {"": ("bitsandbytes",)}
+        if self.recovery is not None:
+            needs["recovery"] = ("peft",)  # LoRA adapters
+        if self.sensitivity is not None:
+            needs["sensitivity"] = ("matplotlib",)  # its report's plot
+        return needs
 
+    def preflight(self, recipe) -> None:
+        """Training data that the scan and the recovery need, checked before any stage runs."""
         from ..data import has_split
         from ..errors import RecipeError
         from ..tasks import get_task
@@ -50,11 +56,6 @@ class QuantizeStageConfig(StageConfig, QuantizationConfig):
         index = next((i for i, stage in enumerate(stages) if stage.config is self), None)
         if index is None:
             return
-        optional_packages = (("recovery", self.recovery, "peft"), ("sensitivity", self.sensitivity, "matplotlib"))
-        for key, part, package in optional_packages:
-            if part is not None and importlib.util.find_spec(package) is None:
-                raise RecipeError(recipe.source, f"stages[{index}].{key}",
-                                  f"needs {package}: pip install 'hf-modelopt[quant]'")
         if self.sensitivity is not None and get_task(recipe.task).logits == "seq2seq-token":
             raise RecipeError(recipe.source, f"stages[{index}].sensitivity", "the scan runs the model without "
                               "decoder inputs and compares logits per input token: not for seq2seq models yet; "
@@ -79,6 +80,11 @@ class StorageStageConfig(StageConfig, StorageQuantizationConfig):
             if stage.type == "quantize":
                 raise ValueError(f"stage '{stage.name}' before it already quantized the model with bitsandbytes: "
                                  "its integer weights cannot be stored again; keep one of the two stages")
+
+    def required_packages(self) -> dict[str, tuple[str, ...]]:
+        # compressed-tensors is asked for even where the model turns out to need hf-modelopt's format (known only
+        # once the model is loaded): format: hf_modelopt runs without it.
+        return {"format": ("compressed_tensors",)} if self.format == "compressed-tensors" else {}
 
 
 def calibration_loader(recipe, tokenizer, batch_size: int):

@@ -25,6 +25,9 @@ def _rgb(image):
 
 def process_images(dataset, processor, config: DataConfig):
     """`pixel_values` from the images and `labels` from the label column."""
+    from ..extras import require_extra
+
+    require_extra("image classification", *TASK.packages)
     require_columns(dataset, [config.image_column, config.label_column], "data")
 
     def encode(batch):
@@ -78,4 +81,5 @@ TASK = Task(
     processor_class="AutoImageProcessor",
     probe_batch=probe_batch,
     head_noun="classification head",
+    packages=("PIL",),  # images are PIL images (datasets' Image feature decodes to them)
 )

@@ -103,6 +103,10 @@ def generation_metrics(predictions: list[str], references: list[str]) -> dict[st
     import datasets
     import evaluate
 
+    from ..extras import require_extra
+
+    require_extra("seq2seq metrics", *TASK.packages)
+
     features = {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
     combined = evaluate.combine([
         local_metric("rouge", features, _rouge, "ROUGE-1/2/L F-measures (rouge_score), mean over examples"),
@@ -159,4 +163,5 @@ TASK = Task(
     probe_batch=probe_batch,
     eval_notes=eval_notes,
     head_noun="language-model head",
+    packages=("rouge_score", "sacrebleu"),  # the metrics, computed locally (evaluate's Hub metrics need the network)
 )

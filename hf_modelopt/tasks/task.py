@@ -75,6 +75,8 @@ class Task:
     probe_batch: Callable = text_probe_batch  # (processor) -> a fixed batch of model inputs (reload check)
     eval_notes: Callable = no_eval_notes  # (DataConfig) -> limits of the evaluation, for the model card
     head_noun: str = field(default="head")  # "language-model head", in errors about untrained heads
+    # Optional packages (import names, `hf_modelopt.extras`) its metrics or data need; checked before any work.
+    packages: tuple[str, ...] = ()
 
     def recognises(self, class_name: str) -> bool:
         """Whether a model class (`BertForTokenClassification`) has this task's head.

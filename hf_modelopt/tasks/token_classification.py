@@ -55,10 +55,8 @@ def count_labels(dataset, config: DataConfig) -> int:
 
 
 def _seqeval(predictions, references) -> dict[str, float]:
-    try:
-        from seqeval.metrics import accuracy_score, f1_score, precision_score, recall_score
-    except ImportError:
-        raise ImportError("token-classification metrics need seqeval: pip install 'hf-modelopt[tasks]'") from None
+    from seqeval.metrics import accuracy_score, f1_score, precision_score, recall_score
+
     return {"precision": float(precision_score(references, predictions, zero_division=0)),
             "recall": float(recall_score(references, predictions, zero_division=0)),
             "f1": float(f1_score(references, predictions, zero_division=0)),
@@ -68,6 +66,10 @@ def _seqeval(predictions, references) -> dict[str, float]:
 def seqeval_metrics(predictions: list[list[str]], references: list[list[str]]) -> dict[str, float]:
     """Entity-level precision, recall and F1 and tag accuracy of IOB tag sequences (seqeval's default mode)."""
     import datasets
+
+    from ..extras import require_extra
+
+    require_extra("token-classification metrics", *TASK.packages)
 
     features = {"predictions": datasets.Sequence(datasets.Value("string")),
                 "references": datasets.Sequence(datasets.Value("string"))}
@@ -132,4 +134,5 @@ TASK = Task(
     count_labels=count_labels,
     token_level_loss=True,
     head_noun="token classification head",
+    packages=("seqeval",),  # the metrics
 )

@@ -1,10 +1,6 @@
 import importlib.util
 
-import pytest
-
 from ..conftest import REPO
-
-pytest.importorskip("sklearn", reason="scikit-learn ships the digits: pip install 'hf-modelopt[tasks]'")
 
 
 def load_script():

@@ -6,7 +6,7 @@ from ..conftest import REPO, minilm_folder
 
 
 def test_shipped_model_loads_by_hub_id_from_a_fresh_cache(tmp_path):
-    minilm_folder()  # skips when the example model package is missing
+    minilm_folder()  # fails, naming the fix, when the example model package is missing
     cache = tmp_path / "hub"
     subprocess.run([sys.executable, "scripts/prepare_offline_models.py", "--cache-dir", str(cache)], cwd=REPO,
                    check=True, capture_output=True)

@@ -26,7 +26,6 @@ def test_quantize_stage_skips_the_classifier_and_reports_it(wide_tiny_models, ss
 
 
 def test_quantize_stage_with_sensitivity_scan_and_kd_recovery(wide_tiny_models, sst2_files, tmp_path):
-    pytest.importorskip("peft")
     stages = [{"type": "quantize", "method": "nf4", "double_quant": True,
                "sensitivity": {"keep_fraction": 0.5, "calibration_samples": 4},
                "recovery": {"rank": 4, "training": {"max_steps": 2}}}, "evaluate"]
