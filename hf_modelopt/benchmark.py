@@ -38,12 +38,17 @@ class Candidate:
     size_bytes: int | None = None
     memory_loader: str | None = None
     memory_argument: str = ""
+    trust_remote_code: bool = False  # the user's --trust-remote-code, passed on to the peak-memory process
     notes: str = ""
     extra: dict = field(default_factory=dict)
 
 
-def folder_candidate(path, task: str, name: str | None = None) -> Candidate:
-    """A saved model (an export folder, a stage's `model/` folder, a Hub id in the cache) as a candidate."""
+def folder_candidate(path, task: str, name: str | None = None, trust_remote_code: bool = False) -> Candidate:
+    """A saved model (an export folder, a stage's `model/` folder, a Hub id in the cache) as a candidate.
+
+    `trust_remote_code` is passed to every `from_pretrained` as a bool: transformers' default (None) would ask
+    y/N on a terminal before running code shipped with the model.
+    """
     from .export.measure import weights_size
     from .tasks import get_task
 
@@ -53,20 +58,23 @@ def folder_candidate(path, task: str, name: str | None = None) -> Candidate:
         if os.path.isdir(path):
             from .formats.detect import load_exported
 
-            return load_exported(path, get_task(task).auto_class, get_task(task).peft_auto_class)
+            return load_exported(path, get_task(task).auto_class, get_task(task).peft_auto_class,
+                                 trust_remote_code=trust_remote_code)
         import transformers
 
-        return getattr(transformers, get_task(task).auto_class).from_pretrained(path)
+        return getattr(transformers, get_task(task).auto_class).from_pretrained(path,
+                                                                               trust_remote_code=trust_remote_code)
 
     size = weights_size(path) if os.path.isdir(path) else None
-    return Candidate(name or path, load, tokenizer=_tokenizer(path), size_bytes=size, memory_loader=path)
+    return Candidate(name or path, load, tokenizer=_tokenizer(path, trust_remote_code), size_bytes=size,
+                     memory_loader=path, trust_remote_code=trust_remote_code)
 
 
-def _tokenizer(path: str):
+def _tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):  # a folder without a tokenizer: the recipe's model's tokenizer is used
         return None
 
@@ -81,9 +89,9 @@ def _status_kb(field_name: str) -> int | None:
     return None
 
 
-def _load_for_memory(loader: str, argument: str, task: str):
+def _load_for_memory(loader: str, argument: str, task: str, trust_remote_code: bool = False):
     if os.path.isdir(loader) or ":" not in loader:
-        return folder_candidate(loader, task).load()
+        return folder_candidate(loader, task, trust_remote_code=trust_remote_code).load()
     import importlib.util
 
     file, function = loader.rsplit(":", 1)
@@ -103,6 +111,7 @@ def _peak_memory_main(argv: list[str]) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--trust-remote-code", action="store_true")
     args = parser.parse_args(argv)
     import torch
     import transformers  # noqa: F401  (the libraries count in the baseline, not in the model's memory)
@@ -112,7 +121,7 @@ def _peak_memory_main(argv: list[str]) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     baseline = _status_kb("VmRSS")
-    model = _load_for_memory(args.loader, args.argument, args.task).eval()
+    model = _load_for_memory(args.loader, args.argument, args.task, args.trust_remote_code).eval()
     with torch.inference_mode():
         model(**random_batch(model, args.batch_size, args.seq_len))
     peak = _status_kb("VmHWM")
@@ -132,7 +141,7 @@ def peak_memory_mb(candidate: Candidate, task: str, batch_size: int, seq_len: in
 
     command = [sys.executable, "-m", "hf_modelopt.benchmark", candidate.memory_loader, candidate.memory_argument or "-",
                task, "--batch-size", str(batch_size), "--seq-len", str(seq_len),
-               "--threads", str(torch.get_num_threads())]
+               "--threads", str(torch.get_num_threads())] + ["--trust-remote-code"] * candidate.trust_remote_code
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"peak memory of {candidate.name}: the measuring process failed:\n{done.stderr[-2000:]}")

@@ -37,6 +37,10 @@ def use_offline_mode_if_hub_unreachable(timeout: float = 3.0) -> None:
         logger.info("%s is unreachable: using the local Hugging Face cache (HF_HUB_OFFLINE=1)", host)
 
 
+TRUST_REMOTE_CODE_HELP = ("run Python code shipped with the model (`auto_map` in its config); off by default: "
+                          "without it such a model is refused, never prompted for")
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-modelopt", description="Distill, prune and quantize 🤗 models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -59,11 +63,14 @@ def make_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--recipe", required=True, help="recipe whose task and evaluation data to use")
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     evaluate.add_argument("--json", action="store_true", help="print JSON only")
+    evaluate.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP + " (MODEL's; the "
+                          "recipe's own model follows its model.trust_remote_code)")
 
     inspect = commands.add_parser("inspect", help="parameters, sizes, dtypes and per-tensor statistics")
     inspect.add_argument("model", help="model folder or Hub id")
     inspect.add_argument("--gguf-file", help="GGUF file inside the folder or repository")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     bench = commands.add_parser(
         "bench", help="models side by side: metric, parameters, size on disk, peak memory, latency, throughput")
     bench.add_argument("models", nargs="+", help="model folders (exports, stage outputs) or Hub ids; the first is "
@@ -77,6 +84,7 @@ def make_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=20, help="timed runs per model and batch size (median)")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bench.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP + " (every MODEL's)")
     stages = commands.add_parser("stages", help="the recipe stages this installation knows: built-in ones and those "
                                  "that installed packages register (entry point group hf_modelopt.stages)")
     stages.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -88,10 +96,12 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_any(path: str, **kwargs):
+def _load_any(path: str, trust_remote_code: bool, **kwargs):
     """A saved model with its head, whatever the task (the class named in its config)."""
     import transformers
 
+    # Always a bool: `None` (transformers' default) asks y/N on a terminal before running a model's own code.
+    kwargs["trust_remote_code"] = trust_remote_code
     config = transformers.AutoConfig.from_pretrained(path, **kwargs)
     architecture = (config.architectures or ["AutoModel"])[0]
     return getattr(transformers, architecture, transformers.AutoModel).from_pretrained(path, **kwargs)
@@ -123,7 +133,7 @@ def _bench(args) -> int:
         recipe = load_recipe(args.recipe, args.overrides)
         preflight(recipe)
     task = recipe.task if recipe is not None else "text-classification"
-    candidates = [folder_candidate(path, task) for path in args.models]
+    candidates = [folder_candidate(path, task, trust_remote_code=args.trust_remote_code) for path in args.models]
     result = run_benchmark(candidates, recipe, tuple(args.batch_sizes), args.seq_len, args.repeats,
                            memory=not args.no_memory)
     if args.output_dir:
@@ -207,16 +217,18 @@ def _eval(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     _require_packages_to_load(args.model)
     preflight(recipe)
+    # MODEL is not the recipe's model: whether its code may run is the --trust-remote-code flag's to say.
+    spec = recipe.model.model_copy(update={"trust_remote_code": args.trust_remote_code})
     if os.path.isdir(args.model):  # an export folder loads the way its format does (peft adapters, ...)
         from .formats.detect import load_exported
         from .tasks import get_task
 
         task = get_task(recipe.task)
         model = load_exported(args.model, task.auto_class, task.peft_auto_class,
-                              trust_remote_code=recipe.model.trust_remote_code)
+                              trust_remote_code=args.trust_remote_code)
     else:
-        model = load_model(recipe.model, recipe.task, path=args.model)
-    tokenizer = load_tokenizer(recipe.model, path=args.model, task=recipe.task)
+        model = load_model(spec, recipe.task, path=args.model)
+    tokenizer = load_tokenizer(spec, path=args.model, task=recipe.task)
     metrics = evaluate_model(model, tokenizer, recipe.data, task=recipe.task)
     print(json.dumps(metrics, indent=None if args.json else 2))
     return 0
@@ -256,10 +268,26 @@ def _inspect(args) -> int:
 
     _require_packages_to_load(args.model, args.gguf_file)
     kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
-    model = _load_any(args.model, **kwargs)
+    model = _load_any(args.model, args.trust_remote_code, **kwargs)
     report = inspect_model(model, args.model if os.path.isdir(args.model) else None)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
+
+
+def remote_code_refusal(err: ValueError, args) -> str | None:
+    """One line for transformers' refusal to load a model that ships its own code (`trust_remote_code=False`),
+    naming the setting that allows it; `None` for any other error."""
+    import re
+
+    from .errors import clip
+
+    found = re.search(r"The repository (.+?) contains custom code which must be executed", str(err))
+    if found is None:
+        return None
+    allow = "set model.trust_remote_code: true in the recipe" if args.command == "run" else \
+        "pass --trust-remote-code"
+    return (f"{clip(found.group(1))}: the model ships its own Python code (auto_map in its config), which runs when "
+            f"it loads; nothing was run. If you trust its author, {allow}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,6 +305,12 @@ def main(argv: list[str] | None = None) -> int:
                 "push": _push}[args.command](args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:
+        refusal = remote_code_refusal(err, args)
+        if refusal is None:
+            raise
+        print(f"error: {refusal}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import difflib
 import functools
+import inspect
+import json
+import math
 import os
 import typing
 from pathlib import Path
@@ -19,17 +22,19 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from .data import DataConfig
-from .errors import RecipeError, UserError  # noqa: F401  (RecipeError: re-exported)
+from .errors import RecipeError, UserError, clip, excerpt  # noqa: F401  (RecipeError: re-exported)
 from .modeling import ModelConfig, looks_like_local_path  # noqa: F401  (re-exported)
 from .stages import STAGES, StageConfig, load_builtin_stages
 from .tasks import TASKS as TASK_REGISTRY
 
 TASKS = tuple(TASK_REGISTRY)  # the registered task names
+MAX_STAGE_NAME = 100  # characters: a folder name under OUTPUT/stages/ (file systems allow 255 bytes)
 
 
 class StrictModel(BaseModel):
-    # Unknown keys are errors: a typo must never silently fall back to a default.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Unknown keys are errors: a typo must never silently fall back to a default. `inf` / `nan` written as text
+    # (YAML reads `--set x=inf` as a string, which pydantic would turn into a float) are refused like `.inf`.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class Stage(BaseModel):
@@ -63,15 +68,86 @@ class Recipe(StrictModel):
 # --------------------------------------------------------------------------- YAML, extends, --set
 
 
+# Bounds on what a recipe may be, checked while it is read: a recipe is a page of settings, and anything
+# far larger is a mistake or an attack (a 500-byte alias bomb expands to billions of nodes; 20,000 nested
+# brackets overflow every recursive walk after the parser). Documented in docs/recipes.md.
+MAX_RECIPE_BYTES = 1 << 20  # 1 MiB per file
+MAX_YAML_DEPTH = 64  # nested mappings / lists
+MAX_YAML_NODES = 100_000  # nodes after aliases are expanded
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses, while composing, nesting deeper than `MAX_YAML_DEPTH` and documents whose
+    aliases expand to more than `MAX_YAML_NODES` nodes.
+
+    PyYAML's composer recurses once per nesting level, so the depth is checked before descending (no
+    RecursionError). Aliases are not copied by PyYAML (one node, many references) but every consumer after it
+    (merging, pydantic, dumping) walks them expanded: each node's expanded size is counted once, from its
+    children's, so the count costs one step per node written in the file.
+    """
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+        self._expanded: dict[int, int] = {}  # id(node) -> its node count with aliases expanded
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            node = super().compose_node(parent, index)  # the anchored node itself (PyYAML refuses unknown names)
+            if id(node) not in self._expanded:  # its anchor is still open: `&a [*a]`
+                raise yaml.composer.ComposerError(None, None, "an alias refers to a node that contains it (a "
+                                                  "recursive structure)", node.start_mark)
+            return node
+        if self._depth >= MAX_YAML_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels",
+                                              self.peek_event().start_mark)
+        self._depth += 1
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        else:
+            children = node.value if isinstance(node, yaml.SequenceNode) else []
+        size = self._expanded[id(node)] = 1 + sum(self._expanded[id(child)] for child in children)
+        if size > MAX_YAML_NODES:
+            raise yaml.composer.ComposerError(None, None, f"expands to more than {MAX_YAML_NODES:,} values once its "
+                                              "aliases (*name) are expanded", node.start_mark)
+        return node
+
+
+def parse_yaml(text: str):
+    """`yaml.safe_load` within the bounds above; raises `yaml.YAMLError`."""
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"invalid YAML{where}: {getattr(err, 'problem', None) or err}"
+
+
 def _read_yaml(path: Path, source_for_errors: str) -> dict[str, Any]:
     if not path.is_file():
         raise RecipeError(source_for_errors, "", f"recipe file not found: {path}")
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise RecipeError(str(path), "", f"{size:,} bytes: a recipe is at most {MAX_RECIPE_BYTES:,} bytes")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text())
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError(str(path), "", f"not UTF-8 text: byte {err.start} is {raw[err.start:err.start + 1]!r}; "
+                          "save the recipe as UTF-8") from None
+    try:
+        data = parse_yaml(text)
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError(str(path), "", f"invalid YAML{where}: {getattr(err, 'problem', err)}") from None
+        raise RecipeError(str(path), "", _yaml_problem(err)) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -105,7 +181,7 @@ def _load_with_extends(path: Path, origins: dict, chain: tuple[Path, ...] = ()) 
     if parent is None:
         return _merge({}, data, origins, str(path))
     if not isinstance(parent, str):
-        raise RecipeError(str(path), "extends", f"expected a recipe path, got {parent!r}")
+        raise RecipeError(str(path), "extends", f"expected a recipe path, got {excerpt(parent)}")
     parent_path = (path.parent / parent).resolve()
     if not parent_path.is_file():
         raise RecipeError(str(path), "extends", f"file not found: {parent_path}")
@@ -117,7 +193,16 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise RecipeError("--set", text, "expected KEY=VALUE, for example training.learning_rate=3e-5")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    if not raw.strip():
+        return key.strip().split("."), None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"--set {clip(key.strip())}", "", f"the value is {len(raw):,} characters: at most "
+                          f"{MAX_RECIPE_BYTES:,}")
+    try:
+        return key.strip().split("."), parse_yaml(raw)
+    except yaml.YAMLError as err:
+        raise RecipeError(f"--set {clip(key.strip())}", "", f"{_yaml_problem(err)} in {excerpt(raw)}; "
+                          "quote a value that is text, e.g. --set 'data.text_column=\"[x\"'") from None
 
 
 def _anchor_data_dir(data: dict, recipe_file: Path) -> None:
@@ -188,7 +273,7 @@ def _describe(error: dict, model: type[BaseModel] | None) -> str:
         return "required key is missing"
     message = error["msg"][0].lower() + error["msg"][1:]
     message = message.removeprefix("value error, ")
-    return f"{message}, got {got!r}" if kind != "value_error" else message
+    return f"{message}, got {excerpt(got)}" if kind != "value_error" else message
 
 
 def _model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
@@ -214,7 +299,8 @@ def _raise_first(err: ValidationError, model: type[BaseModel], prefix: tuple, or
 
 # Ranges `TrainingArguments` itself does not check (a negative learning rate trains happily, uphill).
 TRAINING_ARGUMENT_BOUNDS = {
-    "learning_rate": {"ge": 0},
+    # Above 10 no optimizer Trainer offers converges (fine-tuning uses 1e-6..1e-3): a typo such as 5e2 for 5e-2.
+    "learning_rate": {"ge": 0, "le": 10},
     "num_train_epochs": {"gt": 0},
     "max_steps": {"ge": -1},  # -1: use num_train_epochs
     "per_device_train_batch_size": {"gt": 0},
@@ -261,7 +347,8 @@ def training_arguments_model() -> type[BaseModel]:
         if name in TRAINING_ARGUMENT_BOUNDS and annotation is not Any:
             annotation = Annotated[annotation, Field(**TRAINING_ARGUMENT_BOUNDS[name])]
         fields[name] = (annotation | None, None)
-    return create_model("TrainingArgumentsConfig", __config__=ConfigDict(extra="forbid"), **fields)
+    return create_model("TrainingArgumentsConfig", __config__=ConfigDict(extra="forbid", allow_inf_nan=False),
+                        **fields)
 
 
 def validate_training_arguments(values: dict[str, Any], prefix: tuple, origins: dict, source: str) -> dict:
@@ -277,15 +364,84 @@ def validate_training_arguments(values: dict[str, Any], prefix: tuple, origins: 
     return checked.model_dump(exclude_unset=True)
 
 
+def refuse_non_finite(value: Any, loc: tuple, origins: dict, source: str) -> None:
+    """Refuse `.inf` / `.nan` anywhere in a recipe, typed field or not (`lr_scheduler_kwargs`, ...).
+
+    No setting of any stage or of `TrainingArguments` means anything when infinite: `learning_rate: .inf` trains
+    to all-NaN weights without an error from torch or Trainer. Iterative (an explicit stack): nesting is
+    bounded by the YAML loader, but a Python caller's data is not.
+    """
+    stack = [(loc, value)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise RecipeError(_origin(origins, where, source), _key_path(where),
+                              f"must be a finite number, got {item}")
+        if isinstance(item, dict):
+            stack.extend((where + (key,), child) for key, child in item.items())
+        elif isinstance(item, (list, tuple)):
+            stack.extend((where + (index,), child) for index, child in enumerate(item))
+
+
+def scheduler_arguments(scheduler: str) -> tuple[str, ...] | None:
+    """The keys `lr_scheduler_kwargs` may hold for `lr_scheduler_type: scheduler`, read from the signature of what
+    transformers' `get_scheduler` calls (None: it accepts any keyword, nothing to check)."""
+    import torch
+    from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION, GreedyLR, SchedulerType
+
+    kind = SchedulerType(scheduler)
+    if kind in (SchedulerType.CONSTANT, SchedulerType.CONSTANT_WITH_WARMUP):
+        return ()  # get_scheduler calls these without the kwargs: any key would be silently ignored
+    # These two pass **kwargs on to a scheduler class: its constructor is the signature that counts.
+    target = {SchedulerType.REDUCE_ON_PLATEAU: torch.optim.lr_scheduler.ReduceLROnPlateau,
+              SchedulerType.GREEDY: GreedyLR}.get(kind, TYPE_TO_SCHEDULER_FUNCTION[kind])
+    parameters = inspect.signature(target).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    # Trainer passes the optimizer and the step counts itself; passing them again is a TypeError mid-run.
+    passed_by_trainer = ("self", "optimizer", "num_warmup_steps", "num_training_steps")
+    return tuple(p.name for p in parameters if p.name not in passed_by_trainer)
+
+
+def check_scheduler_kwargs(training: dict[str, Any], prefix: tuple, origins: dict, source: str) -> None:
+    """Every key of `training["lr_scheduler_kwargs"]` must be an argument of the chosen scheduler: transformers
+    hands them over only when the optimizer is built, after the first stages have run."""
+    kwargs = training.get("lr_scheduler_kwargs")
+    scheduler = training.get("lr_scheduler_type") or "linear"  # TrainingArguments' default
+    scheduler = getattr(scheduler, "value", scheduler)
+    loc = prefix + ("lr_scheduler_kwargs",)
+    if isinstance(kwargs, str):  # TrainingArguments also takes it as a JSON string
+        try:
+            kwargs = json.loads(kwargs) if kwargs.strip() else {}
+        except ValueError:
+            kwargs = None
+        if not isinstance(kwargs, dict):
+            raise RecipeError(_origin(origins, loc, source), _key_path(loc),
+                              f"expected a mapping (or its JSON text), got {excerpt(training['lr_scheduler_kwargs'])}")
+    if not kwargs:
+        return
+    allowed = scheduler_arguments(scheduler)
+    if allowed is None:
+        return
+    for key in kwargs:
+        if key not in allowed:
+            takes = f"expected one of: {', '.join(allowed)}" if allowed else (
+                "that scheduler takes none (transformers' get_scheduler passes it no lr_scheduler_kwargs)")
+            raise RecipeError(_origin(origins, loc + (key,), source), _key_path(loc + (key,)),
+                              f"unknown argument of the {scheduler!r} learning-rate scheduler; {takes}")
+
+
 def validate_recipe(data: dict[str, Any], source: str = "<python>", origins: dict | None = None) -> Recipe:
     """Validate a recipe mapping into a `Recipe` whose stages carry their typed configs."""
     origins = origins or {}
     load_builtin_stages()
+    refuse_non_finite(data, (), origins, source)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
         _raise_first(err, Recipe, (), origins, source)
     recipe.training = validate_training_arguments(recipe.training, ("training",), origins, source)
+    trains = False  # whether a stage trains with `training:` (its scheduler is checked there)
 
     used_names: set[str] = set()
     stages = []
@@ -295,14 +451,14 @@ def validate_recipe(data: dict[str, Any], source: str = "<python>", origins: dic
         if isinstance(entry, str):  # `- finetune` is short for `- type: finetune`
             entry = {"type": entry}
         if not isinstance(entry, dict) or "type" not in entry:
-            raise RecipeError(where, _key_path(loc), f"expected a mapping with a 'type' key, got {entry!r}")
+            raise RecipeError(where, _key_path(loc), f"expected a mapping with a 'type' key, got {excerpt(entry)}")
         entry = dict(entry)
         kind = entry.pop("type")
         if kind not in STAGES:
             close = difflib.get_close_matches(str(kind), list(STAGES), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise RecipeError(where, _key_path(loc + ("type",)),
-                              f"unknown stage {kind!r}{hint}; expected one of: {', '.join(STAGES)}")
+                              f"unknown stage {excerpt(kind)}{hint}; expected one of: {', '.join(STAGES)}")
         config_cls = STAGES[kind].config_cls
         try:
             config = config_cls.model_validate(entry)
@@ -310,18 +466,35 @@ def validate_recipe(data: dict[str, Any], source: str = "<python>", origins: dic
             _raise_first(err, config_cls, loc, origins, source)
         if getattr(config, "training", None) is not None:
             config.training = validate_training_arguments(config.training, loc + ("training",), origins, source)
+            # The stage trains with the recipe's `training:` under its own: the scheduler may come from either.
+            merged, owner = {**recipe.training, **config.training}, loc if "lr_scheduler_kwargs" in config.training \
+                else ()
+            check_scheduler_kwargs(merged, owner + ("training",), origins, source)
+            trains = True
         name = config.name or kind
         if name in used_names:  # a second `evaluate` becomes `evaluate-2`, unless named
             name = next(f"{name}-{n}" for n in range(2, len(recipe.stages) + 2) if f"{name}-{n}" not in used_names)
         if "/" in name or "\\" in name or name.startswith("."):  # OUTPUT/stages/<name> must stay inside OUTPUT
             raise RecipeError(where, _key_path(loc + ("name",)),
-                              f"stage names cannot contain '/' or '\\' or start with '.': {name!r}")
+                              f"stage names cannot contain '/' or '\\' or start with '.': {excerpt(name)}")
+        # The name is a folder name, a log word and a --rerun-from argument: a NUL byte fails deep in the file
+        # system; a newline or an escape sequence forges log lines.
+        if not name.isprintable() or len(name) > MAX_STAGE_NAME:
+            raise RecipeError(where, _key_path(loc + ("name",)), f"stage names are at most {MAX_STAGE_NAME} "
+                              f"printable characters (no control characters): {excerpt(name)}")
+        last = next((stage for stage in stages if stage.config.must_be_last), None)
+        if last is not None:
+            named = f"'{last.name}'" + (f" ({last.type})" if last.name != last.type else "")
+            raise RecipeError(where, _key_path(loc), f"stage {named} must be the last stage: what runs after it "
+                              f"would not be in its output; move this {kind} stage before it")
         try:
             config.check_after(stages)
         except ValueError as err:
             raise RecipeError(where, _key_path(loc), str(err)) from None
         used_names.add(name)
         stages.append(Stage(type=kind, name=name, config=config))
+    if not trains:
+        check_scheduler_kwargs(recipe.training, ("training",), origins, source)
     recipe.resolved_stages = stages
     recipe.source = source
     return recipe

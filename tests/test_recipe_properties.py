@@ -25,7 +25,7 @@ training = st.fixed_dictionaries({}, optional={
     "lr_scheduler_type": st.sampled_from(["linear", "cosine", "constant"]),
 })
 stage = st.one_of(
-    st.sampled_from(["evaluate", "finetune", "export"]),
+    st.sampled_from(["evaluate", "finetune"]),
     st.builds(lambda kind, name: {"type": kind, "name": name}, st.sampled_from(["evaluate", "finetune"]), words),
     st.builds(lambda config: {"type": "finetune", "training": config}, training),
 )
@@ -37,7 +37,9 @@ recipes = st.fixed_dictionaries({
         "text_column": words, "max_length": st.integers(1, 4096), "max_train_samples": st.integers(1, 10**6),
         "eval_fraction": st.floats(0.01, 0.99, allow_nan=False)}),
     "training": training,
-    "stages": st.lists(stage, min_size=1, max_size=5).filter(
+    # `export` only last: anywhere else is refused (test_a_stage_after_export_is_refused).
+    "stages": st.builds(lambda stages, export: stages + ["export"] * export, st.lists(stage, min_size=1, max_size=4),
+                        st.booleans()).filter(
         lambda stages: len({s["name"] for s in stages if isinstance(s, dict) and "name" in s})
         == len([s for s in stages if isinstance(s, dict) and "name" in s])),
 })
@@ -56,6 +58,31 @@ def test_resolved_recipe_reloads_to_the_same_recipe(tmp_path, data):
     assert again.model_dump() == recipe.model_dump()
     assert [(s.type, s.name, s.config) for s in again.resolved_stages] == \
         [(s.type, s.name, s.config) for s in recipe.resolved_stages]
+
+
+@SETTINGS
+@given(data=recipes, position=st.integers(0, 4))
+def test_a_stage_after_export_is_refused(tmp_path, data, position):
+    stages = [s for s in data["stages"] if s != "export"]
+    position %= len(stages)
+    stages.insert(position, "export")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write(tmp_path / "r.yaml", {**data, "stages": stages}))
+    assert info.value.key == f"stages[{position + 1}]" and "'export' must be the last stage" in info.value.message
+
+
+@SETTINGS
+@given(data=recipes, key=st.sampled_from(["learning_rate", "weight_decay", "max_grad_norm", "adam_epsilon"]),
+       value=st.sampled_from([float("inf"), float("-inf"), float("nan")]), in_stage=st.booleans())
+def test_non_finite_numbers_are_refused_and_named(tmp_path, data, key, value, in_stage):
+    if in_stage:
+        data["stages"][0] = {"type": "finetune", "training": {key: value}}
+    else:
+        data["training"] = {**data["training"], key: value}
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write(tmp_path / "r.yaml", data))
+    assert info.value.key == ("stages[0].training." if in_stage else "training.") + key
+    assert info.value.message == f"must be a finite number, got {value}"
 
 
 SECTIONS = {  # where an unknown key can go -> (path prefix in the error, the keys that are allowed there)

@@ -24,8 +24,11 @@ from __future__ import annotations
 import copy
 import importlib.abc
 import importlib.util
+import math
 import sys
 from pathlib import Path
+
+from ..errors import RecipeError, clip, excerpt
 
 QUANT_METHOD = "hf_modelopt"
 _TRANSFORMERS_QUANTIZERS = "transformers.quantizers.auto"
@@ -145,13 +148,18 @@ def _quantizer_class():
                 return {}
             return {"deserialize": Decompress, "dequantize": Decompress}
 
-        def _process_model_before_weight_loading(self, model, **kwargs):
+        def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
             from .modules import resize_linear_, set_attention_heads_
 
+            # Every size below comes from config.json, which anyone can edit: checked against the tensors the
+            # checkpoint really holds before a module is rebuilt or a weight decoded at that size.
+            stored = StoredShapes(checkpoint_files, model)
+            stored.check_layer_shapes(self.quantization_config)
             for name, (out_features, in_features) in self.quantization_config.layer_shapes.items():
                 resize_linear_(model, name, out_features, in_features)
             for name, (heads, kv_heads, head_dim) in self.quantization_config.attention_heads.items():
                 set_attention_heads_(model.get_submodule(name), heads, kv_heads, head_dim)
+            stored.check_stored_weights(self.quantization_config)
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
@@ -175,6 +183,129 @@ def _quantizer_class():
             return True
 
     return HfModelOptQuantizer
+
+
+# --------------------------------------------------------------------------- bounds on what a config says
+
+
+class StoredShapes:
+    """The shapes of the tensors in a checkpoint's safetensors files (read from their headers: no tensor data), to
+    check the sizes a `quantization_config` states against them before anything is allocated at those sizes.
+
+    A crafted `group_size: 600000000` in a 4 MB export otherwise makes decoding pad every weight to 600 M values
+    (gigabytes); a `layer_shapes` entry of [100000, 100000] builds a 40 GB layer. Each refusal is a `UserError`
+    naming config.json and the key.
+    """
+
+    def __init__(self, checkpoint_files, model):
+        self.model = model
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, str] = {}  # safetensors' names: "I8", "U8", "F32", ...
+        self.config_file = "config.json"
+        self.prefix = getattr(model, "base_model_prefix", "") or ""
+        for file in checkpoint_files or ():
+            if not str(file).endswith(".safetensors"):
+                continue
+            from safetensors import safe_open
+
+            self.config_file = str(Path(file).parent / "config.json")
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    tensor = handle.get_slice(key)
+                    self.shapes[key], self.dtypes[key] = tuple(tensor.get_shape()), tensor.get_dtype()
+
+    def _refuse(self, key: str, message: str):
+        raise RecipeError(self.config_file, f"quantization_config.{clip(key)}", clip(message, 240))
+
+    def key_of(self, name: str) -> str | None:
+        """The checkpoint's key of tensor `name`, whether its keys have the base model's prefix or not."""
+        return next((key for key in (name, name.removeprefix(f"{self.prefix}."), f"{self.prefix}.{name}")
+                     if key in self.shapes), None)
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        key = self.key_of(name)
+        return None if key is None else self.shapes[key]
+
+    def check_layer_shapes(self, config) -> None:
+        if not self.shapes:  # loaded from a state dict or .bin files: nothing to check against
+            return
+        for name, entry in (config.layer_shapes or {}).items():
+            key = f"layer_shapes.{name}"
+            if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and all(isinstance(v, int) and v > 0
+                                                                                  for v in entry)):
+                self._refuse(key, f"expected [out_features, in_features], two positive integers; got {excerpt(entry)}")
+            wanted = entry[0] * entry[1]
+            dense, bitmask = self.shape(f"{name}.weight"), self.shape(f"{name}.weight_bitmask")
+            if dense is None:
+                self._refuse(key, "no stored weight of that layer in the checkpoint")
+            if bitmask is not None:
+                ok = math.prod(bitmask) == -(-wanted // 8)  # one bit per position, whole bytes
+            elif self.shape(f"{name}.weight_scale") is not None:
+                ok = math.prod(dense) in (wanted, -(-wanted // 2))  # int8 codes, or NF4 (two per byte)
+            else:
+                ok = math.prod(dense) == wanted
+            if not ok:
+                self._refuse(key, f"{list(entry)} does not match the stored weight ({list(dense)}"
+                             + (f", bitmask {list(bitmask)}" if bitmask is not None else "") + ")")
+
+    def check_stored_weights(self, config) -> None:
+        """After the layers have their shapes: the stored codes, scales and bitmasks against each module's weight,
+        and `group_size` against the number of scales, so that decoding allocates nothing beyond the weight."""
+        if not self.shapes or not (config.weight_format or config.sparse_format):
+            return
+        group_size = config.group_size
+        if config.weight_format and (not isinstance(group_size, int) or isinstance(group_size, bool)
+                                     or group_size < 1):
+            self._refuse("group_size", f"expected a positive integer, got {excerpt(group_size)}")
+        names = sorted({key.rsplit(".", 1)[0] for key in self.shapes
+                        if key.endswith((".weight_scale", ".weight_bitmask"))})
+        if any(self.shape(f"{name}.weight_scale") is not None for name in names):
+            if not config.weight_format:
+                self._refuse("weight_format", "weights are stored with scales (group-wise codes), but the config "
+                             "names no weight_format")
+            # Decoding pads each weight to whole groups: a group larger than every weight would allocate
+            # group_size values for nothing.
+            largest = max((math.prod(shape) for name in names if (shape := self._module_shape(name))), default=0)
+            if group_size > largest:
+                self._refuse("group_size", f"{group_size} is larger than every stored weight of the model (the "
+                             f"largest holds {largest} values)")
+        for name in names:
+            self._check_weight(name, group_size)
+
+    def _check_weight(self, name: str, group_size) -> None:
+        dense_shape = self._module_shape(name)
+        if dense_shape is None:
+            return  # not a module of this model: transformers reports the unexpected key itself
+        positions = math.prod(dense_shape)
+        stored, scale, bitmask = (self.shape(f"{name}.{suffix}") for suffix in ("weight", "weight_scale",
+                                                                                  "weight_bitmask"))
+        what = f"{name}.weight"
+        if bitmask is not None and math.prod(bitmask) != -(-positions // 8):
+            self._refuse("sparse_format", f"{what}: a bitmask of {math.prod(bitmask)} bytes for a weight of "
+                         f"{positions} values (expected {-(-positions // 8)})")
+        if stored is None or len(stored) != 1:  # kept values or codes: one dimension
+            self._refuse("weight_format" if scale is not None else "sparse_format",
+                         f"{what}: stored as {stored and list(stored)}, expected one dimension of values")
+        values = math.prod(stored)
+        if scale is None:
+            if values > positions:
+                self._refuse("sparse_format", f"{what}: {values} stored values for {positions} positions")
+            return
+        # int8 codes hold one value each, NF4 codes (uint8) two per byte, the last one possibly padding.
+        nf4 = self.dtypes[self.key_of(f"{name}.weight")] == "U8"
+        counts = (2 * values, 2 * values - 1) if nf4 else (values,)
+        if not any(count <= positions and -(-count // group_size) == math.prod(scale) for count in counts):
+            self._refuse("group_size", f"{group_size} does not fit {what}: {math.prod(scale)} scales for "
+                         f"{values} stored codes of a weight of {positions} values")
+
+    def _module_shape(self, name: str) -> tuple[int, ...] | None:
+        """The shape of module `name`'s weight in the model being loaded (its config's, or its `layer_shapes`)."""
+        for candidate in (name, name.removeprefix(f"{self.prefix}."), f"{self.prefix}.{name}"):
+            try:
+                return tuple(self.model.get_submodule(candidate).weight.shape)
+            except AttributeError:
+                continue
+        return None
 
 
 # --------------------------------------------------------------------------- writing

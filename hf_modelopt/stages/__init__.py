@@ -47,6 +47,9 @@ class StageConfig(BaseModel):
     name: str | None = Field(None, description="Name of the stage's output folder; defaults to the stage type.")
     # Data splits ("train", "eval") the stage reads; checked before any stage runs.
     requires_data: ClassVar[tuple[str, ...]] = ()
+    # The stage writes the run's final output (the export): any stage after it would run on a model that is never
+    # written, while the summary lists it. Recipe validation refuses a stage after one that sets this.
+    must_be_last: ClassVar[bool] = False
 
     def check_after(self, earlier: list[Stage]) -> None:
         """Refuse a contradictory order: raise `ValueError` naming the earlier stage that rules this one out.

@@ -9,6 +9,8 @@ from . import ModelState, StageConfig, StageContext, register_stage
 class ExportStageConfig(StageConfig, ExportConfig):
     """The `export` stage: the final model, verified in a fresh process, with its card (see `ExportConfig`)."""
 
+    must_be_last = True  # it writes the final model and its card: later stages would change nothing exported
+
     def preflight(self, recipe) -> None:
         if self.push_to_hub is None:
             return

@@ -80,6 +80,12 @@ class StorageStageConfig(StageConfig, StorageQuantizationConfig):
             if stage.type == "quantize":
                 raise ValueError(f"stage '{stage.name}' before it already quantized the model with bitsandbytes: "
                                  "its integer weights cannot be stored again; keep one of the two stages")
+            if isinstance(stage.config, StorageStageConfig):
+                # This stage gets the earlier one's dequantized weights: storing them again rounds them a second
+                # time (the error of both), while the export's format and report state only the last settings.
+                raise ValueError(f"stage '{stage.name}' before it already stored the weights quantized: storing "
+                                 "the dequantized weights again would round them twice; keep one quantize_storage "
+                                 "stage")
 
     def required_packages(self) -> dict[str, tuple[str, ...]]:
         # compressed-tensors is asked for even where the model turns out to need hf-modelopt's format (known only
