@@ -37,16 +37,28 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     return int(n), int(m)
 
 
-def _block_inputs(model, batches):
-    """The positional and keyword arguments block 0 receives for each calibration batch."""
-    _, layers = transformer_layers(model)
-    captured = []
+def _block_inputs(layers, model, batches) -> list[list[tuple]]:
+    """For each block and each calibration batch, the positional and keyword arguments the model itself passes
+    to that block: `captured[i][b] = (args, kwargs)`.
 
-    def catch(module, args, kwargs):
-        captured.append((args, kwargs))
-        raise _StopForward
+    Every block's own arguments are recorded, not block 0's reused: models with `layer_types` (gemma2, gemma3,
+    modernbert) give sliding-window and full-attention blocks different masks, gemma3 different rotary
+    embeddings. Only block 0's hidden states are kept (block i > 0 is fed the pruned output of block i - 1, so
+    its recorded hidden states would be stale, and holding them would cost a copy of the activations per block).
+    """
+    captured: list[list[tuple]] = [[] for _ in layers]
 
-    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    def catcher(index):
+        def catch(module, args, kwargs):
+            if index:
+                args, kwargs = _with_hidden_states(args, kwargs, None)
+            captured[index].append((args, kwargs))
+            if index == len(layers) - 1:  # what follows the last block (final norm, head) is not needed
+                raise _StopForward
+        return catch
+
+    handles = [layer.register_forward_pre_hook(catcher(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    batches = list(batches)
     try:
         for batch in batches:
             try:
@@ -54,7 +66,12 @@ def _block_inputs(model, batches):
             except _StopForward:
                 pass
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+    for index, calls in enumerate(captured):
+        if len(calls) != len(batches):  # a block skipped or called twice: its inputs cannot be matched to batches
+            raise ValueError(f"one-shot calibration: block {index} was called {len(calls)} times for "
+                             f"{len(batches)} batches; it needs one call per block per batch")
     return captured
 
 
@@ -159,7 +176,8 @@ def prune_oneshot_(model, batches, method: str = "wanda", sparsity: float = 0.5,
             weight.mul_(magnitude_mask(weight, sparsity, nm))
         return {name: float((m.weight == 0).float().mean()) for name, m in modules.items()}
 
-    inputs = _block_inputs(model, batches)
+    captured = _block_inputs(layers, model, batches)
+    inputs = captured[0]
     iterator = range(len(layers))
     if progress:
         from tqdm.auto import tqdm
@@ -186,8 +204,11 @@ def prune_oneshot_(model, batches, method: str = "wanda", sparsity: float = 0.5,
             else:
                 raise ValueError(f"unknown one-shot method {method!r}: use wanda, sparsegpt or magnitude")
             report[name] = float((module.weight == 0).float().mean())
-        # The pruned block's outputs are what the next block will see.
-        inputs = [_with_hidden_states(args, kwargs, _run_block(block, args, kwargs)) for args, kwargs in inputs]
+        if index + 1 < len(layers):
+            # The next block gets its own recorded arguments with the pruned block's outputs as hidden states.
+            inputs = [_with_hidden_states(args, kwargs, _run_block(block, *call))
+                      for call, (args, kwargs) in zip(inputs, captured[index + 1])]
+            captured[index] = None  # free this block's arguments
     return report
 
 
