@@ -107,7 +107,7 @@ def _reference_wanda_masks(model, batches, sparsity):
         sums = {n: torch.zeros(m.in_features) for n, m in mine.items()}
         counts = dict.fromkeys(mine, 0)
 
-        def hook(name):
+        def hook(name, sums=sums, counts=counts):
             def record(module, args, output):
                 x = args[0].reshape(-1, args[0].shape[-1]).float()
                 sums[name] += (x * x).sum(0)
