@@ -174,7 +174,9 @@ def test_pruned_moe_models_reload_with_their_logits(tmp_path):
     """save_pretrained loads in plain transformers (no hf_modelopt imported); the compressed sparse and quantized
     storage formats load after `import hf_modelopt` (they used to fail in transformers' per-expert merge with
     `Concatenate on tensors destined for ...experts.gate_up_proj`)."""
-    from hf_modelopt.formats.hf_modelopt import save_sparse, save_with_quantized_storage
+    from hf_modelopt import save_compressed
+    from hf_modelopt.formats import compressed_tensors
+    from hf_modelopt.quant.config import StorageQuantizationConfig
 
     ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(2)).tolist()
     plain, formats, expected, reports = {}, {}, {}, {}
@@ -184,8 +186,14 @@ def test_pruned_moe_models_reload_with_their_logits(tmp_path):
         with torch.no_grad():
             expected[model_type] = model(torch.tensor(ids)).logits
         model.save_pretrained(tmp_path / model_type / "plain")
-        save_sparse(model, tmp_path / model_type / "sparse")
-        reports[model_type] = save_with_quantized_storage(model, tmp_path / model_type / "storage")
+        assert save_compressed(model, tmp_path / model_type / "sparse", sparse=True).loads_with == "hf_modelopt"
+        # compressed-tensors would write a folder transformers cannot reload: the export writes hf-modelopt's format
+        assert "mixture-of-experts" in compressed_tensors.blocker(model)
+        storage = StorageQuantizationConfig(group_size=32)
+        assert save_compressed(model, tmp_path / model_type / "storage", storage=storage).loads_with == "hf_modelopt"
+        from hf_modelopt.formats.groupwise import storage_state_dict
+
+        reports[model_type] = storage_state_dict(model, group_size=32)[1]
         plain[str(tmp_path / model_type / "plain")] = ids
         formats.update({str(tmp_path / model_type / kind): ids for kind in ("sparse", "storage")})
     loaded = _reload_in_fresh_process(plain, "")
