@@ -117,20 +117,23 @@ def expert_matrices(experts) -> dict[str, ExpertSlice]:
     return found
 
 
-def routed_tokens(experts, args, kwargs) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def routing(experts, args, kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """From the arguments of an experts module's forward (hidden states, top-k expert indices, top-k weights, by
-    position or keyword), the hidden states as (tokens, hidden) and, for each expert, the indices of the tokens
-    routed to it."""
+    position or keyword): the hidden states (tokens, hidden), the top-k indices and weights (tokens, k)."""
     bound = inspect.signature(experts.forward).bind(*args, **kwargs)
-    values = list(bound.arguments.values())
-    hidden, top_k_index = values[0], values[1]
+    hidden, top_k_index, top_k_weights = list(bound.arguments.values())[:3]
     if not (isinstance(top_k_index, torch.Tensor) and not top_k_index.is_floating_point()):
         raise ValueError(f"{type(experts).__name__}.forward: its second argument is not the top-k expert indices; "
                          "per-expert calibration cannot read the routing")
     hidden = hidden.reshape(-1, hidden.shape[-1])
-    top_k_index = top_k_index.reshape(hidden.shape[0], -1)
-    count = _fused(experts, "down_proj").shape[0]
-    return hidden, [torch.nonzero((top_k_index == e).any(-1)).flatten() for e in range(count)]
+    return hidden, top_k_index.reshape(hidden.shape[0], -1), top_k_weights.reshape(hidden.shape[0], -1)
+
+
+def routed_tokens(experts, args, kwargs) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The hidden states (tokens, hidden) an experts module is called with and, for each expert, the indices of the
+    tokens routed to it."""
+    hidden, top_k_index, _ = routing(experts, args, kwargs)
+    return hidden, [torch.nonzero((top_k_index == e).any(-1)).flatten() for e in range(expert_count(experts))]
 
 
 def expert_intermediate(experts, index: int, x: torch.Tensor) -> torch.Tensor:
@@ -148,3 +151,34 @@ def expert_intermediate(experts, index: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = out.chunk(2, dim=-1)
         return experts.act_fn(gate) * up
     return experts.act_fn(out)
+
+
+# Config keys of the number of routed experts per MoE block and of experts chosen per token (mixtral, qwen*_moe,
+# deepseek): what removing experts must update so the saved config builds the smaller model.
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+TOP_K_KEYS = ("num_experts_per_tok", "top_k", "moe_topk")
+
+
+def expert_count(experts) -> int:
+    return _fused(experts, "down_proj").shape[0]
+
+
+def router_of(moe_block, experts) -> torch.nn.Module | None:
+    """The router of an MoE block: the `ROUTER_NAMES` child whose weight has one row per expert (not qwen2_moe's
+    one-row `shared_expert_gate`)."""
+    count = expert_count(experts)
+    for name in ROUTER_NAMES:
+        module = getattr(moe_block, name, None)
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == count:
+            return module
+    return None
+
+
+def expert_outputs(experts, index: int, x: torch.Tensor) -> torch.Tensor:
+    """Expert `index`'s output for its inputs `x` (tokens, hidden), before the routing weight."""
+    weight = experts.down_proj[index]
+    out = expert_intermediate(experts, index, x)
+    out = out @ weight if is_transposed(experts) else out @ weight.t()
+    bias = getattr(experts, "down_proj_bias", None)
+    return out + bias[index] if isinstance(bias, torch.Tensor) else out

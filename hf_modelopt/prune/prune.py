@@ -5,6 +5,7 @@ One handler per config type, in a plain dict (torchao's `quantize_` does the sam
 - `StructuredPruningConfig`: score attention heads and FFN neurons (gradient importance from `batches`, or
   weight magnitude), then rebuild every block's Linear layers with the kept ones.
 - `OneShotPruningConfig`: Wanda / SparseGPT from calibration `batches` (magnitude needs none), block by block.
+- `ExpertRemovalConfig`: whole experts of mixture-of-experts blocks removed, scored on calibration `batches`.
 - `PruningConfig`: magnitude pruning to the final sparsity at once, as `PruningCallback` would at its last
   update (movement scores exist only while training: use the callback).
 """
@@ -15,7 +16,7 @@ import logging
 from collections.abc import Callable, Iterable
 
 from ..compat import require_support
-from .config import OneShotPruningConfig, PruningConfig, StructuredPruningConfig
+from .config import ExpertRemovalConfig, OneShotPruningConfig, PruningConfig, StructuredPruningConfig
 
 logger = logging.getLogger("hf_modelopt")
 
@@ -124,3 +125,13 @@ def _at_once(model, config: PruningConfig, batches) -> dict:
     apply_masks_(modules, masks_from_scores(scores, config.sparsity, config.scope))
     return {"sparsity": sparsity_of(modules), "target_sparsity": config.sparsity,
             **block_parameters_report(model, modules)}
+
+
+@_handles(ExpertRemovalConfig)
+def _remove_experts(model, config: ExpertRemovalConfig, batches) -> dict:
+    from itertools import islice
+
+    from .experts import remove_experts_by_importance_
+
+    scoring = list(islice(_require_batches(batches, "expert removal"), config.calibration_batches))
+    return remove_experts_by_importance_(model, scoring, config.experts)

@@ -205,3 +205,72 @@ def test_pruned_moe_models_reload_with_their_logits(tmp_path):
         assert torch.allclose(loaded[str(tmp_path / model_type / "storage")], logits, atol=0.05), model_type
         # the experts are stored in full precision, and the storage report says so
         assert sum(".experts." in name for name in reports[model_type].kept) == 4, reports[model_type].kept
+
+
+MASKED_RELOAD = """
+import json, sys, torch, transformers
+model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+assert "hf_modelopt" not in sys.modules
+with torch.no_grad():
+    print(json.dumps(model(torch.tensor(json.loads(sys.argv[2]))).logits.tolist()))
+"""
+
+
+@torch.no_grad()
+def _logits_with_router_logits_masked(model, ids, removed: dict):
+    """The original model's logits with the removed experts' router logits set to -inf (the routers compute their
+    logits with F.linear on their weight; that call is intercepted)."""
+    from unittest import mock
+
+    real_linear = torch.nn.functional.linear
+    masks = {id(model.get_submodule(name).weight): experts for name, experts in removed.items()}
+
+    def linear(x, weight, bias=None):
+        out = real_linear(x, weight, bias)
+        if id(weight) in masks:
+            out = out.clone()
+            out[..., masks[id(weight)]] = float("-inf")
+        return out
+
+    with mock.patch.object(torch.nn.functional, "linear", linear):
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("model_type", list(MOE_CONFIGS))
+def test_expert_removal_equals_the_router_never_choosing_the_removed_experts(model_type, tmp_path):
+    from hf_modelopt.prune import ExpertRemovalConfig
+    from hf_modelopt.prune.experts import moe_blocks
+
+    model = _moe(model_type)
+    original = _moe(model_type)
+    routers = {name: next(n for n, m in model.named_modules() if m is router)
+               for name, (_, router) in moe_blocks(model).items()}
+    report = prune_(model, ExpertRemovalConfig(experts=2), _batches())
+    assert all(len(kept) == 2 for kept in report["kept_experts"].values())
+    assert report["parameters_after"] < report["parameters_before"]
+    for name, scores in report["scores"].items():  # the two kept are the two best scored
+        assert sorted(scores, reverse=True)[:2] == sorted((scores[i] for i in report["kept_experts"][name]),
+                                                          reverse=True)
+    removed = {routers[name]: [e for e in range(4) if e not in kept] for name, kept in report["kept_experts"].items()}
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+    expected = _logits_with_router_logits_masked(original, ids, removed)
+    assert not torch.allclose(expected, original(ids).logits, atol=1e-3)  # the removal changes the model
+
+    model.save_pretrained(tmp_path / "removed")
+    run = subprocess.run([sys.executable, "-c", MASKED_RELOAD, str(tmp_path / "removed"), json.dumps(ids.tolist())],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    reloaded = torch.tensor(json.loads(run.stdout.splitlines()[-1]))
+    assert (reloaded - expected).abs().max() < 1e-5
+    config = json.loads((tmp_path / "removed" / "config.json").read_text())
+    assert config.get("num_local_experts", config.get("num_experts")) == 2
+
+
+def test_expert_removal_refuses_before_changing_anything():
+    from hf_modelopt.prune import ExpertRemovalConfig
+
+    model = _moe("mixtral")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="at least the 2 chosen per token"):
+        prune_(model, ExpertRemovalConfig(experts=1), _batches())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and model.config.num_local_experts == 4
