@@ -1,10 +1,10 @@
 """Structured removal of whole experts from mixture-of-experts blocks.
 
 Each routed expert of each MoE block is scored on calibration tokens by how often the router picks it times the mean
-norm of what it adds to the output (routing weight x expert output) when picked: the REAP idea (Lasby et al. 2025,
-https://arxiv.org/abs/2510.13999), experts that are rarely used and contribute little go first. Every block keeps the
-same number of experts (the config holds one count); the fused expert parameters and the router's rows are sliced,
-and the config's expert count updated, so the result saves and loads with plain `from_pretrained`.
+norm of what it adds to the output (routing weight x expert output) when picked: the idea of REAP (router-weighted
+expert activation pruning, Lasby et al. 2025), experts that are rarely used and contribute little go first. Every
+block keeps the same number of experts (the config holds one count); the fused expert parameters and the router's
+rows are sliced, and the config's expert count updated, so the result saves and loads with plain `from_pretrained`.
 
 Removing expert e is the same as the router never choosing it: the pruned model computes what the original computes
 with e's router logit set to -inf (softmax over the remaining logits, then top-k), which the tests check.
