@@ -13,7 +13,7 @@ What compressed-tensors >= 0.15 (as transformers loads it) cannot express stays 
 stored dense (their zeros quantize to zero; the bitmask of `bitmask.py` is hf-modelopt's opt-in smaller form);
 embeddings, an output head tied to them, GPT-2's `Conv1D` layers and rows not divisible by `group_size` stay in
 full precision (named in the report); a structurally pruned model whose layer shapes no config field
-describes cannot use it at all (`blocker`).
+describes, and a mixture-of-experts model (its folder does not reload), cannot use it at all (`blocker`).
 """
 
 from __future__ import annotations
@@ -47,6 +47,14 @@ def blocker(model) -> str | None:
                 "loading hook")
     if quantization is not None:
         return f"the model is already quantized ({entries.get('quant_method', type(quantization).__name__)})"
+    from .experts import experts_modules
+
+    experts = experts_modules(model)
+    if experts:
+        # Seen with transformers 5.25 / compressed-tensors: the folder is written, then plain from_pretrained fails
+        # in the per-expert merge ("Concatenate on tensors destined for model.layers.1.mlp.experts.gate_up_proj").
+        return (f"mixture-of-experts weights ({next(iter(experts))}, fused 3-D) do not reload from a "
+                "compressed-tensors folder in transformers")
     return None
 
 

@@ -68,7 +68,8 @@ class StorageReport:
     """What `storage_state_dict` did to each weight: {module: "int8" | "nf4" | "int8+bitmask" | ...}."""
 
     formats: dict[str, str] = field(default_factory=dict)
-    kept: list[str] = field(default_factory=list)  # quantizable modules stored in full precision (skip list)
+    # stored in full precision: quantizable modules of the skip list, and fused MoE expert parameters
+    kept: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"formats": self.formats, "kept_in_full_precision": self.kept}
@@ -107,6 +108,12 @@ def storage_state_dict(model, linear_bits: int | None = 8, embedding_bits: int |
             label += "+bitmask"
         state[key], state[f"{name}.weight_scale"] = quantize_groups(weight, bits, group_size)
         report.formats[name] = label
+    if linear_bits:
+        # Fused 3-D expert weights are no Linear layers: they are stored in full precision, and the report says so.
+        from .experts import EXPERT_WEIGHTS, experts_modules
+
+        report.kept += [f"{name}.{param}" for name, experts in experts_modules(model).items()
+                        for param in EXPERT_WEIGHTS if getattr(experts, param, None) is not None]
     return state, report
 
 

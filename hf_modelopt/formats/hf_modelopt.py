@@ -121,18 +121,28 @@ def _quantizer_class():
             self.hf_quantizer = hf_quantizer
 
         def convert(self, input_dict, model=None, full_layer_name=None, **kwargs):
-            tensors = {k: v[0] if isinstance(v, list) else v for k, v in input_dict.items()}
-            packed = next((v for k, v in tensors.items() if k.endswith("weight_bitmask")), None)
-            scale = next((v for k, v in tensors.items() if k.endswith("weight_scale")), None)
-            stored = next(v for k, v in tensors.items() if not k.endswith(("weight_bitmask", "weight_scale")))
-            if packed is None and scale is None:  # a tensor stored as it is (norms, biases, unpruned layers)
-                return {"weight": stored}
-            module, _ = get_module_from_name(model, full_layer_name)
-            group_size = self.hf_quantizer.quantization_config.group_size
-            from .groupwise import decode_weight
+            companions = ("_bitmask", "_scale")
+            if set(input_dict) <= {"weight", "weight_bitmask", "weight_scale"}:
+                # The general converter: one module's weight (with its bitmask / scale when compressed).
+                tensors = {k: v[0] if isinstance(v, list) else v for k, v in input_dict.items()}
+                packed, scale, stored = tensors.get("weight_bitmask"), tensors.get("weight_scale"), tensors["weight"]
+                if packed is None and scale is None:  # a tensor stored as it is (norms, biases, unpruned layers)
+                    return {"weight": stored}
+                module, _ = get_module_from_name(model, full_layer_name)
+                group_size = self.hf_quantizer.quantization_config.group_size
+                from .groupwise import decode_weight
 
-            weight = decode_weight(stored, scale, packed, module.weight.shape, group_size)
-            return {"weight": weight.to(module.weight.dtype)}
+                weight = decode_weight(stored, scale, packed, module.weight.shape, group_size)
+                return {"weight": weight.to(module.weight.dtype)}
+            # Run before a model's own converter (e.g. the per-expert `experts.*.w1.weight` lists that mixtral merges
+            # into the fused `experts.gate_up_proj`): its ops need every source pattern, and its list of tensors per
+            # expert, as they came. hf-modelopt's writers store expert weights dense (formats/experts.py), so there
+            # is nothing to decode here; a compressed companion would have no shape to decode to, so it fails loudly.
+            compressed = [k for k in input_dict if k.endswith(companions)]
+            if compressed:
+                raise ValueError(f"{full_layer_name}: compressed tensors {compressed} inside a merged (per-expert) "
+                                 "weight; hf-modelopt stores expert weights dense and cannot decode these")
+            return dict(input_dict)
 
     class HfModelOptQuantizer(HfQuantizer):
         """Reads hf-modelopt formats at load time; quantizes nothing."""

@@ -11,7 +11,16 @@ from transformers import TrainerCallback
 from ..compat import require_support
 from ..distributed import is_sharded, is_zero3_partitioned
 from .config import PruningConfig
-from .masks import apply_masks_, full_weight, masks_from_scores, prunable_linears, sparsity_of, weight_numel
+from .masks import (
+    apply_masks_,
+    block_parameters_report,
+    full_weight,
+    masks_from_scores,
+    prunable_linears,
+    sparsity_of,
+    weight_grad,
+    weight_numel,
+)
 from .schedule import scheduled_sparsity
 
 logger = logging.getLogger("hf_modelopt")
@@ -41,11 +50,13 @@ class PruningCallback(TrainerCallback):
         self.masks: dict[str, torch.Tensor] = {}
         self.movement: dict[str, torch.Tensor] = {}
         self.target = 0.0  # the sparsity the current masks were computed for
+        self.model = None
 
     # ------------------------------------------------------------------ events
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         require_support("gradual pruning", model)
+        self.model = model  # for the log's sparsity over every parameter of the blocks
         self.modules = prunable_linears(model, self.config.targets, self.config.exclude)
         if self.schedule.kind != "one_shot" and self.schedule.end_step is None:
             # Default: reach the final sparsity after two thirds of training, recover during the last third.
@@ -65,8 +76,9 @@ class PruningCallback(TrainerCallback):
         if self.movement:  # gradients of this optimizer step (accumulated, clipped) are complete here
             with torch.no_grad():
                 for name, module in self.modules.items():
-                    if module.weight.grad is not None:
-                        self.movement[name] -= (module.weight * module.weight.grad).float()
+                    grad = weight_grad(module)
+                    if grad is not None:
+                        self.movement[name] -= (module.weight * grad).float()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         apply_masks_(self.modules, self.masks)
@@ -112,8 +124,10 @@ class PruningCallback(TrainerCallback):
         apply_masks_(self.modules, self.masks)
         previous, self.target = self.target, target
         measured = sparsity_of(self.modules)
-        state.log_history.append({"step": state.global_step, "target_sparsity": round(target, 6),
-                                  "sparsity": round(measured, 6)})
+        entry = {"step": state.global_step, "target_sparsity": round(target, 6), "sparsity": round(measured, 6)}
+        if self.model is not None:  # zeros over every block parameter: what the targets leave out shows here
+            entry["block_sparsity"] = round(block_parameters_report(self.model, self.modules)["block_sparsity"], 6)
+        state.log_history.append(entry)
         if int(target * 20) > int(previous * 20) or target >= self.config.sparsity:  # every 5 points
             logger.info("pruning: step %d, sparsity %.1f %% of %d targeted weights (target %.1f %%)",
                         state.global_step, measured * 100, sum(weight_numel(m) for m in self.modules.values()),

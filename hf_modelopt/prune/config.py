@@ -105,3 +105,14 @@ class OneShotPruningConfig(BaseModel):
                 raise ValueError(f"pattern {self.pattern!r}: N:M needs 0 < N < M")
             self.__dict__["sparsity"] = n / m
         return self
+
+
+class ExpertRemovalConfig(BaseModel):
+    """Remove whole experts of mixture-of-experts blocks, scored on calibration data by routing frequency x mean
+    output norm (REAP); every block keeps the same number (see `hf_modelopt.prune.experts`)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    experts: int = Field(gt=0, description="Routed experts kept in every MoE block: at least the experts chosen per "
+                         "token, fewer than there are.")
+    calibration_batches: int = Field(32, gt=0, description="Calibration batches (model inputs) the experts are "
+                                     "scored on.")

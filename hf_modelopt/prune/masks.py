@@ -9,6 +9,7 @@ import torch
 
 from ..distill.student import layer_stacks, transformer_layers
 from ..distributed import is_sharded, is_zero3_partitioned
+from ..formats.experts import ExpertSlice, expert_matrices, experts_modules, router_names
 from ..formats.modules import is_linear
 
 
@@ -35,15 +36,27 @@ def weight_numel(module) -> int:
 
 
 def linear_weight(module) -> torch.Tensor:
-    """The weight as (out_features, in_features), a view for `Conv1D` (which stores it transposed)."""
+    """The weight as (out_features, in_features), a view for `Conv1D` (which stores it transposed) and for an
+    expert's matrix of a fused MoE parameter."""
+    if isinstance(module, ExpertSlice):
+        return module.out_in()
     return module.weight if isinstance(module, torch.nn.Linear) else module.weight.t()
 
 
+def weight_grad(module) -> torch.Tensor | None:
+    """The gradient of `module.weight` (an expert's part of the fused parameter's gradient)."""
+    return module.weight_grad if isinstance(module, ExpertSlice) else module.weight.grad
+
+
 def prunable_linears(model, targets=("*",), exclude=()) -> dict[str, torch.nn.Module]:
-    """Linear modules inside the transformer blocks whose name (relative to the block list, e.g.
+    """The prunable matrices inside the transformer blocks whose name (relative to the block list, e.g.
     `0.attention.self.query`) matches a `targets` glob and no `exclude` glob; keys are full module names.
     An encoder-decoder's encoder and decoder blocks are both selected (the globs apply to each stack).
 
+    They are the Linear (and GPT-2 Conv1D) layers and, in mixture-of-experts blocks, every expert's matrix of the
+    fused 3-D expert parameters as an `ExpertSlice` named `<experts module>.<parameter>.<expert>` (e.g.
+    `0.mlp.experts.gate_up_proj.3`): each expert's matrix is pruned as its own matrix. The routers
+    (`formats.experts.ROUTER_NAMES`) are never selected: a pruned router sends tokens to other experts.
     Embeddings, norms and the task head live outside the blocks, so they are never selected.
     """
     stacks = layer_stacks(model)
@@ -51,9 +64,12 @@ def prunable_linears(model, targets=("*",), exclude=()) -> dict[str, torch.nn.Mo
         transformer_layers(model)  # raises the "no layer stack" error
     found, candidates = {}, []
     for stack in stacks:
-        for name, module in stack.layers.named_modules():
-            if not is_linear(module):
-                continue
+        routers = tuple(router_names(stack.layers))
+        matrices = [(name, module) for name, module in stack.layers.named_modules() if is_linear(module)
+                    and not any(name == r or name.startswith(r + ".") for r in routers)]
+        for experts_name, experts in experts_modules(stack.layers).items():
+            matrices += [(f"{experts_name}.{key}", part) for key, part in expert_matrices(experts).items()]
+        for name, module in matrices:
             candidates.append(name)
             if any(fnmatch(name, p) for p in targets) and not any(fnmatch(name, p) for p in exclude):
                 found[f"{stack.path}.{name}"] = module
@@ -62,6 +78,23 @@ def prunable_linears(model, targets=("*",), exclude=()) -> dict[str, torch.nn.Mo
         raise ValueError(f"no Linear layer matches targets {list(targets)} (minus exclude {list(exclude)}); "
                          f"layer names look like: {shown}")
     return found
+
+
+def block_parameters_report(model, modules: dict[str, torch.nn.Module]) -> dict:
+    """What pruning covered, measured over every parameter of the transformer blocks (not only Linear layers):
+    the targeted weights' count, all block parameters and their fraction of exact zeros, and the routers left
+    dense. Under FSDP2 / ZeRO-3 the counts are of this process's parts."""
+    total = zeros = 0
+    routers = []
+    for stack in layer_stacks(model):
+        for param in stack.layers.parameters():
+            local = param.to_local() if is_sharded(param) else param.ds_tensor if is_zero3_partitioned(param) \
+                else param
+            total += local.numel()
+            zeros += int((local.detach() == 0).sum())
+        routers += [f"{stack.path}.{name}" for name in router_names(stack.layers)]
+    return {"targeted_parameters": sum(weight_numel(m) for m in modules.values()), "block_parameters": total,
+            "block_sparsity": zeros / max(total, 1), "routers_kept_dense": routers}
 
 
 def masks_from_scores(scores: dict[str, torch.Tensor], sparsity: float, scope: str = "layer",

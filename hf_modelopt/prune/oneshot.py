@@ -20,6 +20,7 @@ import torch
 
 from ..compat import require_support
 from ..distill.student import transformer_layers
+from ..formats.experts import ExpertSlice, expert_intermediate, routed_tokens
 from .masks import linear_weight, prunable_linears
 
 logger = logging.getLogger("hf_modelopt")
@@ -37,16 +38,28 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     return int(n), int(m)
 
 
-def _block_inputs(model, batches):
-    """The positional and keyword arguments block 0 receives for each calibration batch."""
-    _, layers = transformer_layers(model)
-    captured = []
+def _block_inputs(layers, model, batches) -> list[list[tuple]]:
+    """For each block and each calibration batch, the positional and keyword arguments the model itself passes
+    to that block: `captured[i][b] = (args, kwargs)`.
 
-    def catch(module, args, kwargs):
-        captured.append((args, kwargs))
-        raise _StopForward
+    Every block's own arguments are recorded, not block 0's reused: models with `layer_types` (gemma2, gemma3,
+    modernbert) give sliding-window and full-attention blocks different masks, gemma3 different rotary
+    embeddings. Only block 0's hidden states are kept (block i > 0 is fed the pruned output of block i - 1, so
+    its recorded hidden states would be stale, and holding them would cost a copy of the activations per block).
+    """
+    captured: list[list[tuple]] = [[] for _ in layers]
 
-    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    def catcher(index):
+        def catch(module, args, kwargs):
+            if index:
+                args, kwargs = _with_hidden_states(args, kwargs, None)
+            captured[index].append((args, kwargs))
+            if index == len(layers) - 1:  # what follows the last block (final norm, head) is not needed
+                raise _StopForward
+        return catch
+
+    handles = [layer.register_forward_pre_hook(catcher(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    batches = list(batches)
     try:
         for batch in batches:
             try:
@@ -54,7 +67,12 @@ def _block_inputs(model, batches):
             except _StopForward:
                 pass
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+    for index, calls in enumerate(captured):
+        if len(calls) != len(batches):  # a block skipped or called twice: its inputs cannot be matched to batches
+            raise ValueError(f"one-shot calibration: block {index} was called {len(calls)} times for "
+                             f"{len(batches)} batches; it needs one call per block per batch")
     return captured
 
 
@@ -146,7 +164,8 @@ def prune_oneshot_(model, batches, method: str = "wanda", sparsity: float = 0.5,
                    progress: bool = True) -> dict[str, float]:
     """Prune a causal LM in place, block by block, from calibration `batches` (dicts of input tensors).
 
-    Returns the measured sparsity of each pruned Linear layer.
+    Returns the measured sparsity of each pruned Linear layer and expert matrix. Mixture-of-experts blocks: each
+    expert's matrix is pruned as its own matrix, calibrated on the tokens the router sends that expert.
     """
     require_support("one-shot pruning", model)
     nm = parse_pattern(pattern)
@@ -159,25 +178,33 @@ def prune_oneshot_(model, batches, method: str = "wanda", sparsity: float = 0.5,
             weight.mul_(magnitude_mask(weight, sparsity, nm))
         return {name: float((m.weight == 0).float().mean()) for name, m in modules.items()}
 
-    inputs = _block_inputs(model, batches)
+    captured = _block_inputs(layers, model, batches)
+    inputs = captured[0]
     iterator = range(len(layers))
     if progress:
         from tqdm.auto import tqdm
 
         iterator = tqdm(iterator, desc=f"{method} pruning", unit="block")
-    report = {}
+    report, uncalibrated = {}, []
     for index in iterator:
         block = layers[index]
         mine = {name: m for name, m in modules.items() if name.startswith(f"{prefix}.{index}.")}
         stats = {name: _new_stats(m, method) for name, m in mine.items()}
-        handles = [m.register_forward_hook(_collector(stats[name], method)) for name, m in mine.items()]
+        handles = [m.register_forward_hook(_collector(stats[name], method)) for name, m in mine.items()
+                   if not isinstance(m, ExpertSlice)]
+        handles += _expert_collectors(mine, stats, method)
         for args, kwargs in inputs:
             _run_block(block, args, kwargs)
         for handle in handles:
             handle.remove()
         for name, module in mine.items():
             s, weight = stats[name], linear_weight(module)
-            if method == "wanda":
+            if s["tokens"] == 0 and isinstance(module, ExpertSlice):
+                # No calibration token was routed to this expert: nothing to weigh its inputs by (and SparseGPT's
+                # empty Hessian would zero it all); its rows are pruned by |W|, Wanda's rule with equal norms.
+                uncalibrated.append(name)
+                weight.mul_(wanda_mask(weight, torch.ones(weight.shape[1]), sparsity, nm))
+            elif method == "wanda":
                 norm = torch.sqrt(s["sum_sq"] / max(s["tokens"], 1))
                 weight.mul_(wanda_mask(weight, norm, sparsity, nm))
             elif method == "sparsegpt":
@@ -186,8 +213,15 @@ def prune_oneshot_(model, batches, method: str = "wanda", sparsity: float = 0.5,
             else:
                 raise ValueError(f"unknown one-shot method {method!r}: use wanda, sparsegpt or magnitude")
             report[name] = float((module.weight == 0).float().mean())
-        # The pruned block's outputs are what the next block will see.
-        inputs = [_with_hidden_states(args, kwargs, _run_block(block, args, kwargs)) for args, kwargs in inputs]
+        if index + 1 < len(layers):
+            # The next block gets its own recorded arguments with the pruned block's outputs as hidden states.
+            inputs = [_with_hidden_states(args, kwargs, _run_block(block, *call))
+                      for call, (args, kwargs) in zip(inputs, captured[index + 1])]
+            captured[index] = None  # free this block's arguments
+    if uncalibrated:
+        logger.warning("one-shot pruning: no calibration token was routed to %d expert matrices (%s%s); they were "
+                       "pruned by magnitude per row", len(uncalibrated), ", ".join(uncalibrated[:4]),
+                       ", ..." if len(uncalibrated) > 4 else "")
     return report
 
 
@@ -198,16 +232,46 @@ def _new_stats(module, method):
     return {"sum_sq": torch.zeros(columns, dtype=torch.float32), "tokens": 0}
 
 
+def _accumulate(stats, method, x: torch.Tensor) -> None:
+    x = x.detach().reshape(-1, x.shape[-1]).float()
+    stats["tokens"] += x.shape[0]
+    if method == "sparsegpt":
+        stats["hessian"] += x.T @ x
+    else:
+        stats["sum_sq"] += (x * x).sum(0)
+
+
 def _collector(stats, method):
     def hook(module, args, output):
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-        stats["tokens"] += x.shape[0]
-        if method == "sparsegpt":
-            stats["hessian"] += x.T @ x
-        else:
-            stats["sum_sq"] += (x * x).sum(0)
+        _accumulate(stats, method, args[0])
 
     return hook
+
+
+def _expert_collectors(mine: dict, stats: dict, method: str) -> list:
+    """Hooks on the experts modules of `mine`'s expert matrices: each expert's statistics come from the tokens the
+    router sends it (its first projection's inputs) and what its activation makes of them (`down_proj`'s)."""
+    by_experts: dict[int, tuple] = {}
+    for name, module in mine.items():
+        if isinstance(module, ExpertSlice):
+            by_experts.setdefault(id(module.experts), (module.experts, {}))[1][name] = module
+
+    def collector(experts, slices):
+        def hook(module, args, kwargs):
+            hidden, routed = routed_tokens(experts, args, kwargs)
+            for name, part in slices.items():
+                tokens = routed[part.index]
+                if tokens.numel() == 0:
+                    continue
+                x = hidden[tokens]
+                if part.param_name == "down_proj":
+                    x = expert_intermediate(experts, part.index, x)
+                _accumulate(stats[name], method, x)
+
+        return hook
+
+    return [experts.register_forward_pre_hook(collector(experts, slices), with_kwargs=True)
+            for experts, slices in by_experts.values()]
 
 
 def calibration_batches(dataset, count: int, batch_size: int = 8):

@@ -5,6 +5,7 @@ One handler per config type, in a plain dict (torchao's `quantize_` does the sam
 - `StructuredPruningConfig`: score attention heads and FFN neurons (gradient importance from `batches`, or
   weight magnitude), then rebuild every block's Linear layers with the kept ones.
 - `OneShotPruningConfig`: Wanda / SparseGPT from calibration `batches` (magnitude needs none), block by block.
+- `ExpertRemovalConfig`: whole experts of mixture-of-experts blocks removed, scored on calibration `batches`.
 - `PruningConfig`: magnitude pruning to the final sparsity at once, as `PruningCallback` would at its last
   update (movement scores exist only while training: use the callback).
 """
@@ -15,7 +16,7 @@ import logging
 from collections.abc import Callable, Iterable
 
 from ..compat import require_support
-from .config import OneShotPruningConfig, PruningConfig, StructuredPruningConfig
+from .config import ExpertRemovalConfig, OneShotPruningConfig, PruningConfig, StructuredPruningConfig
 
 logger = logging.getLogger("hf_modelopt")
 
@@ -90,14 +91,15 @@ def _structured(model, config: StructuredPruningConfig, batches) -> dict:
 
 @_handles(OneShotPruningConfig)
 def _one_shot(model, config: OneShotPruningConfig, batches) -> dict:
-    from .masks import prunable_linears, sparsity_of
+    from .masks import block_parameters_report, prunable_linears, sparsity_of
     from .oneshot import prune_oneshot_
 
     if config.method != "magnitude":
         batches = list(_require_batches(batches, f"method={config.method!r}"))
     per_layer = prune_oneshot_(model, batches, config.method, config.sparsity, config.pattern, config.targets,
                                config.exclude, config.block_size, config.dampening)
-    return {"sparsity": sparsity_of(prunable_linears(model, config.targets, config.exclude)), "per_layer": per_layer}
+    modules = prunable_linears(model, config.targets, config.exclude)
+    return {"sparsity": sparsity_of(modules), "per_layer": per_layer, **block_parameters_report(model, modules)}
 
 
 @_handles(PruningConfig)
@@ -105,7 +107,14 @@ def _at_once(model, config: PruningConfig, batches) -> dict:
     import torch
 
     require_support("gradual pruning", model)  # the same pruning as PruningCallback's last update
-    from .masks import apply_masks_, full_weight, masks_from_scores, prunable_linears, sparsity_of
+    from .masks import (
+        apply_masks_,
+        block_parameters_report,
+        full_weight,
+        masks_from_scores,
+        prunable_linears,
+        sparsity_of,
+    )
 
     if config.method == "movement":
         raise ValueError("movement pruning scores weights by how they move while training: use "
@@ -114,4 +123,15 @@ def _at_once(model, config: PruningConfig, batches) -> dict:
     with torch.no_grad():
         scores = {name: full_weight(module).abs().float() for name, module in modules.items()}
     apply_masks_(modules, masks_from_scores(scores, config.sparsity, config.scope))
-    return {"sparsity": sparsity_of(modules), "target_sparsity": config.sparsity}
+    return {"sparsity": sparsity_of(modules), "target_sparsity": config.sparsity,
+            **block_parameters_report(model, modules)}
+
+
+@_handles(ExpertRemovalConfig)
+def _remove_experts(model, config: ExpertRemovalConfig, batches) -> dict:
+    from itertools import islice
+
+    from .experts import remove_experts_by_importance_
+
+    scoring = list(islice(_require_batches(batches, "expert removal"), config.calibration_batches))
+    return remove_experts_by_importance_(model, scoring, config.experts)

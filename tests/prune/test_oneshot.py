@@ -66,3 +66,93 @@ def test_prune_oneshot_is_for_causal_lms(tiny_models, sst2_files, tmp_path):
     with pytest.raises(RecipeError, match="N:M needs"):
         validate_recipe(tiny_recipe(tiny_models("bert"), sst2_files, stages=[{"type": "prune_oneshot",
                                                                               "pattern": "4:2"}]))
+
+
+# Models whose blocks differ (`layer_types`): sliding-window vs full attention, and for gemma3 a rotary embedding
+# per attention type. A sliding window of 4 over 16 tokens makes the two masks differ.
+MIXED_ATTENTION = {
+    "gemma2": ("AutoModelForCausalLM", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                            num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                            sliding_window=4)),
+    "gemma3_text": ("AutoModelForCausalLM", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                                 sliding_window=4, layer_types=["sliding_attention",
+                                                                                "full_attention",
+                                                                                "sliding_attention"])),
+    "modernbert": ("AutoModelForMaskedLM", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                                num_attention_heads=4, local_attention=4, pad_token_id=0,
+                                                bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)),
+}
+
+
+def _mixed_attention_model(model_type):
+    import transformers
+
+    auto_class, kwargs = MIXED_ATTENTION[model_type]
+    config = transformers.AutoConfig.for_model(model_type, vocab_size=128, **kwargs)
+    torch.manual_seed(0)
+    return getattr(transformers, auto_class).from_config(config).eval()
+
+
+@torch.no_grad()
+def _reference_wanda_masks(model, batches, sparsity):
+    """Wanda block by block, each block's Linear inputs captured by hooks in full forward passes of the model
+    (blocks before it already pruned): the model passes each block its own mask and rotary embeddings."""
+    from hf_modelopt.distill.student import transformer_layers
+
+    prefix, layers = transformer_layers(model)
+    masks = {}
+    for index in range(len(layers)):
+        mine = {n: m for n, m in prunable_linears(model).items() if n.startswith(f"{prefix}.{index}.")}
+        sums = {n: torch.zeros(m.in_features) for n, m in mine.items()}
+        counts = dict.fromkeys(mine, 0)
+
+        def hook(name, sums=sums, counts=counts):
+            def record(module, args, output):
+                x = args[0].reshape(-1, args[0].shape[-1]).float()
+                sums[name] += (x * x).sum(0)
+                counts[name] += x.shape[0]
+            return record
+
+        handles = [m.register_forward_hook(hook(n)) for n, m in mine.items()]
+        for batch in batches:
+            model(**batch)
+        for handle in handles:
+            handle.remove()
+        for name, module in mine.items():
+            score = module.weight.abs() * torch.sqrt(sums[name] / counts[name]).unsqueeze(0)
+            drop = torch.argsort(score, dim=1)[:, : int(score.shape[1] * sparsity)]
+            keep = torch.ones_like(score, dtype=torch.bool).scatter_(1, drop, False)
+            module.weight.mul_(keep)
+            masks[name] = keep
+    return masks
+
+
+@pytest.mark.parametrize("model_type", list(MIXED_ATTENTION))
+def test_oneshot_calibrates_each_block_with_its_own_inputs(model_type):
+    from hf_modelopt.distill.student import transformer_layers
+
+    model = _mixed_attention_model(model_type)
+    torch.manual_seed(1)
+    batches = [{"input_ids": torch.randint(3, 128, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+               for _ in range(2)]
+    # The test means something only if the blocks get different arguments (mask or rotary embeddings).
+    seen = []
+    _, layers = transformer_layers(model)
+    handles = [layer.register_forward_pre_hook(lambda m, a, k: seen.append(k), with_kwargs=True) for layer in layers]
+    model(**batches[0])
+    for handle in handles:
+        handle.remove()
+    def tensors(kwargs):
+        values = [kwargs.get("attention_mask"), *(kwargs.get("position_embeddings") or ())]
+        return [v for v in values if isinstance(v, torch.Tensor)]
+
+    differs = any(x.shape != y.shape or not torch.equal(x, y) for x, y in zip(tensors(seen[0]), tensors(seen[1])))
+    assert differs, "blocks 0 and 1 get the same arguments: this model does not exercise per-block calibration"
+
+    reference = _mixed_attention_model(model_type)
+    expected = _reference_wanda_masks(reference, batches, 0.5)
+    prune_oneshot_(model, batches, "wanda", 0.5, progress=False)
+    modules = prunable_linears(model)
+    for name, keep in expected.items():
+        assert torch.equal(modules[name].weight != 0, keep), name
