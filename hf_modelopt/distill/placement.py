@@ -9,12 +9,12 @@ the activations between devices, and the outputs come back on the device of the 
 from __future__ import annotations
 
 import logging
-import shutil
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import UserError
+from ..files import remove_inside
 
 logger = logging.getLogger("hf_modelopt")
 
@@ -73,7 +73,8 @@ def placed_teacher(teacher, config, scratch_dir: str | Path):
     try:
         yield dispatch_teacher(teacher, config.teacher_device_map, config.teacher_max_memory, offload_dir)
     finally:
-        shutil.rmtree(offload_dir, ignore_errors=True)
+        if offload_dir.exists():
+            remove_inside(offload_dir, scratch_dir)
 
 
 def is_dispatched(model) -> bool:

@@ -22,6 +22,7 @@ import logging
 from pathlib import Path
 
 from ..compat import COMPRESSED_TENSORS_UNLOADABLE, require_support
+from ..files import remove_inside
 
 logger = logging.getLogger("hf_modelopt")
 
@@ -110,7 +111,7 @@ def save_compressed(model, folder, tokenizer=None, *, sparse: bool = False, stor
             k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if ".lora_" not in k}
         save_quantized(base, folder, tokenizer, state_dict=state)
         model.save_pretrained(folder)  # adapter_config.json + adapter_model.safetensors beside it
-        (folder / "README.md").unlink(missing_ok=True)  # peft's placeholder card; the export writes the real one
+        remove_inside(folder / "README.md", folder)  # peft's placeholder card; the export writes the real one
     elif _quant_method(model) == "bitsandbytes":
         if sparse or storage is not None:
             raise ValueError("a bitsandbytes model is saved in bitsandbytes' format: sparse= and storage= do not apply")

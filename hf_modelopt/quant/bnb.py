@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
+from ..files import remove_inside
 from .config import QuantizationConfig
 
 logger = logging.getLogger("hf_modelopt")
@@ -196,7 +197,7 @@ def save_quantized(model, folder: str | Path, tokenizer=None, state_dict: dict |
         from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
         for written in folder.glob("model*.safetensors*"):
-            written.unlink()
+            remove_inside(written, folder)
         tensors = remove_tied_weights_from_state_dict(dict(state_dict), model)
         save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors",
                   metadata={"format": "pt"})
