@@ -50,6 +50,7 @@ def folder_candidate(path, task: str, name: str | None = None, trust_remote_code
     y/N on a terminal before running code shipped with the model.
     """
     from .export.measure import weights_size
+    from .inspection import load_config
     from .tasks import get_task
 
     path = str(path)
@@ -65,6 +66,7 @@ def folder_candidate(path, task: str, name: str | None = None, trust_remote_code
         return getattr(transformers, get_task(task).auto_class).from_pretrained(path,
                                                                                trust_remote_code=trust_remote_code)
 
+    load_config(path, trust_remote_code)  # refuses, before any model is measured, code the user did not allow
     size = weights_size(path) if os.path.isdir(path) else None
     return Candidate(name or path, load, tokenizer=_tokenizer(path, trust_remote_code), size_bytes=size,
                      memory_loader=path, trust_remote_code=trust_remote_code)

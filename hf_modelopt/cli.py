@@ -100,11 +100,16 @@ def _load_any(path: str, trust_remote_code: bool, **kwargs):
     """A saved model with its head, whatever the task (the class named in its config)."""
     import transformers
 
-    # Always a bool: `None` (transformers' default) asks y/N on a terminal before running a model's own code.
-    kwargs["trust_remote_code"] = trust_remote_code
-    config = transformers.AutoConfig.from_pretrained(path, **kwargs)
+    from .inspection import load_config
+
+    config = load_config(path, trust_remote_code, **kwargs)
+    if config is None:
+        from .errors import UserError
+
+        raise UserError(f"{path}: no config.json: not a saved model (a peft adapter folder is evaluated with `eval`)")
     architecture = (config.architectures or ["AutoModel"])[0]
-    return getattr(transformers, architecture, transformers.AutoModel).from_pretrained(path, **kwargs)
+    cls = getattr(transformers, architecture, transformers.AutoModel)
+    return cls.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
 
 
 def _require_packages_to_load(path: str, gguf_file: str | None = None) -> None:
@@ -209,6 +214,7 @@ def _where(stop) -> str:
 
 
 def _eval(args) -> int:
+    from .inspection import load_config
     from .metrics import evaluate_model
     from .modeling import load_model, load_tokenizer
     from .pipeline import preflight
@@ -216,6 +222,7 @@ def _eval(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     _require_packages_to_load(args.model)
+    load_config(args.model, args.trust_remote_code)  # before any work: a model whose code the user did not allow
     preflight(recipe)
     # MODEL is not the recipe's model: whether its code may run is the --trust-remote-code flag's to say.
     spec = recipe.model.model_copy(update={"trust_remote_code": args.trust_remote_code})

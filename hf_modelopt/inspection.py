@@ -7,6 +7,22 @@ from pathlib import Path
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 
 
+def load_config(path: str, trust_remote_code: bool, **kwargs):
+    """`AutoConfig` of a model folder or Hub id, or None for a folder without config.json (a peft adapter).
+
+    The commands that load a model given on the command line call it before any other work: a model that ships
+    its own code (`auto_map`) is refused here unless the user passed --trust-remote-code. Always a bool:
+    transformers' default (None) asks y/N on a terminal instead.
+    """
+    import os
+
+    from transformers import AutoConfig
+
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")) and "gguf_file" not in kwargs:
+        return None
+    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+
+
 def size_on_disk(folder: str | Path) -> int:
     """Bytes of the weight files in `folder` (config and tokenizer files are not counted)."""
     folder = Path(folder)
