@@ -16,7 +16,7 @@ import logging
 
 import torch
 
-from ..distill.student import layer_stacks
+from ..blocks import layer_stacks
 from ..formats.experts import (
     EXPERT_COUNT_KEYS,
     TOP_K_KEYS,

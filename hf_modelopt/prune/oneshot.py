@@ -18,8 +18,8 @@ import logging
 
 import torch
 
+from ..blocks import transformer_layers
 from ..compat import require_support
-from ..distill.student import transformer_layers
 from ..formats.experts import ExpertSlice, expert_intermediate, routed_tokens
 from .masks import linear_weight, prunable_linears
 

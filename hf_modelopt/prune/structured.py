@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..distill.student import layer_stacks
+from ..blocks import layer_stacks
 from ..formats.modules import new_linear_like, set_attention_heads_
 
 logger = logging.getLogger("hf_modelopt")
