@@ -8,18 +8,17 @@ result checked, every other pair must be refused with this error. `docs/architec
 
     from hf_modelopt.compat import require_support
     require_support("structured pruning", model)  # raises UnsupportedModelError for a GPT-2
+
+The declarations read the structure the work itself relies on: the block stacks as `hf_modelopt.blocks` finds them
+(ALBERT's shared layers have none), same-shape blocks (Swin's stages are not), the layers transformers'
+bitsandbytes integration replaces (`quant.bnb.linear_layers`: not Falcon's `FalconLinear`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from .errors import UserError
-
-
-class UnsupportedModelError(UserError):
-    """A technique was asked to work on a model architecture or head it does not support."""
-
+from .errors import UnsupportedModelError  # noqa: F401  (re-exported: raised by require_support)
 
 # Heads whose `logits` are one distribution per example (classification) or per next token (causal LM): what
 # the quantization sensitivity scan and recovery compute the task cross-entropy

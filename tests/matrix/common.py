@@ -49,7 +49,7 @@ VOCAB_SIZE = 512
 BATCH, SEQUENCE = 2, 8
 
 # model width keys -> 64, FFN width keys -> 128, per-head width keys -> 16 (see `wide_config_kwargs`)
-_MODEL_WIDTHS = ("hidden_size", "dim", "n_embd", "d_model", "embedding_size", "word_embed_proj_dim")
+_MODEL_WIDTHS = ("hidden_size", "dim", "n_embd", "d_model", "embedding_size", "word_embed_proj_dim", "embed_dim")
 _FFN_WIDTHS = ("intermediate_size", "hidden_dim", "ffn_dim", "d_ff", "encoder_ffn_dim", "decoder_ffn_dim")
 _HEAD_WIDTHS = ("head_dim", "d_kv")
 
