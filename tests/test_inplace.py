@@ -63,6 +63,25 @@ def test_one_shot_pruning_failing_in_block_1_leaves_the_model_unpruned(method, m
     _assert_as_before(model, picture)
 
 
+def test_magnitude_pruning_at_once_failing_after_the_first_layer_leaves_every_weight(monkeypatch):
+    from hf_modelopt import PruningConfig, prune_
+    from hf_modelopt.prune import masks
+
+    model = tiny_model("gpt2")
+    picture = _picture(model)
+    apply_masks_ = masks.apply_masks_
+
+    def first_layer_then_fail(modules, new_masks):
+        first = next(iter(modules))
+        apply_masks_({first: modules[first]}, {first: new_masks[first]})  # block 0's first layer is pruned
+        raise Injected("after the first layer")
+
+    monkeypatch.setattr(masks, "apply_masks_", first_layer_then_fail)
+    with pytest.raises(Injected):
+        prune_(model, PruningConfig(sparsity=0.5))
+    _assert_as_before(model, picture)
+
+
 def test_structured_pruning_failing_in_block_1_leaves_the_layers_as_they_were(monkeypatch):
     from hf_modelopt import StructuredPruningConfig, prune_
     from hf_modelopt.prune import structured
