@@ -8,18 +8,17 @@ result checked, every other pair must be refused with this error. `docs/architec
 
     from hf_modelopt.compat import require_support
     require_support("structured pruning", model)  # raises UnsupportedModelError for a GPT-2
+
+The declarations read the structure the work itself relies on: the block stacks as `hf_modelopt.blocks` finds them
+(ALBERT's shared layers have none), same-shape blocks (Swin's stages are not), the layers transformers'
+bitsandbytes integration replaces (`quant.bnb.linear_layers`: not Falcon's `FalconLinear`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from .errors import UserError
-
-
-class UnsupportedModelError(UserError):
-    """A technique was asked to work on a model architecture or head it does not support."""
-
+from .errors import UnsupportedModelError  # noqa: F401  (re-exported: raised by require_support)
 
 # Heads whose `logits` are one distribution per example (classification) or per next token (causal LM): what
 # the quantization sensitivity scan and recovery compute the task cross-entropy
@@ -92,6 +91,50 @@ def _structured_layout(model) -> str | None:
     return f"it supports the model types whose block layout it knows: {', '.join(sorted(LAYOUTS))}"
 
 
+# Config keys that count the blocks of each stage of a hierarchical vision model (Swin and its kin): its `layers` are
+# stages, not blocks, and the patch merging between stages changes the hidden size and the token count.
+STAGE_DEPTHS_KEYS = ("depths",)
+# Config keys that say several layers share one set of weights (ALBERT: `num_hidden_groups` groups of layers, run
+# `num_hidden_layers` times in all): there is no module per layer to prune, drop or calibrate on its own.
+SHARED_LAYER_GROUP_KEYS = ("num_hidden_groups",)
+
+
+def _block_stacks(model) -> str | None:
+    # Pruning selects the Linears of the block stacks (`distill.student.layer_stacks`): a model without one would
+    # fail inside the work (ALBERT's shared layers: inside `trainer.train()`).
+    from .blocks import COUNT_KEYS, layer_stacks  # at call time: the stacks as the work finds them
+
+    if layer_stacks(model):
+        return None
+    config = getattr(model, "config", None)
+    shared = next((key for key in SHARED_LAYER_GROUP_KEYS if isinstance(getattr(config, key, None), int)), None)
+    if shared is not None:
+        return (f"it supports models with one module per transformer layer; {type(model).__name__}'s "
+                f"{getattr(config, 'num_hidden_layers', '?')} layers share the weights of {getattr(config, shared)} "
+                f"layer group(s) (config.{shared})")
+    return (f"it supports models with a ModuleList of transformer blocks whose length a layer-count config "
+            f"attribute ({', '.join(COUNT_KEYS)}) states; {type(model).__name__} has none")
+
+
+def _same_shape_blocks(model) -> str | None:
+    # One-shot calibration feeds each block the previous block's output, and a student keeps whole blocks: both
+    # need a stack of blocks that keep the hidden shape. Swin's stack is of stages with patch merging between them
+    # (one-shot pruning crashed at a later stage after the first was pruned; `student_from_teacher` raised
+    # IndexError).
+    config = getattr(model, "config", None)
+    for key in STAGE_DEPTHS_KEYS:
+        depths = getattr(config, key, None)
+        if isinstance(depths, (list, tuple)):
+            return (f"it supports stacks of blocks that keep the hidden shape; {type(model).__name__} has "
+                    f"{len(depths)} stages of blocks (config.{key} = {list(depths)}) with patch merging between "
+                    "them, which changes the hidden size and the token count")
+    return _block_stacks(model)
+
+
+def _one_stack_of_same_shape_blocks(model) -> str | None:
+    return _one_block_stack(model) or _same_shape_blocks(model)
+
+
 def _has_linear_layers(model) -> str | None:
     import torch
 
@@ -100,9 +143,34 @@ def _has_linear_layers(model) -> str | None:
     return "it quantizes Linear layers and the model has none"
 
 
+def _gradual_pruning(model) -> str | None:
+    return _has_linear_layers(model) or _block_stacks(model)
+
+
+def _bitsandbytes_layers(model) -> str | None:
+    # transformers' bitsandbytes integration replaces the modules whose type is exactly nn.Linear, and GPT-2's
+    # Conv1D (`quant.bnb.linear_layers` is that rule); a subclass with its own forward (Falcon's `FalconLinear`)
+    # stays in full precision, so a model whose blocks hold only those would come back unquantized.
+    import torch
+
+    from .quant.bnb import linear_layers  # at call time: the rule bitsandbytes applies is the declaration
+
+    layers = linear_layers(model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if any(model.get_submodule(name) is not head for name in layers):
+        return None
+    subclasses = sorted({type(m).__name__ for m in model.modules()
+                         if isinstance(m, torch.nn.Linear) and type(m) is not torch.nn.Linear})
+    if subclasses:
+        return (f"it supports the layers transformers' bitsandbytes integration replaces, exactly nn.Linear (and "
+                f"GPT-2's Conv1D); {type(model).__name__}'s layers are {', '.join(subclasses)} (subclasses of "
+                "nn.Linear), which it leaves in full precision")
+    return "it supports models with Linear layers besides the output head, and this one has none"
+
+
 def _calibrated_quantization(model) -> str | None:
     # The sensitivity scan and the recovery compute the task loss and the KL of the logits, as distillation does.
-    return _has_linear_layers(model) or _logit_head(model)
+    return _bitsandbytes_layers(model) or _logit_head(model)
 
 
 def _any_model(model) -> str | None:
@@ -112,10 +180,11 @@ def _any_model(model) -> str | None:
 # technique -> why `model` is not supported (None: supported). The names are the ones the messages use.
 SUPPORT: dict[str, Callable[[object], str | None]] = {
     "distillation": _task_head,
-    "gradual pruning": _has_linear_layers,  # the Linears of every block stack (both of an encoder-decoder)
-    "one-shot pruning": _one_block_stack,
+    "students from teacher layers": _same_shape_blocks,  # `distill.student_from_teacher` keeps whole blocks
+    "gradual pruning": _gradual_pruning,  # the Linears of every block stack (both of an encoder-decoder)
+    "one-shot pruning": _one_stack_of_same_shape_blocks,
     "structured pruning": _structured_layout,
-    "quantization": _has_linear_layers,
+    "quantization": _bitsandbytes_layers,
     "quantization with calibration": _calibrated_quantization,
     "export": _any_model,
 }

@@ -27,6 +27,11 @@ class UserError(ValueError):
     """A problem in the recipe, the data or the models that the user can fix; the message says how."""
 
 
+class UnsupportedModelError(UserError):
+    """A technique was asked to work on a model architecture, head or structure it does not support
+    (`hf_modelopt.compat.require_support` raises it, one line, before any work)."""
+
+
 class RecipeError(UserError):
     """A recipe problem: `source: key: what was expected`."""
 

@@ -13,18 +13,48 @@
   `layer_shapes`; after `import hf_modelopt`.
 - anything else (a pruned model: dense weights with zeros): plain safetensors; plain transformers.
 
-The returned `ExportFormat` says which: `loads_with` is what to import before `from_pretrained`.
+The returned `ExportFormat` says which: `loads_with` is what to import before `from_pretrained`. Before it is
+returned, the folder is loaded that way (`verify=`: in this process by default, or in a fresh one that imports only
+what `loads_with` names), with no weight missing or of another shape; quantized storage whose
+compressed-tensors folder does not load is written again in hf-modelopt's format, and any other failure raises
+`ExportLoadError` (one line) instead of returning a format that claims a loader it fails with.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 from ..compat import COMPRESSED_TENSORS_UNLOADABLE, require_support
+from ..errors import UserError, clip
 from ..files import remove_inside
 
 logger = logging.getLogger("hf_modelopt")
+
+# How `save_compressed` checks that the folder loads with the loader it names: "in-process" (default: a
+# `from_pretrained` here, after hf_modelopt's hooks are registered; a second copy of the model in memory, a fraction
+# of a second for small models), "fresh-process" (a new Python that imports only what `loads_with` names: proves
+# what a user gets, costs a process start and the transformers import, seconds), or False (no check).
+VERIFY_MODES = ("in-process", "fresh-process", False)
+FRESH_PROCESS_TIMEOUT_S = 900
+
+# Run by `python -c` in the fresh process: nothing of hf_modelopt unless the format needs its hooks.
+_FRESH_LOAD = """
+import json, sys
+folder, architecture, loads_with = sys.argv[1:4]
+if loads_with == "hf_modelopt":
+    import hf_modelopt  # noqa: F401  (registers the loading hooks)
+import transformers
+model, info = getattr(transformers, architecture).from_pretrained(folder, output_loading_info=True)
+print(json.dumps({key: sorted(map(str, info.get(key) or ())) for key in ("missing_keys", "mismatched_keys")}))
+"""
+
+
+class ExportLoadError(UserError):
+    """A folder `save_compressed` wrote does not load with the loader its format names."""
 
 
 def _is_peft_model(model) -> bool:
@@ -71,7 +101,56 @@ def save_stored(model, folder, tokenizer, storage, sparse: bool = False):
     return save_with_quantized_storage(model, folder, tokenizer, *options)
 
 
-def save_compressed(model, folder, tokenizer=None, *, sparse: bool = False, storage=None):
+def _architecture(folder: Path) -> str:
+    architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    if not architectures:
+        raise ExportLoadError(f"{folder}/config.json names no architecture: from_pretrained cannot choose a class")
+    return architectures[0]
+
+
+def _loading_info(folder: Path, export_format, mode: str) -> dict[str, list[str]]:
+    """The weights `from_pretrained` did not find in `folder` (`missing_keys`: it initialised them at random) or
+    found with another shape (`mismatched_keys`), loading it as `export_format.loads_with` says, in `mode`."""
+    architecture = _architecture(folder)
+    if mode == "fresh-process":
+        done = subprocess.run([sys.executable, "-c", _FRESH_LOAD, str(folder), architecture, export_format.loads_with],
+                              capture_output=True, text=True, timeout=FRESH_PROCESS_TIMEOUT_S)
+        if done.returncode:
+            lines = [line for line in done.stderr.splitlines() if line.strip()]
+            raise RuntimeError(lines[-1] if lines else f"exit code {done.returncode}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    import transformers
+
+    from ..formats.hf_modelopt import register_loading_hooks
+
+    if export_format.loads_with == "hf_modelopt":
+        register_loading_hooks()  # what `import hf_modelopt` does for a user (already done by importing it)
+    _, info = getattr(transformers, architecture).from_pretrained(str(folder), output_loading_info=True)
+    return {key: sorted(map(str, info.get(key) or ())) for key in ("missing_keys", "mismatched_keys")}
+
+
+def load_failure(folder: Path, export_format, mode) -> str | None:
+    """Why `folder` does not load as `export_format` says (an exception, or weights from_pretrained did not find and
+    so initialised at random), or None when it loads."""
+    if not mode or export_format.loads_with == "peft":
+        # (adapter folders load their base from the adapter config's path: checked by the recipe's export check)
+        return None
+    try:
+        info = _loading_info(folder, export_format, mode)
+    except Exception as error:  # any failure of the loader is the finding
+        text = str(error).strip()
+        return f"{type(error).__name__}: {clip(text.splitlines()[0] if text else '', 300)}"
+    for key, what in (("missing_keys", "not found, so initialised at random"), ("mismatched_keys", "of another shape")):
+        if info.get(key):
+            return f"{len(info[key])} weights {what} (first: {info[key][0]})"
+    return None
+
+
+def _written_since(folder: Path, before: set[Path]) -> list[Path]:
+    return [path for path in folder.rglob("*") if path.is_file() and path not in before]
+
+
+def save_compressed(model, folder, tokenizer=None, *, sparse: bool = False, storage=None, verify="in-process"):
     """Save `model` (and `tokenizer`) into `folder` in the format that expresses it; returns its `ExportFormat`.
 
     Args:
@@ -82,6 +161,10 @@ def save_compressed(model, folder, tokenizer=None, *, sparse: bool = False, stor
             compressed-tensors (plain transformers loads it, with the compressed-tensors package) unless it asks
             for hf-modelopt's format or compressed-tensors cannot hold the model; either loads back in full
             precision.
+        verify: check that the folder loads with the loader its format names, no weight missing or mismatched:
+            "in-process" (default), "fresh-process" (a new Python that imports only that loader: what a user gets)
+            or False. A compressed-tensors folder that fails is written again in hf-modelopt's format; any other
+            failure raises `ExportLoadError`.
 
     Example:
         fmt = save_compressed(model, "out/", tokenizer, sparse=True)
@@ -92,10 +175,13 @@ def save_compressed(model, folder, tokenizer=None, *, sparse: bool = False, stor
     from ..formats.hf_modelopt import save_sparse
     from ..quant.bnb import PRISTINE_STATE, save_quantized
 
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
     if storage is not None and storage.format == "compressed-tensors":
         require_extra("storage in the compressed-tensors format", "compressed_tensors")
     require_support("export", model)
     folder = Path(folder)
+    before = {path for path in folder.rglob("*") if path.is_file()} if folder.is_dir() else set()
     if _quant_method(model) == "gguf":
         from ..modeling import drop_gguf_quantizer
 
@@ -123,6 +209,19 @@ def save_compressed(model, folder, tokenizer=None, *, sparse: bool = False, stor
     else:
         save_quantized(model, folder, tokenizer)  # a plain save_pretrained for a model bitsandbytes never touched
     export_format = detect_format(folder)
+    failure = load_failure(folder, export_format, verify)
+    if failure is not None and export_format.name == "compressed-tensors":
+        logger.warning("quantized storage: the compressed-tensors folder %s does not load with plain transformers "
+                       "(%s); writing hf-modelopt's format instead, which loads after `import hf_modelopt`",
+                       folder, failure)
+        for path in _written_since(folder, before):  # only what this call wrote
+            remove_inside(path, folder)
+        save_stored(model, folder, tokenizer, storage.model_copy(update={"format": "hf_modelopt"}), sparse=sparse)
+        export_format = detect_format(folder)
+        failure = load_failure(folder, export_format, verify)
+    if failure is not None:
+        raise ExportLoadError(f"save_compressed: {folder} is in the {export_format.name} format, which loads with "
+                              f"{export_format.loads_with}, but loading it ({verify}) failed: {failure}")
     logger.info("saved %s in the %s format: from_pretrained loads it after importing %s", folder,
                 export_format.name, export_format.loads_with)
     return export_format

@@ -78,7 +78,8 @@ def plan(model, linear_bits: int | None, embedding_bits: int | None, group_size:
         if not (is_linear(module) and linear_bits):
             continue
         if type(module) is not torch.nn.Linear:
-            kept[name] = "Conv1D (GPT-2 style): compressed-tensors quantizes nn.Linear only"
+            kind = "a subclass of nn.Linear" if isinstance(module, torch.nn.Linear) else "GPT-2 style Conv1D"
+            kept[name] = f"{type(module).__name__} ({kind}): compressed-tensors quantizes exactly nn.Linear"
         elif any(name == s or name.endswith(f".{s}") for s in skip):
             kept[name] = "skip_modules"
         elif name in tied:

@@ -16,7 +16,7 @@ import logging
 
 import torch
 
-from ..distill.student import layer_stacks
+from ..blocks import layer_stacks
 from ..formats.experts import (
     EXPERT_COUNT_KEYS,
     TOP_K_KEYS,
@@ -26,6 +26,7 @@ from ..formats.experts import (
     router_of,
     routing,
 )
+from ..inplace import changes_in_place
 
 logger = logging.getLogger("hf_modelopt")
 
@@ -86,6 +87,7 @@ def _config_keys(config, keys) -> list[str]:
     return [key for key in keys if isinstance(getattr(config, key, None), int)]
 
 
+@changes_in_place
 @torch.no_grad()
 def remove_experts_(model, keep: dict[str, list[int]]) -> None:
     """Keep only the experts `keep[name]` (indices, same count in every block) of each MoE block, in place.
@@ -127,6 +129,7 @@ def remove_experts_(model, keep: dict[str, list[int]]) -> None:
         setattr(model.config, key, new)
 
 
+@changes_in_place
 def remove_experts_by_importance_(model, batches, experts: int) -> dict:
     """Score the experts on `batches` and keep the `experts` most important in every MoE block; returns a report."""
     scores = expert_importance(model, batches)

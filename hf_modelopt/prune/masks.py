@@ -7,7 +7,7 @@ from fnmatch import fnmatch
 
 import torch
 
-from ..distill.student import layer_stacks, transformer_layers
+from ..blocks import layer_stacks, transformer_layers
 from ..distributed import is_sharded, is_zero3_partitioned
 from ..formats.experts import ExpertSlice, expert_matrices, experts_modules, router_names
 from ..formats.modules import is_linear

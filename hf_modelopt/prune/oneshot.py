@@ -18,9 +18,10 @@ import logging
 
 import torch
 
+from ..blocks import transformer_layers
 from ..compat import require_support
-from ..distill.student import transformer_layers
 from ..formats.experts import ExpertSlice, expert_intermediate, routed_tokens
+from ..inplace import changes_in_place
 from .masks import linear_weight, prunable_linears
 
 logger = logging.getLogger("hf_modelopt")
@@ -158,6 +159,7 @@ def sparsegpt_prune_(weight: torch.Tensor, hessian: torch.Tensor, sparsity: floa
     weight.copy_(W.to(weight.dtype))
 
 
+@changes_in_place
 @torch.no_grad()
 def prune_oneshot_(model, batches, method: str = "wanda", sparsity: float = 0.5, pattern: str = "unstructured",
                    targets=("*",), exclude=(), block_size: int = 128, dampening: float = 0.01,

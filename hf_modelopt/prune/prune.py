@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable, Iterable
 
 from ..compat import require_support
+from ..inplace import changes_in_place
 from .config import ExpertRemovalConfig, OneShotPruningConfig, PruningConfig, StructuredPruningConfig
 
 logger = logging.getLogger("hf_modelopt")
@@ -31,6 +32,7 @@ def _handles(config_type: type):
     return decorator
 
 
+@changes_in_place
 def prune_(model, config, batches: Iterable[dict] | None = None) -> dict:
     """Prune `model` in place as `config` says; returns a report (sparsity, or what was kept).
 

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..distill.student import layer_stacks
+from ..blocks import layer_stacks
 from ..formats.modules import new_linear_like, set_attention_heads_
+from ..inplace import changes_in_place
 
 logger = logging.getLogger("hf_modelopt")
 
@@ -295,6 +296,7 @@ def choose_kept(head_scores, neuron_scores, heads_fraction: float, neurons_fract
 # --------------------------------------------------------------------------- removal
 
 
+@changes_in_place
 def remove_heads_and_neurons_(model, keep_heads: list[list[int]] | None, keep_neurons: list[list[int]] | None):
     """Rebuild each block's projections with only the kept heads / neurons, and update the config.
 

@@ -48,6 +48,15 @@ class QuantizationReport:
     method: str
     quantized: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # module name -> reason
+    # Parameters that are no Linear layer's and stay in full precision, with the reason: the fused 3-D expert
+    # weights of mixture-of-experts blocks (`formats.experts`), which transformers' bitsandbytes integration does
+    # not convert.
+    kept_parameters: dict[str, str] = field(default_factory=dict)
+    # Every parameter of the transformer blocks (norms, biases, routers, fused experts included), and how many of
+    # them are stored quantized: what "quantized" means for the blocks as a whole.
+    block_parameters: int = 0
+    quantized_block_parameters: int = 0
+    # Bytes of the tensors `save_quantized` writes (tied weights once): the weights' part of the saved file.
     footprint_bytes: int = 0
     reference_footprint_bytes: int = 0
 
@@ -144,11 +153,68 @@ def quantize_with_bitsandbytes(model, config: QuantizationConfig, keep_modules=(
     setattr(quantized, PRISTINE_STATE, {k: v.detach().clone() for k, v in quantized.state_dict().items()})
     # The scratch folder is gone: a name that points nowhere must not end up in saved configs and adapters.
     quantized.config._name_or_path = getattr(model.config, "_name_or_path", "")
+    kept_parameters = {name: FUSED_EXPERTS_REASON for name in fused_expert_parameters(quantized)}
+    for name in kept_parameters:
+        logger.info("quantize: %s stays in full precision (%s)", name, FUSED_EXPERTS_REASON)
+    block_total, block_quantized = block_parameter_counts(quantized, converted)
     report = QuantizationReport(
-        method=config.method, quantized=quantized_names, skipped=skipped,
-        footprint_bytes=quantized.get_memory_footprint(), reference_footprint_bytes=model.get_memory_footprint(),
+        method=config.method, quantized=quantized_names, skipped=skipped, kept_parameters=kept_parameters,
+        block_parameters=block_total, quantized_block_parameters=block_quantized,
+        footprint_bytes=saved_bytes(quantized, getattr(quantized, PRISTINE_STATE)),
+        reference_footprint_bytes=saved_bytes(model, model.state_dict()),
     )
+    if kept_parameters:
+        logger.warning("quantize: %d fused expert weights (%s%s) stay in full precision: %.0f %% of the blocks' "
+                       "parameters are quantized", len(kept_parameters), ", ".join(list(kept_parameters)[:2]),
+                       ", ..." if len(kept_parameters) > 2 else "", 100 * block_quantized / max(block_total, 1))
     return quantized, report
+
+
+FUSED_EXPERTS_REASON = ("fused 3-D expert weights: transformers' bitsandbytes integration converts Linear layers "
+                        "only, so they stay in full precision")
+
+
+def fused_expert_parameters(model) -> list[str]:
+    """Names of the fused 3-D expert parameters of `model` (`formats.experts`)."""
+    from ..formats.experts import EXPERT_WEIGHTS, experts_modules
+
+    return [f"{name}.{param}" for name, experts in experts_modules(model).items() for param in EXPERT_WEIGHTS
+            if experts._parameters.get(param) is not None]
+
+
+def block_parameter_counts(model, converted: set[str]) -> tuple[int, int]:
+    """(every parameter of the transformer blocks, those held by bitsandbytes layers), counted in weights: a 4-bit
+    weight packs two per byte, so its stored elements are doubled back."""
+    from ..blocks import layer_stacks
+
+    total = quantized = 0
+    for stack in layer_stacks(model):
+        for name, module in stack.layers.named_modules():
+            own = sum(_weights_in(param) for param in module.parameters(recurse=False))
+            total += own
+            if f"{stack.path}.{name}" in converted:
+                quantized += own
+    return total, quantized
+
+
+def _weights_in(param) -> int:
+    quant_state = getattr(param, "quant_state", None)
+    return int(quant_state.shape.numel()) if quant_state is not None else param.numel()
+
+
+def written_tensors(model, state_dict: dict) -> dict:
+    """The tensors of `state_dict` that saving `model` writes: tied weights once. Which keys are tied is read from
+    the model's live tensors (a copied state dict, such as `PRISTINE_STATE`, no longer shares their storage)."""
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    live = dict(model.state_dict())
+    tied = set(live) - set(remove_tied_weights_from_state_dict(dict(live), model))
+    return {key: tensor for key, tensor in state_dict.items() if key not in tied}
+
+
+def saved_bytes(model, state_dict: dict) -> int:
+    """Bytes of the tensors saving `model` with `state_dict` writes: the safetensors file is these plus its header."""
+    return sum(tensor.numel() * tensor.element_size() for tensor in written_tensors(model, state_dict).values())
 
 
 def _is_bnb_layer(module) -> bool:
@@ -194,11 +260,10 @@ def save_quantized(model, folder: str | Path, tokenizer=None, state_dict: dict |
         # save_pretrained writes a quantized model's live tensors whatever `state_dict=` says (transformers asks
         # the quantizer, which returns the model's own): write the given ones in their place.
         from safetensors.torch import save_file
-        from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
         for written in folder.glob("model*.safetensors*"):
             remove_inside(written, folder)
-        tensors = remove_tied_weights_from_state_dict(dict(state_dict), model)
+        tensors = written_tensors(model, state_dict)
         save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors",
                   metadata={"format": "pt"})
     if tokenizer is not None:

@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import Callable, Iterable
 
 from ..compat import require_support
+from ..inplace import changes_in_place
 from .config import QuantizationConfig
 
 logger = logging.getLogger("hf_modelopt")
@@ -94,6 +95,7 @@ def recovery_trainer(quantized, teacher, config: QuantizationConfig, calibration
     return recover_with_distillation(adapted, teacher, training_args, dataset, collator, None, config.recovery)
 
 
+@changes_in_place
 def quantize(model, config: QuantizationConfig, calibration: Iterable[dict] | None = None, *, training_args=None,
              run_training: Callable | None = None, work_dir=None):
     """A bitsandbytes-quantized copy of `model` as `config` says (the input model is not changed).

@@ -91,3 +91,58 @@ def test_options_that_do_not_apply_are_refused(wide_tiny_models, tmp_path):
                      QuantizationConfig(method="int8"))
     with pytest.raises(ValueError, match="bitsandbytes"):
         save_compressed(model, tmp_path / "x", sparse=True)
+
+
+# --------------------------------------------------------------------------- the folder loads as `loads_with` says
+
+
+def test_a_compressed_tensors_folder_that_does_not_load_is_written_again_in_hf_modelopts_format(tmp_path, caplog):
+    # ModernBERT's weight initialisation reads `.weight` of the layers compressed-tensors replaces: the folder said
+    # `loads_with: transformers` and failed in plain from_pretrained (issue 30). Checked in a fresh process that
+    # imports transformers alone, as a user loads it.
+    from tests.matrix.common import logits_of, tiny_model
+
+    model = tiny_model("modernbert")
+    folder = tmp_path / "storage"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")  # a user's file: the rewrite removes only what save_compressed wrote
+    with caplog.at_level("WARNING", logger="hf_modelopt"):
+        fmt = save_compressed(model, folder, storage=StorageQuantizationConfig(linear_bits=8), verify="fresh-process")
+    assert (fmt.name, fmt.loads_with) == ("hf-modelopt", "hf_modelopt")
+    assert any("does not load with plain transformers (RuntimeError: AttributeError: 'Linear' object has no "
+               "attribute 'weight')" in r.getMessage() for r in caplog.records)
+    assert (folder / "notes.txt").read_text() == "mine"
+    config = json.loads((folder / "config.json").read_text())  # nothing of the compressed-tensors attempt is left
+    assert config["quantization_config"]["quant_method"] == "hf_modelopt"
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "notes.txt"]
+    from transformers import AutoModelForSequenceClassification as Auto
+
+    import hf_modelopt  # noqa: F401  (the format it names)
+
+    reloaded = Auto.from_pretrained(folder)
+    expected = logits_of(model, "modernbert")
+    spread = (expected - expected.mean(-1, keepdim=True)).norm()
+    assert (logits_of(reloaded, "modernbert") - expected).norm() / spread < 0.05
+
+
+def test_a_folder_that_loads_is_returned_as_written(tmp_path):
+    from tests.matrix.common import tiny_model
+
+    fmt = save_compressed(tiny_model("bert"), tmp_path / "s", storage=StorageQuantizationConfig(linear_bits=8),
+                          verify="fresh-process")
+    assert (fmt.name, fmt.loads_with) == ("compressed-tensors", "transformers")
+
+
+def test_a_folder_that_loads_in_no_format_fails_loudly_in_one_line(tmp_path, monkeypatch):
+    from hf_modelopt.export import compressed
+    from tests.matrix.common import tiny_model
+
+    monkeypatch.setattr(compressed, "_loading_info", lambda *a: {"missing_keys": ["bert.pooler.dense.weight"]})
+    with pytest.raises(compressed.ExportLoadError) as failed:
+        save_compressed(tiny_model("bert"), tmp_path / "s", sparse=True)
+    message = str(failed.value)
+    assert "\n" not in message and message.endswith(
+        "is in the hf-modelopt format, which loads with hf_modelopt, but loading it (in-process) failed: 1 weights not "
+        "found, so initialised at random (first: bert.pooler.dense.weight)")
+    with pytest.raises(ValueError, match="verify must be one of"):
+        save_compressed(tiny_model("bert"), tmp_path / "t", verify="yes")

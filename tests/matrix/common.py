@@ -15,18 +15,49 @@ import torch
 
 from tests.conftest import ARCHITECTURES, DECODERS, ENCODER_DECODERS, ENCODERS, TASK_AUTO_CLASSES, TINY_CONFIGS, VISION
 
+# The families issue 30 added to the matrix, beyond conftest's ARCHITECTURES: mixture-of-experts (fused 3-D experts),
+# mixed attention (`layer_types`), shared layers (ALBERT), stages (Swin) and Linear subclasses (Falcon). Their
+# tiny configs and families live here; `MATRIX_ARCHITECTURES` is every row of docs/architectures.md.
+NEW_FAMILY_CONFIGS = {
+    "mixtral": ("decoder", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe": ("decoder", dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
+                                  shared_expert_intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)),
+    "qwen3_moe": ("decoder", dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4,
+                                  num_experts_per_tok=2)),
+    "gemma2": ("decoder", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=8, sliding_window=4)),
+    "gemma3_text": ("decoder", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=8, sliding_window=4,
+                                    layer_types=["sliding_attention", "full_attention"])),
+    "modernbert": ("encoder", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                   local_attention=4, bos_token_id=1, eos_token_id=2, cls_token_id=1,
+                                   sep_token_id=2)),
+    "falcon": ("decoder", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2)),
+    "albert": ("encoder", dict(hidden_size=32, embedding_size=16, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=64)),
+    "swin": ("vision", dict(image_size=32, patch_size=4, num_channels=3, embed_dim=16, depths=[1, 1],
+                            num_heads=[1, 2], window_size=4)),
+}
+NEW_FAMILIES = tuple(NEW_FAMILY_CONFIGS)
+MATRIX_ARCHITECTURES = ARCHITECTURES + NEW_FAMILIES
+
 # A small vocabulary keeps the embeddings and LM heads (and so every step) small; inputs are random ids.
 VOCAB_SIZE = 512
 BATCH, SEQUENCE = 2, 8
 
 # model width keys -> 64, FFN width keys -> 128, per-head width keys -> 16 (see `wide_config_kwargs`)
-_MODEL_WIDTHS = ("hidden_size", "dim", "n_embd", "d_model", "embedding_size", "word_embed_proj_dim")
+_MODEL_WIDTHS = ("hidden_size", "dim", "n_embd", "d_model", "embedding_size", "word_embed_proj_dim", "embed_dim")
 _FFN_WIDTHS = ("intermediate_size", "hidden_dim", "ffn_dim", "d_ff", "encoder_ffn_dim", "decoder_ffn_dim")
 _HEAD_WIDTHS = ("head_dim", "d_kv")
 
 
 def family(model_type: str) -> str:
     """'encoder', 'decoder', 'encoder-decoder' or 'vision'."""
+    if model_type in NEW_FAMILY_CONFIGS:
+        return NEW_FAMILY_CONFIGS[model_type][0]
     for name, members in (("encoder", ENCODERS), ("decoder", DECODERS), ("encoder-decoder", ENCODER_DECODERS),
                           ("vision", VISION)):
         if model_type in members:
@@ -42,7 +73,7 @@ def natural_task(model_type: str) -> str:
 
 def wide_config_kwargs(model_type: str) -> dict:
     """The tiny config of `model_type` with its widths raised to what bitsandbytes' 4-bit CPU kernels take."""
-    kwargs = dict(TINY_CONFIGS[model_type])
+    kwargs = dict(_tiny_config_kwargs(model_type))
     for key in kwargs:
         if key in _MODEL_WIDTHS:
             kwargs[key] = 64
@@ -53,12 +84,16 @@ def wide_config_kwargs(model_type: str) -> dict:
     return kwargs
 
 
+def _tiny_config_kwargs(model_type: str) -> dict:
+    return NEW_FAMILY_CONFIGS[model_type][1] if model_type in NEW_FAMILY_CONFIGS else TINY_CONFIGS[model_type]
+
+
 @functools.cache
 def _built(model_type: str, wide: bool):
     import transformers
 
-    kwargs = wide_config_kwargs(model_type) if wide else dict(TINY_CONFIGS[model_type])
-    if model_type not in VISION:
+    kwargs = wide_config_kwargs(model_type) if wide else dict(_tiny_config_kwargs(model_type))
+    if family(model_type) != "vision":
         kwargs.update(vocab_size=VOCAB_SIZE, pad_token_id=0)
         defaults = transformers.AutoConfig.for_model(model_type)
         for key in ("bos_token_id", "eos_token_id", "decoder_start_token_id"):  # GPT-2's 50256: past the vocab
@@ -120,5 +155,5 @@ def assert_state_unchanged(model, before: dict[str, torch.Tensor]) -> None:
         assert torch.equal(after[name], tensor), f"the refused call changed {name}"
 
 
-__all__ = ["ARCHITECTURES", "tiny_model", "model_inputs", "logits_of", "natural_task", "family",
-           "state_snapshot", "assert_state_unchanged", "wide_config_kwargs"]
+__all__ = ["ARCHITECTURES", "MATRIX_ARCHITECTURES", "NEW_FAMILIES", "tiny_model", "model_inputs", "logits_of",
+           "natural_task", "family", "state_snapshot", "assert_state_unchanged", "wide_config_kwargs"]

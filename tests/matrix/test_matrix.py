@@ -1,4 +1,6 @@
-"""The behaviour matrix: every technique x every architecture of `tests/conftest.py`'s `ARCHITECTURES`.
+"""The behaviour matrix: every technique x every architecture of `tests/conftest.py`'s `ARCHITECTURES` and the
+families issue 30 added (`tests/matrix/common.py`'s `NEW_FAMILIES`: mixture-of-experts, mixed attention, shared
+layers, stages, Linear subclasses).
 
 Which pairs are supported is the library's own declaration (`hf_modelopt.compat.unsupported_reason`, e.g.
 structured pruning's `LAYOUTS`), never a list kept here. A supported pair runs for real and its result is
@@ -23,7 +25,7 @@ import torch
 from hf_modelopt.compat import UnsupportedModelError, unsupported_reason
 from tests.conftest import REPO, TASK_AUTO_CLASSES
 from tests.matrix.common import (
-    ARCHITECTURES,
+    MATRIX_ARCHITECTURES,
     assert_state_unchanged,
     logits_of,
     model_inputs,
@@ -70,7 +72,7 @@ def changed_parameters(model, before: dict[str, torch.Tensor]) -> list[str]:
 # --------------------------------------------------------------------------- distillation
 
 
-@pytest.mark.parametrize("model_type", ARCHITECTURES)
+@pytest.mark.parametrize("model_type", MATRIX_ARCHITECTURES)
 def test_distillation(model_type, tmp_path):
     from hf_modelopt import DistillationConfig, DistillationTrainer
     from hf_modelopt.distill import student_from_teacher
@@ -90,8 +92,12 @@ def test_distillation(model_type, tmp_path):
         assert_refused("distillation", teacher, make_trainer)
         assert_state_unchanged(student, student_before)
         return
-    student, copied_from = student_from_teacher(teacher, layers=[1])
-    assert copied_from == [1] and student.config.num_hidden_layers == 1
+    if unsupported_reason("students from teacher layers", teacher):  # (ALBERT's shared layers, Swin's stages)
+        assert_refused("students from teacher layers", teacher, lambda: student_from_teacher(teacher, layers=[1]))
+        student = tiny_model(model_type)  # a student of the teacher's own shape: distillation itself works
+    else:
+        student, copied_from = student_from_teacher(teacher, layers=[1])
+        assert copied_from == [1] and student.config.num_hidden_layers == 1
     teacher_before, student_before = state_snapshot(teacher), state_snapshot(student)
     trainer = make_trainer()
     trainer.train()
@@ -107,7 +113,7 @@ def test_distillation(model_type, tmp_path):
 # --------------------------------------------------------------------------- gradual pruning
 
 
-@pytest.mark.parametrize("model_type", ARCHITECTURES)
+@pytest.mark.parametrize("model_type", MATRIX_ARCHITECTURES)
 def test_gradual_pruning(model_type, tmp_path):
     from transformers import Trainer
 
@@ -144,7 +150,7 @@ def test_gradual_pruning(model_type, tmp_path):
 # --------------------------------------------------------------------------- one-shot pruning
 
 
-@pytest.mark.parametrize("model_type", ARCHITECTURES)
+@pytest.mark.parametrize("model_type", MATRIX_ARCHITECTURES)
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 def test_one_shot_pruning(method, model_type):
     from hf_modelopt import OneShotPruningConfig, prune_
@@ -171,7 +177,7 @@ def test_one_shot_pruning(method, model_type):
 # --------------------------------------------------------------------------- structured pruning
 
 
-@pytest.mark.parametrize("model_type", ARCHITECTURES)
+@pytest.mark.parametrize("model_type", MATRIX_ARCHITECTURES)
 def test_structured_pruning(model_type):
     from hf_modelopt import StructuredPruningConfig, prune_
     from hf_modelopt.prune.structured import head_geometry, parameter_count
@@ -195,7 +201,7 @@ def test_structured_pruning(model_type):
 # --------------------------------------------------------------------------- bitsandbytes quantization
 
 
-@pytest.mark.parametrize("model_type", ARCHITECTURES)
+@pytest.mark.parametrize("model_type", MATRIX_ARCHITECTURES)
 @pytest.mark.parametrize("method", ["int8", "nf4"])
 def test_quantization(method, model_type):
     import bitsandbytes as bnb
@@ -224,7 +230,7 @@ def test_quantization(method, model_type):
     assert (logits - reference).norm() / spread < {"int8": 0.25, "nf4": 0.6}[method]
 
 
-@pytest.mark.parametrize("model_type", ARCHITECTURES)
+@pytest.mark.parametrize("model_type", MATRIX_ARCHITECTURES)
 def test_quantization_with_calibration(model_type):
     from hf_modelopt import QuantizationConfig, quantize
     from hf_modelopt.quant import SensitivityConfig
@@ -297,7 +303,7 @@ def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("exports")
     results, manifest = {}, []
     for export, (prepare, _, wide, _, _) in EXPORTS.items():
-        for model_type in ARCHITECTURES:
+        for model_type in MATRIX_ARCHITECTURES:
             folder, logits_file = root / export / model_type, root / export / f"{model_type}.pt"
             try:
                 model, options = prepare(tiny_model(model_type, wide=wide))
@@ -317,7 +323,7 @@ def exported(tmp_path_factory):
     return {key: r if isinstance(r, Exception) else (r[0], torch.load(r[1]), r[2]) for key, r in results.items()}
 
 
-@pytest.mark.parametrize("model_type", ARCHITECTURES)
+@pytest.mark.parametrize("model_type", MATRIX_ARCHITECTURES)
 @pytest.mark.parametrize("export", list(EXPORTS))
 def test_export_reloads_in_a_fresh_process(export, model_type, exported):
     _, technique, wide, formats, tolerance = EXPORTS[export]

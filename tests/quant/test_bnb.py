@@ -112,3 +112,44 @@ def test_bnb_config_mapping():
     assert int8.load_in_8bit and int8.llm_int8_threshold == 4.0 and int8.llm_int8_skip_modules == ["lm_head"]
     with pytest.raises(ValueError, match="double_quant is a 4-bit option"):
         QuantizationConfig(method="int8", double_quant=True)
+
+
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+
+
+def _weight_bytes_in_file(path) -> int:
+    """The tensor data of a safetensors file: its size less the 8-byte header length and the JSON header."""
+    import struct
+
+    with open(path, "rb") as file:
+        header = struct.unpack("<Q", file.read(8))[0]
+    return path.stat().st_size - 8 - header
+
+
+@pytest.mark.parametrize("model_type,method", [("mixtral", "int8"), ("qwen2_moe", "int8"), ("qwen3_moe", "int8"),
+                                               ("mixtral", "nf4"), ("bert", "int8"), ("gpt2", "nf4")])
+def test_reports_name_the_fused_experts_count_every_block_parameter_and_match_the_saved_file(model_type, method,
+                                                                                              tmp_path):
+    from hf_modelopt import quantize, save_compressed
+    from hf_modelopt.blocks import layer_stacks
+    from hf_modelopt.formats.experts import experts_modules
+    from tests.matrix.common import logits_of, tiny_model
+
+    model = tiny_model(model_type, wide=method == "nf4")
+    experts = [f"{name}.{param}" for name, module in experts_modules(model).items()
+               for param in ("gate_up_proj", "down_proj")]
+    block_parameters = sum(p.numel() for stack in layer_stacks(model) for p in stack.layers.parameters())
+    quantized = quantize(model, QuantizationConfig(method=method))
+    report = quantized.quantization_report
+    # bitsandbytes 0.50 quantizes Linear layers through transformers; the fused 3-D experts stay, and are named.
+    assert sorted(report.kept_parameters) == sorted(experts) and bool(experts) == (model_type in MOE_FAMILIES)
+    assert all("fused 3-D expert weights" in reason for reason in report.kept_parameters.values())
+    assert report.block_parameters == block_parameters
+    expert_weights = sum(quantized.get_parameter(name).numel() for name in experts)
+    assert 0 < report.quantized_block_parameters <= block_parameters - expert_weights
+    fmt = save_compressed(quantized, tmp_path / "q")
+    assert report.footprint_bytes == _weight_bytes_in_file(tmp_path / "q" / "model.safetensors")
+    assert report.footprint_bytes < report.reference_footprint_bytes
+    assert fmt.loads_with == "transformers"
+    reloaded = type(model).from_pretrained(tmp_path / "q")
+    torch.testing.assert_close(logits_of(reloaded, model_type), logits_of(quantized, model_type), atol=1e-5, rtol=0)

@@ -15,6 +15,7 @@ import logging
 from itertools import islice
 
 from ...errors import UserError
+from ...inplace import changes_in_place
 from ..prune import _handles
 from ..structured import parameter_count
 from .config import MinitronConfig
@@ -41,6 +42,7 @@ __all__ = [
 ]
 
 
+@changes_in_place
 def prune_minitron_(model, config: MinitronConfig, batches) -> dict:
     """Score `model` on `batches` (dicts with `input_ids`, optionally `attention_mask`) and prune it in place to
     the config's shape, or to the best shape within `target_params` (the search: `search.py`).
