@@ -67,7 +67,8 @@ def all_or_nothing(model):
         with all_or_nothing(model):
             prune_block_by_block(model)
     """
-    if id(model) in _GUARDED:
+    if id(model) in _GUARDED or not isinstance(model, torch.nn.Module):
+        # (not a model: nothing to restore, and the verb's own checks say what is wrong with it)
         yield
         return
     snapshot = _Snapshot(model)
