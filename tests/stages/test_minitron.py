@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from hf_modelopt.errors import UserError
 from hf_modelopt.pipeline import run_recipe
 from hf_modelopt.recipe import RecipeError, validate_recipe
 from tests.conftest import tiny_recipe
@@ -54,7 +55,8 @@ def test_minitron_stage_prunes_recovers_by_kd_and_exports_a_plain_model(tiny_mod
         assert "hf_modelopt" not in sys.modules
         with torch.no_grad():
             logits = model(torch.tensor({ids})).logits
-        print(json.dumps({{"class": type(model).__name__, "config": model.config.to_dict(), "logits": logits.tolist()}}))
+        config = model.config.to_dict()
+        print(json.dumps({{"class": type(model).__name__, "config": config, "logits": logits.tolist()}}))
     """)
     loaded = json.loads(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                                        check=True).stdout)
@@ -93,3 +95,14 @@ def test_unsupported_minitron_settings_are_refused_in_one_line_before_any_work(t
         run_recipe(validate_recipe(recipe), tmp_path / "out")
     assert "\n" not in str(refused.value) and "minitron" in str(refused.value)
     assert not (tmp_path / "out" / "stages").exists()  # refused before the first stage
+
+
+def test_after_a_stage_that_changes_the_model_the_stage_checks_the_model_it_gets(tiny_models, sst2_files, tmp_path):
+    # The distilled student has 1 block: a shape of 2 blocks is only known to be out of reach when the stage runs,
+    # and is refused there, before it scores or prunes anything.
+    stages = [{"type": "distill", "student": {"layers": [0]}, "training": {"max_steps": 1}},
+              {"type": "minitron", "num_hidden_layers": 2, "hidden_size": 16}]
+    recipe = tiny_recipe(tiny_models("llama", "causal-lm"), sst2_files, task="causal-lm", stages=stages)
+    with pytest.raises(UserError, match="num_hidden_layers=2 is larger than the model's 1"):
+        run_recipe(validate_recipe(recipe), tmp_path / "out")
+    assert not (tmp_path / "out" / "stages" / "minitron" / "minitron.json").exists()
