@@ -63,9 +63,10 @@ class MinitronStageConfig(StageConfig, MinitronConfig):
         if self.distillation is not None:
             check_kd_settings(self.distillation, recipe, self.training, f"{STAGE_TYPE}.distillation")
         stages = recipe.resolved_stages
-        position = next(i for i, stage in enumerate(stages) if stage.config is self)
+        # (not in the recipe's stages: called on its own, the config is checked against the recipe's model)
+        position = next((i for i, stage in enumerate(stages) if stage.config is self), 0)
         if any(STAGES[stage.type].changes_model for stage in stages[:position]):
-            return  # the model this stage gets is known only when it runs; prune_minitron_ checks it first then
+            return  # the model this stage gets is known only when it runs: the stage checks it before it scores
         try:
             check_prunable(meta_model(recipe.model, recipe.task), self)
         except UserError as err:
