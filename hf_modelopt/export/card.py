@@ -71,6 +71,18 @@ def card_tags(stages: list[dict]) -> list[str]:
     return list(dict.fromkeys(["hf-modelopt", *techniques, *methods]))
 
 
+def stage_sections(history: list[dict], stages_dir: Path) -> list[dict]:
+    """The markdown sections stages wrote for the card (`stages.STAGE_CARD_SECTION` in their folders), in run order."""
+    from ..stages import STAGE_CARD_SECTION
+
+    sections = []
+    for record in history:
+        section = stages_dir / record["name"] / STAGE_CARD_SECTION
+        if section.is_file():
+            sections.append({"stage": record["name"], "type": record["type"], "markdown": section.read_text().strip()})
+    return sections
+
+
 def _format_number(value) -> str:
     if value is None:
         return "-"
@@ -162,6 +174,7 @@ def render_model_card(record: dict, recipe_yaml: str, load_from: str, template: 
         run_rows=[{"model": f"`{r['model']}` (stage `{r['name']}`)",
                    "values": [_format_number(r["metrics"].get(k)) for k in run_metric_names]} for r in evaluations],
         plots=record.get("plots", []),
+        stage_sections=record.get("stage_sections", []),
         quantization=record.get("quantization"),
         loading_note=LOADING_NOTES[export_format.loads_with] + "".join(
             f" It needs `{package}` installed (`pip install {package}`)." for package in export_format.requires),

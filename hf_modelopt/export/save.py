@@ -363,7 +363,7 @@ def export_model(state: ModelState, recipe, output_dir, history: list[dict] = ()
     """Export `state`'s model into `output_dir` (see the module docstring); returns the export record."""
     from .. import __version__
     from ..formats.detect import detect_format
-    from .card import base_license, render_model_card
+    from .card import base_license, render_model_card, stage_sections
     from .verify import MeasureRequest, verify_reload
 
     config = config or ExportConfig()
@@ -402,6 +402,7 @@ def export_model(state: ModelState, recipe, output_dir, history: list[dict] = ()
             "before": {"stage": before["name"], "metrics": before["metrics"]} if before else None,
             "run_metrics": final[-1]["metrics"] if final else None,
             "plots": write_plots(history, output_dir / "stages", staging),
+            "stage_sections": stage_sections(history, output_dir / "stages"),
             "quantization": json.loads(quantization.read_text()) if quantization.is_file() else None,
         }
         if config.verify:

@@ -33,11 +33,14 @@ BUILTIN_STAGE_MODULES = (
     "hf_modelopt.stages.evaluate",
     "hf_modelopt.stages.distill",
     "hf_modelopt.stages.prune",
+    "hf_modelopt.stages.minitron",
     "hf_modelopt.stages.quantize",
     "hf_modelopt.stages.export",
 )
 ENTRY_POINT_GROUP = "hf_modelopt.stages"
 MODEL_SUBDIR = "model"  # a stage's saved model: OUTPUT/stages/<name>/model/
+# A markdown section a stage may write into its folder; the export's model card shows it under the stage's name.
+STAGE_CARD_SECTION = "card.md"
 
 
 class StageConfig(BaseModel):
