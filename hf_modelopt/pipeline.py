@@ -223,9 +223,22 @@ def _damage(candidate: Path, record: dict) -> str | None:
     return f"{added[0]} was added after the stage finished" if added else None
 
 
-def _find_finished(fingerprint: str, stage_dir: Path, stage_name: str = "") -> Path | None:
+def _find_finished(fingerprint: str, stage_dir: Path, stage_name: str = "",
+                   checked: dict | None = None) -> Path | None:
     """A finished output of this exact stage whose files are intact: in this run's folder, else anywhere the
-    cache index knows. A damaged one (a file changed, missing or added since it finished) is never reused."""
+    cache index knows. A damaged one (a file changed, missing or added since it finished) is never reused.
+
+    `checked`: this run's answers so far, by stage folder, so that `--resume` (which looks for the first unfinished
+    stage first) hashes each stage's files once, not twice."""
+    if checked is not None and stage_dir in checked:
+        return checked[stage_dir]
+    found = _find_intact(fingerprint, stage_dir, stage_name)
+    if checked is not None:
+        checked[stage_dir] = found
+    return found
+
+
+def _find_intact(fingerprint: str, stage_dir: Path, stage_name: str) -> Path | None:
     candidates = [stage_dir]
     try:
         candidates.append(Path(json.loads(_index_path(fingerprint).read_text())["dir"]))
@@ -374,7 +387,7 @@ def _plan(recipe: Recipe, stages: list[Stage]) -> list[tuple[Stage, str]]:
 
 
 def _resume_point(recipe: Recipe, plan: list[tuple[Stage, str]], output_dir: Path,
-                  rerun_from: str | None = None) -> tuple[str, Path] | None:
+                  rerun_from: str | None = None, checked: dict | None = None) -> tuple[str, Path] | None:
     """(stage name, checkpoint) to continue from: the first unfinished stage that has a complete checkpoint
     (from `rerun_from` on, a stage counts as unfinished whatever the stage cache holds)."""
     from .stages.train import last_checkpoint
@@ -385,7 +398,7 @@ def _resume_point(recipe: Recipe, plan: list[tuple[Stage, str]], output_dir: Pat
         rerunning = rerunning or stage.name == rerun_from
         if not STAGES[stage.type].cacheable:
             continue
-        if not rerunning and _find_finished(stage_fp, stage_dir, stage.name) is not None:
+        if not rerunning and _find_finished(stage_fp, stage_dir, stage.name, checked) is not None:
             continue
         checkpoint = last_checkpoint(stage_dir / "checkpoints")
         if checkpoint is None:
@@ -443,7 +456,8 @@ def run_recipe(recipe: Recipe | str | os.PathLike, output_dir: str | os.PathLike
         raise UserError(f"--rerun-from {rerun_from}: the recipe has no stage of that name (stages: "
                         f"{', '.join(stage.name for stage in stages)})")
     rerunning = False
-    resume_from = _resume_point(recipe, plan, output_dir, rerun_from) if resume else None
+    checked: dict[Path, Path | None] = {}  # stage folder -> its intact finished output (hashed once)
+    resume_from = _resume_point(recipe, plan, output_dir, rerun_from, checked) if resume else None
     # From here on the folder is this run's: locked (a second run into it is refused) and marked as a run folder.
     lock = claim_output_dir(output_dir) if main else None
     (output_dir / "stages").mkdir(parents=True, exist_ok=True)
@@ -464,7 +478,8 @@ def run_recipe(recipe: Recipe | str | os.PathLike, output_dir: str | os.PathLike
                                    output_dir=output_dir if main else scratch, history=history,
                                    shared_stage_dir=stage_dir)
             rerunning = rerunning or stage.name == rerun_from
-            finished = _find_finished(stage_fp, stage_dir, stage.name) if spec.cacheable and not rerunning else None
+            finished = (_find_finished(stage_fp, stage_dir, stage.name, checked) if spec.cacheable and not rerunning
+                        else None)
             if finished is not None:
                 record = {**_read_record(finished), "name": stage.name, "reused": True}  # this recipe's name for it
                 if finished != stage_dir and main:

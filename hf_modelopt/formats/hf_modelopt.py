@@ -239,6 +239,7 @@ class StoredShapes:
     def check_layer_shapes(self, config) -> None:
         if not self.shapes:  # loaded from a state dict or .bin files: nothing to check against
             return
+        largest = max(math.prod(shape) for shape in self.shapes.values())
         for name, entry in (config.layer_shapes or {}).items():
             key = f"layer_shapes.{name}"
             if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and all(isinstance(v, int) and v > 0
@@ -250,7 +251,6 @@ class StoredShapes:
                 # Checkpoint keys may differ from module names (transformers' key renaming on save, ViT's
                 # `encoder.layer` for `layers`): the layer cannot be matched, so its size is bounded by the
                 # checkpoint itself. The densest storage is a bitmask, one bit per position.
-                largest = max(math.prod(shape) for shape in self.shapes.values())
                 if wanted > 8 * largest:
                     self._refuse(key, f"{list(entry)} holds {wanted} values, more than any weight stored in the "
                                  f"checkpoint could describe (the largest tensor holds {largest})")

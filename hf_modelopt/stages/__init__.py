@@ -167,17 +167,6 @@ def load_entry_point_stages() -> None:
     _entry_points_loaded = True
 
 
-def link_or_copy(source, target) -> None:
-    """Copy a file (a reflink where the file system supports it), never a hard link.
-
-    (The name is historical: it used to hard-link. A hard link shares the inode, so editing a stage's weights
-    changed every export and cached stage made from them; see `hf_modelopt.files.copy_file`.)
-    """
-    from ..files import copy_file
-
-    copy_file(source, target)
-
-
 def save_model_state(state: ModelState, folder: Path) -> None:
     """Save model (safetensors) and tokenizer so `from_pretrained(folder)` loads them."""
     from ..quant.bnb import save_quantized
