@@ -36,7 +36,7 @@ from . import __version__
 from .errors import UserError
 from .files import copy_tree, remove_inside, sha256_file
 from .recipe import Recipe, RecipeError, Stage, load_recipe
-from .stages import MODEL_SUBDIR, STAGES, ModelState, StageContext, save_model_state
+from .stages import DEFAULT_FINAL_STAGE, MODEL_SUBDIR, STAGES, ModelState, StageContext, save_model_state
 
 logger = logging.getLogger("hf_modelopt")
 
@@ -178,8 +178,9 @@ def preflight(recipe: Recipe) -> None:
     if recipe.model.trust_remote_code:
         logger.warning("model.trust_remote_code is on: Python code shipped with %s will run on this machine",
                        recipe.model.name_or_path)
+    settings = recipe.run_settings()
     for stage in recipe.resolved_stages:
-        stage.config.preflight(recipe)
+        stage.config.preflight(settings)
 
 
 # --------------------------------------------------------------------------- stage outputs
@@ -257,7 +258,8 @@ def _find_intact(fingerprint: str, stage_dir: Path, stage_name: str) -> Path | N
 
 
 class RunResult(dict):
-    """`{"output_dir", "stages": [records], "metrics": [evaluate records]}` of a finished run."""
+    """`{"output_dir", "stages": [records], "metrics": [records of the stages that produce metrics]}` of a finished
+    run."""
 
 
 def check_output_dir(output_dir: Path, resume: bool = False, overwrite: bool = False) -> None:
@@ -434,7 +436,6 @@ def run_recipe(recipe: Recipe | str | os.PathLike, output_dir: str | os.PathLike
     """
     from .distributed import init_distributed, is_main_process, process_index, wait_for_everyone
     from .interrupt import stop_cleanly_on_signals
-    from .stages.export import ExportStageConfig
     from .stages.train import last_checkpoint
 
     if not isinstance(recipe, Recipe):
@@ -448,9 +449,10 @@ def run_recipe(recipe: Recipe | str | os.PathLike, output_dir: str | os.PathLike
     # Processes other than the main one write into a scratch folder of their own (see distributed.py).
     scratch = output_dir / f".process-{process_index()}" if not main else None
     stages = list(recipe.resolved_stages)
-    if not any(stage.type == "export" for stage in stages):
-        # The final model is always written; an explicit export stage only adds options.
-        stages.append(Stage(type="export", name="export", config=ExportStageConfig()))
+    if not any(STAGES[stage.type].writes_final_output for stage in stages):
+        # The final model is always written; an explicit final stage only adds options.
+        stages.append(Stage(type=DEFAULT_FINAL_STAGE, name=DEFAULT_FINAL_STAGE,
+                            config=STAGES[DEFAULT_FINAL_STAGE].config_cls()))
     plan = _plan(recipe, stages)
     if rerun_from is not None and rerun_from not in [stage.name for stage in stages]:
         raise UserError(f"--rerun-from {rerun_from}: the recipe has no stage of that name (stages: "
@@ -462,6 +464,7 @@ def run_recipe(recipe: Recipe | str | os.PathLike, output_dir: str | os.PathLike
     lock = claim_output_dir(output_dir) if main else None
     (output_dir / "stages").mkdir(parents=True, exist_ok=True)
 
+    settings = recipe.run_settings()
     model_name = recipe.model.name_or_path  # grows "-> stage" with every stage that changes the model
     state = ModelState(description=model_name)
     history: list[dict[str, Any]] = []
@@ -470,10 +473,11 @@ def run_recipe(recipe: Recipe | str | os.PathLike, output_dir: str | os.PathLike
             spec = STAGES[stage.type]
             stage_dir = output_dir / "stages" / stage.name
             wait_for_everyone()  # every process sees the same finished stages
-            if not main and stage.type == "export":
-                history.append({"type": "export", "name": stage.name, "metrics": None, "model": model_name})
-                continue  # the export is the main process's alone
-            context = StageContext(recipe=recipe, stage_name=stage.name,
+            if not main and spec.writes_final_output:
+                history.append({"type": stage.type, "name": stage.name, "metrics": None, "model": model_name,
+                                **spec.record_fields()})
+                continue  # the final folder is the main process's alone
+            context = StageContext(settings=settings, stage_name=stage.name,
                                    stage_dir=stage_dir if main else scratch / "stages" / stage.name,
                                    output_dir=output_dir if main else scratch, history=history,
                                    shared_stage_dir=stage_dir)
@@ -526,9 +530,12 @@ def run_recipe(recipe: Recipe | str | os.PathLike, output_dir: str | os.PathLike
             if spec.changes_model:
                 model_name = f"{model_name} -> {stage.name}"
             record["model"] = state.description = model_name
+            # The stage's contract, from the registry as it is now (a reused stage.json may predate it): the export
+            # reads these plain fields, never the registry.
+            record.update(spec.record_fields())
             history.append(record)
     wait_for_everyone()
     if scratch is not None:
         remove_inside(scratch, output_dir)
     return RunResult(output_dir=str(output_dir), stages=history,
-                     metrics=[r for r in history if r["type"] == "evaluate"])
+                     metrics=[r for r in history if r["produces_metrics"]])
