@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from . import __version__
 from .errors import UserError
 from .files import copy_tree, remove_inside, sha256_file
 from .recipe import Recipe, RecipeError, Stage, load_recipe
-from .stages import MODEL_SUBDIR, STAGES, ModelState, StageContext, save_model_state
+from .stages import DEFAULT_FINAL_STAGE, MODEL_SUBDIR, STAGES, ModelState, RunSettings, StageContext, save_model_state
 
 logger = logging.getLogger("hf_modelopt")
 
@@ -178,8 +179,9 @@ def preflight(recipe: Recipe) -> None:
     if recipe.model.trust_remote_code:
         logger.warning("model.trust_remote_code is on: Python code shipped with %s will run on this machine",
                        recipe.model.name_or_path)
+    settings = recipe.run_settings()
     for stage in recipe.resolved_stages:
-        stage.config.preflight(recipe)
+        stage.config.preflight(settings)
 
 
 # --------------------------------------------------------------------------- stage outputs
@@ -257,7 +259,8 @@ def _find_intact(fingerprint: str, stage_dir: Path, stage_name: str) -> Path | N
 
 
 class RunResult(dict):
-    """`{"output_dir", "stages": [records], "metrics": [evaluate records]}` of a finished run."""
+    """`{"output_dir", "stages": [records], "metrics": [records of the stages that produce metrics]}` of a finished
+    run."""
 
 
 def check_output_dir(output_dir: Path, resume: bool = False, overwrite: bool = False) -> None:
@@ -434,8 +437,6 @@ def run_recipe(recipe: Recipe | str | os.PathLike, output_dir: str | os.PathLike
     """
     from .distributed import init_distributed, is_main_process, process_index, wait_for_everyone
     from .interrupt import stop_cleanly_on_signals
-    from .stages.export import ExportStageConfig
-    from .stages.train import last_checkpoint
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
@@ -445,90 +446,150 @@ def run_recipe(recipe: Recipe | str | os.PathLike, output_dir: str | os.PathLike
         check_output_dir(output_dir, resume=resume, overwrite=overwrite)
     preflight(recipe)
     init_distributed()
-    # Processes other than the main one write into a scratch folder of their own (see distributed.py).
-    scratch = output_dir / f".process-{process_index()}" if not main else None
-    stages = list(recipe.resolved_stages)
-    if not any(stage.type == "export" for stage in stages):
-        # The final model is always written; an explicit export stage only adds options.
-        stages.append(Stage(type="export", name="export", config=ExportStageConfig()))
+    stages = _stages_to_run(recipe)
     plan = _plan(recipe, stages)
     if rerun_from is not None and rerun_from not in [stage.name for stage in stages]:
         raise UserError(f"--rerun-from {rerun_from}: the recipe has no stage of that name (stages: "
                         f"{', '.join(stage.name for stage in stages)})")
-    rerunning = False
     checked: dict[Path, Path | None] = {}  # stage folder -> its intact finished output (hashed once)
     resume_from = _resume_point(recipe, plan, output_dir, rerun_from, checked) if resume else None
     # From here on the folder is this run's: locked (a second run into it is refused) and marked as a run folder.
     lock = claim_output_dir(output_dir) if main else None
     (output_dir / "stages").mkdir(parents=True, exist_ok=True)
-
-    model_name = recipe.model.name_or_path  # grows "-> stage" with every stage that changes the model
-    state = ModelState(description=model_name)
-    history: list[dict[str, Any]] = []
+    # Processes other than the main one write into a scratch folder of their own (see distributed.py).
+    run = _Run(recipe.run_settings(), output_dir, main, None if main else output_dir / f".process-{process_index()}",
+               checked, resume_from)
     with _released(lock), stop_cleanly_on_signals():
-        for stage, stage_fp in plan:
-            spec = STAGES[stage.type]
-            stage_dir = output_dir / "stages" / stage.name
-            wait_for_everyone()  # every process sees the same finished stages
-            if not main and stage.type == "export":
-                history.append({"type": "export", "name": stage.name, "metrics": None, "model": model_name})
-                continue  # the export is the main process's alone
-            context = StageContext(recipe=recipe, stage_name=stage.name,
-                                   stage_dir=stage_dir if main else scratch / "stages" / stage.name,
-                                   output_dir=output_dir if main else scratch, history=history,
-                                   shared_stage_dir=stage_dir)
-            rerunning = rerunning or stage.name == rerun_from
-            finished = (_find_finished(stage_fp, stage_dir, stage.name, checked) if spec.cacheable and not rerunning
-                        else None)
-            if finished is not None:
-                record = {**_read_record(finished), "name": stage.name, "reused": True}  # this recipe's name for it
-                if finished != stage_dir and main:
-                    remove_inside(stage_dir, output_dir)
-                    # Copied (or reflinked), never hard-linked: editing one copy must not change the other.
-                    copy_tree(finished, stage_dir, ignore=shutil.ignore_patterns("checkpoints", ATTEMPT_RECORD))
-                logger.info("Stage '%s' reused from %s: inputs and config unchanged, files intact (fingerprint %s)",
-                            stage.name, finished, stage_fp[:12])
-                if spec.changes_model:
-                    state = ModelState(path=(stage_dir if main else finished) / MODEL_SUBDIR)
-                state.metrics = record.get("metrics")
-            else:
-                if resume_from is not None and resume_from[0] == stage.name:
-                    context.resume_from_checkpoint = resume_from[1]  # its folder and checkpoints are kept
-                else:
-                    if last_checkpoint(context.stage_dir / "checkpoints") is not None:
-                        logger.warning("Stage '%s': discarding the checkpoint of an interrupted attempt (--resume "
-                                       "continues from it instead)", stage.name)
-                    remove_inside(context.stage_dir, output_dir)  # leftovers of an unfinished attempt
-                if spec.cacheable:
-                    context.stage_dir.mkdir(parents=True, exist_ok=True)
-                    (context.stage_dir / ATTEMPT_RECORD).write_text(json.dumps({"fingerprint": stage_fp}))
-                    wait_for_everyone()  # the shared checkpoint folder is cleared before any process trains
-                logger.info("Stage '%s' (%s) starting", stage.name, stage.type)
-                started = time.perf_counter()
-                state.metrics = None
-                state = spec.run(state, stage.config, context)
-                if spec.changes_model and main and state.path != stage_dir / MODEL_SUBDIR:  # unless already saved
-                    save_model_state(state, stage_dir / MODEL_SUBDIR)
-                record = {"fingerprint": stage_fp, "type": stage.type, "name": stage.name,
-                          "config": stage.config.model_dump(mode="json"), "metrics": state.metrics,
-                          "seconds": round(time.perf_counter() - started, 1), "hf_modelopt": __version__}
-                if spec.cacheable and main:
-                    # Content hashes of what the stage keeps: a later reuse checks them (a changed file is never
-                    # reused). stage.json is written last: without it the stage is unfinished.
-                    record["files"] = _stage_files(stage_dir)
-                    (stage_dir / STAGE_RECORD).write_text(json.dumps(record, indent=2))
-                    _index_path(stage_fp).parent.mkdir(parents=True, exist_ok=True)
-                    _index_path(stage_fp).write_text(json.dumps({"dir": str(stage_dir.resolve())}))
-                    # Finished: its model is the output; checkpoints were only there to resume it.
-                    remove_inside(stage_dir / "checkpoints", output_dir)
-                    remove_inside(stage_dir / ATTEMPT_RECORD, output_dir)
-                logger.info("Stage '%s' finished in %.1f s", stage.name, record["seconds"])
-            if spec.changes_model:
-                model_name = f"{model_name} -> {stage.name}"
-            record["model"] = state.description = model_name
-            history.append(record)
+        _run_stages(run, plan, rerun_from)
     wait_for_everyone()
-    if scratch is not None:
-        remove_inside(scratch, output_dir)
-    return RunResult(output_dir=str(output_dir), stages=history,
-                     metrics=[r for r in history if r["type"] == "evaluate"])
+    if run.scratch is not None:
+        remove_inside(run.scratch, output_dir)
+    return RunResult(output_dir=str(output_dir), stages=run.history,
+                     metrics=[r for r in run.history if r["produces_metrics"]])
+
+
+def _stages_to_run(recipe: Recipe) -> list[Stage]:
+    """The recipe's stages; the default final stage appended when none writes the final output: the final model is
+    always written, an explicit final stage only adds options."""
+    stages = list(recipe.resolved_stages)
+    if not any(STAGES[stage.type].writes_final_output for stage in stages):
+        stages.append(Stage(type=DEFAULT_FINAL_STAGE, name=DEFAULT_FINAL_STAGE,
+                            config=STAGES[DEFAULT_FINAL_STAGE].config_cls()))
+    return stages
+
+
+@dataclass
+class _Run:
+    """What the stages of one run share: where this process writes, and the records so far."""
+
+    settings: RunSettings
+    output_dir: Path
+    main: bool  # the main process writes the output folder
+    scratch: Path | None  # any other process's own folder (None in the main process)
+    checked: dict[Path, Path | None]  # stage folder -> its intact finished output (`_find_finished`)
+    resume_from: tuple[str, Path] | None  # (stage name, checkpoint) that `--resume` continues
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def context(self, stage: Stage) -> StageContext:
+        shared = self.output_dir / "stages" / stage.name
+        return StageContext(settings=self.settings, stage_name=stage.name,
+                            stage_dir=shared if self.main else self.scratch / "stages" / stage.name,
+                            output_dir=self.output_dir if self.main else self.scratch, history=self.history,
+                            shared_stage_dir=shared)
+
+
+def _run_stages(run: _Run, plan: list[tuple[Stage, str]], rerun_from: str | None) -> None:
+    """Each stage in order: reused when an intact finished output of it exists (and it is before `rerun_from`),
+    else run; its record (with the stage contract's fields, for the export) appended to `run.history`."""
+    from .distributed import wait_for_everyone
+
+    model_name = run.settings.model.name_or_path  # grows "-> stage" with every stage that changes the model
+    state = ModelState(description=model_name)
+    rerunning = False
+    for stage, stage_fp in plan:
+        spec = STAGES[stage.type]
+        stage_dir = run.output_dir / "stages" / stage.name
+        wait_for_everyone()  # every process sees the same finished stages
+        if not run.main and spec.writes_final_output:
+            run.history.append({"type": stage.type, "name": stage.name, "metrics": None, "model": model_name,
+                                **spec.record_fields()})
+            continue  # the final folder is the main process's alone
+        rerunning = rerunning or stage.name == rerun_from
+        finished = (_find_finished(stage_fp, stage_dir, stage.name, run.checked) if spec.cacheable and not rerunning
+                    else None)
+        if finished is not None:
+            state, record = _reuse_stage(run, stage, stage_fp, finished, state)
+        else:
+            state, record = _run_stage(run, stage, stage_fp, state)
+        if spec.changes_model:
+            model_name = f"{model_name} -> {stage.name}"
+        record["model"] = state.description = model_name
+        # The stage's contract, from the registry as it is now (a reused stage.json may predate it): the export
+        # reads these plain fields, never the registry.
+        record.update(spec.record_fields())
+        run.history.append(record)
+
+
+def _reuse_stage(run: _Run, stage: Stage, stage_fp: str, finished: Path, state: ModelState):
+    """Take a finished output of this stage (`finished`, in this run's folder or another) as the stage's: copied into
+    this run's folder; returns the model state after it and the stage's record."""
+    stage_dir = run.output_dir / "stages" / stage.name
+    record = {**_read_record(finished), "name": stage.name, "reused": True}  # this recipe's name for it
+    if finished != stage_dir and run.main:
+        remove_inside(stage_dir, run.output_dir)
+        # Copied (or reflinked), never hard-linked: editing one copy must not change the other.
+        copy_tree(finished, stage_dir, ignore=shutil.ignore_patterns("checkpoints", ATTEMPT_RECORD))
+    logger.info("Stage '%s' reused from %s: inputs and config unchanged, files intact (fingerprint %s)",
+                stage.name, finished, stage_fp[:12])
+    if STAGES[stage.type].changes_model:
+        state = ModelState(path=(stage_dir if run.main else finished) / MODEL_SUBDIR)
+    state.metrics = record.get("metrics")
+    return state, record
+
+
+def _run_stage(run: _Run, stage: Stage, stage_fp: str, state: ModelState):
+    """Run the stage on `state` (continuing its checkpoint under `--resume`), save its model and, in the main process,
+    record it as finished; returns the model state after it and the stage's record."""
+    from .distributed import wait_for_everyone
+    from .stages.train import last_checkpoint
+
+    spec = STAGES[stage.type]
+    context = run.context(stage)
+    if run.resume_from is not None and run.resume_from[0] == stage.name:
+        context.resume_from_checkpoint = run.resume_from[1]  # its folder and checkpoints are kept
+    else:
+        if last_checkpoint(context.stage_dir / "checkpoints") is not None:
+            logger.warning("Stage '%s': discarding the checkpoint of an interrupted attempt (--resume continues from "
+                           "it instead)", stage.name)
+        remove_inside(context.stage_dir, run.output_dir)  # leftovers of an unfinished attempt
+    if spec.cacheable:
+        context.stage_dir.mkdir(parents=True, exist_ok=True)
+        (context.stage_dir / ATTEMPT_RECORD).write_text(json.dumps({"fingerprint": stage_fp}))
+        wait_for_everyone()  # the shared checkpoint folder is cleared before any process trains
+    logger.info("Stage '%s' (%s) starting", stage.name, stage.type)
+    started = time.perf_counter()
+    state.metrics = None
+    state = spec.run(state, stage.config, context)
+    stage_dir = context.shared_stage_dir
+    if spec.changes_model and run.main and state.path != stage_dir / MODEL_SUBDIR:  # unless already saved
+        save_model_state(state, stage_dir / MODEL_SUBDIR)
+    record = {"fingerprint": stage_fp, "type": stage.type, "name": stage.name,
+              "config": stage.config.model_dump(mode="json"), "metrics": state.metrics,
+              "seconds": round(time.perf_counter() - started, 1), "hf_modelopt": __version__}
+    if spec.cacheable and run.main:
+        _record_finished(stage_dir, record, run.output_dir)
+    logger.info("Stage '%s' finished in %.1f s", stage.name, record["seconds"])
+    return state, record
+
+
+def _record_finished(stage_dir: Path, record: dict, output_dir: Path) -> None:
+    """Mark a stage finished: content hashes of what it keeps (a later reuse checks them: a changed file is never
+    reused) and its record in stage.json, written last (without it the stage is unfinished); the cache index entry;
+    then its checkpoints go (its model is the output; they were only there to resume it)."""
+    record["files"] = _stage_files(stage_dir)
+    (stage_dir / STAGE_RECORD).write_text(json.dumps(record, indent=2))
+    index = _index_path(record["fingerprint"])
+    index.parent.mkdir(parents=True, exist_ok=True)
+    index.write_text(json.dumps({"dir": str(stage_dir.resolve())}))
+    remove_inside(stage_dir / "checkpoints", output_dir)
+    remove_inside(stage_dir / ATTEMPT_RECORD, output_dir)

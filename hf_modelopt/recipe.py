@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from .data import DataConfig
 from .errors import RecipeError, UserError, clip, excerpt  # noqa: F401  (RecipeError: re-exported)
 from .modeling import ModelConfig, looks_like_local_path  # noqa: F401  (re-exported)
-from .stages import STAGES, StageConfig, load_builtin_stages
+from .stages import STAGES, RunSettings, Stage, load_builtin_stages  # noqa: F401  (Stage: re-exported)
 from .tasks import TASKS as TASK_REGISTRY
 
 TASKS = tuple(TASK_REGISTRY)  # the registered task names
@@ -35,15 +35,6 @@ class StrictModel(BaseModel):
     # Unknown keys are errors: a typo must never silently fall back to a default. `inf` / `nan` written as text
     # (YAML reads `--set x=inf` as a string, which pydantic would turn into a float) are refused like `.inf`.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-
-class Stage(BaseModel):
-    """One validated entry of `stages:`: its registered type, unique name and typed config."""
-
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-    type: str
-    name: str
-    config: StageConfig
 
 
 class Recipe(StrictModel):
@@ -63,6 +54,12 @@ class Recipe(StrictModel):
     def to_yaml(self) -> str:
         """The fully resolved recipe (extends and --set applied), reloadable as a recipe."""
         return yaml.safe_dump(self.model_dump(mode="json", exclude={"source", "resolved_stages"}), sort_keys=False)
+
+    def run_settings(self) -> RunSettings:
+        """What the stages read of this recipe (`hf_modelopt.stages.RunSettings`): the stages never see the recipe."""
+        return RunSettings(model=self.model, task=self.task, data=self.data, training=dict(self.training),
+                           source=self.source, description=self.description,
+                           resolved_stages=tuple(self.resolved_stages), recipe_yaml=self.to_yaml())
 
 
 # --------------------------------------------------------------------------- YAML, extends, --set
@@ -482,7 +479,7 @@ def validate_recipe(data: dict[str, Any], source: str = "<python>", origins: dic
         if not name.isprintable() or len(name) > MAX_STAGE_NAME:
             raise RecipeError(where, _key_path(loc + ("name",)), f"stage names are at most {MAX_STAGE_NAME} "
                               f"printable characters (no control characters): {excerpt(name)}")
-        last = next((stage for stage in stages if stage.config.must_be_last), None)
+        last = next((stage for stage in stages if STAGES[stage.type].writes_final_output), None)
         if last is not None:
             named = f"'{last.name}'" + (f" ({last.type})" if last.name != last.type else "")
             raise RecipeError(where, _key_path(loc), f"stage {named} must be the last stage: what runs after it "

@@ -19,9 +19,6 @@ logger = logging.getLogger("hf_modelopt")
 
 # Package data beside this module: found the same way in a checkout, an editable install and a wheel.
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-# Stage type prefix -> the tag Hub users search for; the stage types themselves are added as method tags.
-TECHNIQUE_TAGS = {"distill": "distilled", "prune": "pruned", "sparsif": "pruned", "quant": "quantized"}
-MEASURE_ONLY_STAGES = ("evaluate", "export")
 COUNT_METRICS = ("eval_samples", "eval_tokens")  # sizes of the evaluation data, not quality figures
 LOADING_NOTES = {
     "transformers": "It loads with plain transformers (no hf-modelopt needed).",
@@ -58,16 +55,17 @@ def base_license(spec) -> str | None:
 
 
 def card_tags(stages: list[dict]) -> list[str]:
-    """`hf-modelopt`, what was done (`distilled`, `pruned`, `quantized`) and the method names."""
+    """`hf-modelopt`, what was done (the `card_tags` each stage record carries: `distilled`, `pruned`,
+    `quantized`) and the method names (the types of the stages that changed the model, and their `method`)."""
     methods = []
     for record in stages:
-        if record["type"] in MEASURE_ONLY_STAGES:
+        if not record.get("changes_model"):
             continue
         methods.append(record["type"])
         method = (record.get("config") or {}).get("method")
         if isinstance(method, str):
             methods.append(method)
-    techniques = [tag for t in methods for prefix, tag in TECHNIQUE_TAGS.items() if t.startswith(prefix)]
+    techniques = [tag for record in stages for tag in record.get("card_tags") or ()]
     return list(dict.fromkeys(["hf-modelopt", *techniques, *methods]))
 
 
@@ -133,7 +131,7 @@ def render_model_card(record: dict, recipe_yaml: str, load_from: str, template: 
 
     base = record["base_model"]
     stages = record["stages"]
-    changed = [r for r in stages if r["type"] not in MEASURE_ONLY_STAGES]
+    changed = [r for r in stages if r.get("changes_model")]
     tags = card_tags(stages)
     export_format = _export_format(record)
     relation = None
@@ -151,7 +149,7 @@ def render_model_card(record: dict, recipe_yaml: str, load_from: str, template: 
     )
     check = record["reload_check"]
     before = record.get("before")
-    evaluations = [r for r in stages if r["type"] == "evaluate" and r.get("metrics")]
+    evaluations = [r for r in stages if r.get("produces_metrics") and r.get("metrics")]
     run_metric_names = list(dict.fromkeys(k for r in evaluations for k in r["metrics"]))
     setup = record.get("latency_setup")
     base_name = base["name_or_path"] + (f" ({base['gguf_file']})" if base.get("gguf_file") else "")
@@ -175,7 +173,7 @@ def render_model_card(record: dict, recipe_yaml: str, load_from: str, template: 
                    "values": [_format_number(r["metrics"].get(k)) for k in run_metric_names]} for r in evaluations],
         plots=record.get("plots", []),
         stage_sections=record.get("stage_sections", []),
-        quantization=record.get("quantization"),
+        reports=record.get("reports") or {},
         loading_note=LOADING_NOTES[export_format.loads_with] + "".join(
             f" It needs `{package}` installed (`pip install {package}`)." for package in export_format.requires),
         load_code=loading_code(export_format, task.auto_class, load_from, task.peft_auto_class,

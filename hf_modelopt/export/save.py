@@ -170,13 +170,15 @@ def _eval_data_description(recipe) -> str:
 
 
 def _stage_summaries(history: list[dict]) -> list[dict]:
-    keep = ("name", "type", "model", "metrics", "config", "seconds")
+    # (with the stage contract's fields the card reads: changes_model, produces_metrics, card_tags, report_files)
+    keep = ("name", "type", "model", "metrics", "config", "seconds", "changes_model", "produces_metrics", "card_tags",
+            "report_files")
     return [{k: r.get(k) for k in keep} for r in history]
 
 
 def _metric_records(history: list[dict]) -> list[dict]:
     return [{"stage": r["name"], "model": r["model"], "metrics": r["metrics"]}
-            for r in history if r["type"] == "evaluate"]
+            for r in history if r.get("produces_metrics")]
 
 
 def _file_manifest(folder: Path) -> dict[str, dict]:
@@ -377,16 +379,18 @@ def export_model(state: ModelState, recipe, output_dir, history: list[dict] = ()
         _write_model(state, recipe, staging, sparse=config.sparse)
         # The exported recipe names local folders relative to the export (run it from there); the fresh process
         # gets the recipe as it ran, in a file that is not part of the export.
-        recipe_data = recipe.model_dump(mode="json", exclude={"source", "resolved_stages"})
+        recipe_data = yaml.safe_load(recipe.recipe_yaml)
         recipe_yaml = yaml.safe_dump(_without_local_paths(recipe_data, local_paths), sort_keys=False)
         (staging / "recipe.yaml").write_text(recipe_yaml)
-        (staging / VERIFY_RECIPE).write_text(recipe.to_yaml())
+        (staging / VERIFY_RECIPE).write_text(recipe.recipe_yaml)
         metric_records = _without_local_paths(_metric_records(history), local_paths)
         (staging / "metrics.json").write_text(json.dumps(metric_records, indent=2))
         export_format = detect_format(staging)
-        quantization = staging / "quantization.json"  # the quantize stage's report, saved with its model
+        # The JSON reports stages declare (`report_files`) that came with the exported model (saved beside it).
+        reports = {name: json.loads((staging / name).read_text()) for r in history for name in r.get("report_files", ())
+                   if name.endswith(".json") and (staging / name).is_file()}
         spec = recipe.model
-        evaluations = [r for r in history if r["type"] == "evaluate" and r.get("metrics")]
+        evaluations = [r for r in history if r.get("produces_metrics") and r.get("metrics")]
         before = next((r for r in evaluations if r["model"] == spec.name_or_path), None)
         final = [r for r in evaluations if r["model"] == state.description]
         record = {
@@ -403,7 +407,7 @@ def export_model(state: ModelState, recipe, output_dir, history: list[dict] = ()
             "run_metrics": final[-1]["metrics"] if final else None,
             "plots": write_plots(history, output_dir / "stages", staging),
             "stage_sections": stage_sections(history, output_dir / "stages"),
-            "quantization": json.loads(quantization.read_text()) if quantization.is_file() else None,
+            "reports": reports,
         }
         if config.verify:
             ensure_loaded(state, recipe)  # the reference the reloaded logits must match

@@ -6,6 +6,11 @@ the metrics it measured, if any). The built-in stages (`train.py`, `distill.py`,
 `evaluate.py`, `export.py` here) are thin layers over the techniques' Python API; each stage config is the
 technique's config plus the stage's own fields, so YAML and Python share one set of defaults.
 
+What a stage needs from the runner is declared on its registration (`register_stage`'s flags: produces
+metrics, untrainable output, writes the final output, card tags, report files), never inferred from its name, so a
+third-party stage gets the behaviour of the built-in stage it imitates. A stage reads the run's settings
+(`RunSettings`: model, task, data, training, ...), not the recipe: this package never imports `hf_modelopt.recipe`.
+
 Third-party stages: a package declares an entry point in the group `hf_modelopt.stages` naming a module (or
 a callable) whose import registers its stages with `@register_stage`; it is loaded with the built-in ones,
 whenever a recipe is validated, so `hf-modelopt run` runs them (`hf-modelopt stages` lists them all).
@@ -23,7 +28,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
-    from ..recipe import Recipe, Stage
+    from ..data import DataConfig
+    from ..modeling import ModelConfig
 
 logger = logging.getLogger("hf_modelopt")
 
@@ -50,9 +56,6 @@ class StageConfig(BaseModel):
     name: str | None = Field(None, description="Name of the stage's output folder; defaults to the stage type.")
     # Data splits ("train", "eval") the stage reads; checked before any stage runs.
     requires_data: ClassVar[tuple[str, ...]] = ()
-    # The stage writes the run's final output (the export): any stage after it would run on a model that is never
-    # written, while the summary lists it. Recipe validation refuses a stage after one that sets this.
-    must_be_last: ClassVar[bool] = False
 
     def check_after(self, earlier: list[Stage]) -> None:
         """Refuse a contradictory order: raise `ValueError` naming the earlier stage that rules this one out.
@@ -66,11 +69,40 @@ class StageConfig(BaseModel):
         for them ("" for the stage itself); the runner refuses a missing one before any stage starts."""
         return {}
 
-    def preflight(self, recipe: Recipe) -> None:
+    def preflight(self, settings: RunSettings) -> None:
         """Checks that need more than the config (models, tokenizers), run before any stage starts.
 
-        Raise a `UserError` naming the problem; the default checks nothing.
+        `settings` are the run's (`RunSettings`; its `resolved_stages` include this config). Raise a `UserError`
+        naming the problem; the default checks nothing.
         """
+
+
+class Stage(BaseModel):
+    """One validated entry of a recipe's `stages:`: its registered type, unique name and typed config."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    type: str
+    name: str
+    config: StageConfig
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What a stage reads of the run besides its own config: the recipe's settings, never the recipe itself.
+
+    The attribute names are `Recipe`'s, so helpers that take "anything with .model / .task / .data / .training"
+    accept either. Built by the recipe layer (`Recipe.run_settings()`).
+    """
+
+    model: ModelConfig
+    task: str  # a registered task name (`hf_modelopt.tasks.TASKS`)
+    data: DataConfig
+    training: dict[str, Any]  # the recipe's `training:` (TrainingArguments keywords)
+    source: str = "<python>"  # the recipe file, for `RecipeError`
+    description: str = ""  # the recipe's description (the model card's)
+    resolved_stages: tuple[Stage, ...] = ()  # every stage of the run, validated, in order
+    # The resolved recipe (extends and --set applied) as reloadable YAML: the export writes it beside the model.
+    recipe_yaml: str = ""
 
 
 @dataclass
@@ -88,7 +120,7 @@ class ModelState:
 class StageContext:
     """Everything a stage may read besides its own config."""
 
-    recipe: Recipe
+    settings: RunSettings
     stage_name: str
     stage_dir: Path
     output_dir: Path
@@ -112,18 +144,58 @@ class StageContext:
 
 @dataclass(frozen=True)
 class StageSpec:
+    """A registered stage: its config class, its function and the contract the runner and the export read."""
+
     config_cls: type[StageConfig]
     run: Callable[[ModelState, StageConfig, StageContext], ModelState]
     changes_model: bool  # False for stages that only measure (their model passes through unchanged)
     cacheable: bool  # False for stages whose work is writing outside their folder (export)
     origin: str = ""  # the module that registered it (a third-party package's, for entry-point stages)
+    # Its `state.metrics` are quality figures of the model: listed in the run summary (`RunResult["metrics"]`,
+    # metrics.json) and the model card's evaluation table (other stages' metrics stay in their own records).
+    produces_metrics: bool = False
+    # Why the model it outputs cannot be trained as a whole, completing "stage 'x' before it ..." ("" when it can):
+    # a stage that trains every weight refuses to follow it (`stages.train.refuse_training_after`).
+    untrainable_output: str = ""
+    # It writes the run's final folder: it must be the last stage, runs in the main process only and is never
+    # cached; the runner appends `DEFAULT_FINAL_STAGE` to a recipe that has no such stage.
+    writes_final_output: bool = False
+    card_tags: tuple[str, ...] = ()  # Hub tags the exported model card gets when this stage ran ("quantized")
+    # Files the stage writes beside its saved model (`stage_dir/model/`) that the export carries into the final
+    # folder and reads into the card (JSON ones) when the exported model is that stage's output.
+    report_files: tuple[str, ...] = ()
+
+    def record_fields(self) -> dict[str, Any]:
+        """The contract values the export reads, as plain fields of the stage's history record (so the export
+        never reads this registry)."""
+        return {"changes_model": self.changes_model, "produces_metrics": self.produces_metrics,
+                "card_tags": list(self.card_tags), "report_files": list(self.report_files)}
 
 
 STAGES: dict[str, StageSpec] = {}
+# Appended by the runner to a recipe without a stage that `writes_final_output`: the final model is always written.
+DEFAULT_FINAL_STAGE = "export"
 
 
-def register_stage(name: str, config_cls: type[StageConfig], changes_model: bool = True, cacheable: bool = True):
-    """Register `fn(state, config, context) -> state` as the recipe stage `name`."""
+def register_stage(name: str, config_cls: type[StageConfig], changes_model: bool = True,
+                   cacheable: bool | None = None, *, produces_metrics: bool = False, untrainable_output: str = "",
+                   writes_final_output: bool = False, card_tags: tuple[str, ...] = (),
+                   report_files: tuple[str, ...] = ()):
+    """Register `fn(state, config, context) -> state` as the recipe stage `name`.
+
+    The flags are the stage's contract with the runner (see `StageSpec`): `changes_model` (False: it only
+    measures), `cacheable` (default: unless it writes the final output), `produces_metrics`, `untrainable_output`
+    (the reason, or ""), `writes_final_output`, `card_tags`, `report_files`.
+    """
+    if cacheable is None:
+        cacheable = not writes_final_output
+    if cacheable and writes_final_output:
+        raise ValueError(f"stage {name!r}: a stage that writes the final output is never cached (it writes outside "
+                         "its stage folder); leave cacheable unset")
+    for value, what in ((card_tags, "card_tags"), (report_files, "report_files")):
+        if isinstance(value, str) or not all(isinstance(item, str) and item for item in value):
+            raise TypeError(f"stage {name!r}: {what} must be a tuple of non-empty strings, got {value!r}")
+    card_tags, report_files = tuple(card_tags), tuple(report_files)
 
     def decorator(fn):
         if name in STAGES and STAGES[name].run is not fn:
@@ -131,7 +203,10 @@ def register_stage(name: str, config_cls: type[StageConfig], changes_model: bool
         if not (isinstance(config_cls, type) and issubclass(config_cls, StageConfig)):
             raise TypeError(f"stage {name!r}: config_cls must subclass hf_modelopt.stages.StageConfig, "
                             f"got {config_cls!r}")
-        STAGES[name] = StageSpec(config_cls, fn, changes_model, cacheable, fn.__module__)
+        STAGES[name] = StageSpec(config_cls, fn, changes_model, cacheable, fn.__module__,
+                                 produces_metrics=produces_metrics, untrainable_output=untrainable_output,
+                                 writes_final_output=writes_final_output, card_tags=card_tags,
+                                 report_files=report_files)
         return fn
 
     return decorator
@@ -176,26 +251,29 @@ def save_model_state(state: ModelState, folder: Path) -> None:
     state.path = folder
 
 
-def ensure_loaded(state, recipe):
-    """Give `state` a model and tokenizer in memory, loading them from `state.path` if needed."""
+def ensure_loaded(state, settings):
+    """Give `state` a model and tokenizer in memory, loading them from `state.path` if needed.
+
+    `settings`: the run's `RunSettings` (or anything with `.model`, `.task`, `.data`, `.training`: a `Recipe`)."""
     from ..modeling import load_model, load_tokenizer
 
     if state.model is None and state.path is not None:
-        state.model = load_model(recipe.model, recipe.task, path=str(state.path))
+        state.model = load_model(settings.model, settings.task, path=str(state.path))
     elif state.model is None:
         from transformers import set_seed
 
         # Seed before building the model, so newly initialised weights (a task head) are reproducible.
-        set_seed(recipe.training.get("seed", 42))
+        set_seed(settings.training.get("seed", 42))
         from ..tasks import get_task
 
-        labels, count_labels = None, get_task(recipe.task).count_labels
+        labels, count_labels = None, get_task(settings.task).count_labels
         if count_labels is not None:
             from ..data import has_split, load_split
 
-            split = "train" if has_split(recipe.data, "train") else "eval"
-            labels = count_labels(load_split(recipe.data, split), recipe.data)
-        state.model = load_model(recipe.model, recipe.task, num_labels=labels)
+            split = "train" if has_split(settings.data, "train") else "eval"
+            labels = count_labels(load_split(settings.data, split), settings.data)
+        state.model = load_model(settings.model, settings.task, num_labels=labels)
     if state.tokenizer is None:
-        state.tokenizer = load_tokenizer(recipe.model, path=str(state.path) if state.path else None, task=recipe.task)
+        state.tokenizer = load_tokenizer(settings.model, path=str(state.path) if state.path else None,
+                                         task=settings.task)
     return state

@@ -200,7 +200,7 @@ def train_with_distillation(teacher, student, tokenizer, config: KnowledgeDistil
     from ..distributed import is_main_process, wait_for_everyone
     from .train import train_and_record, training_arguments, training_data
 
-    recipe = context.recipe
+    recipe = context.settings
     layer_map = config.layer_map or default_layer_map(
         student.config.num_hidden_layers, teacher.config.num_hidden_layers, copied_from)
     if config.attention_weight:  # attention maps are only returned by the eager implementation
@@ -247,12 +247,12 @@ def train_with_distillation(teacher, student, tokenizer, config: KnowledgeDistil
     return trainer
 
 
-@register_stage("distill", DistillStageConfig)
+@register_stage("distill", DistillStageConfig, card_tags=("distilled",))
 def distill_stage(state: ModelState, config: DistillStageConfig, context: StageContext) -> ModelState:
     from ..distill.student import layer_stacks, student_from_teacher
     from ..modeling import ModelConfig, load_model
 
-    recipe = context.recipe
+    recipe = context.settings
     ensure_loaded(state, recipe)
     teacher, tokenizer = state.model, state.tokenizer
     copied_from = None

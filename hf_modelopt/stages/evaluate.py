@@ -17,10 +17,10 @@ class EvaluateConfig(StageConfig):
     requires_data = ("eval",)
 
 
-@register_stage("evaluate", EvaluateConfig, changes_model=False)
+@register_stage("evaluate", EvaluateConfig, changes_model=False, produces_metrics=True)
 def evaluate_stage(state: ModelState, config: EvaluateConfig, context: StageContext) -> ModelState:
-    ensure_loaded(state, context.recipe)
-    metrics = evaluate_model(state.model, state.tokenizer, context.recipe.data, task=context.recipe.task)
+    ensure_loaded(state, context.settings)
+    metrics = evaluate_model(state.model, state.tokenizer, context.settings.data, task=context.settings.task)
     (context.stage_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     logger.info("%s: %s", context.stage_name, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     state.metrics = metrics

@@ -3,33 +3,32 @@
 from __future__ import annotations
 
 from ..export.save import ExportConfig
-from . import ModelState, StageConfig, StageContext, register_stage
+from . import ModelState, RunSettings, StageConfig, StageContext, register_stage
 
 
 class ExportStageConfig(StageConfig, ExportConfig):
     """The `export` stage: the final model, verified in a fresh process, with its card (see `ExportConfig`)."""
 
-    must_be_last = True  # it writes the final model and its card: later stages would change nothing exported
-
-    def preflight(self, recipe) -> None:
+    def preflight(self, settings: RunSettings) -> None:
         if self.push_to_hub is None:
             return
         from huggingface_hub import constants, get_token
 
         from ..errors import RecipeError
 
-        index = next(i for i, s in enumerate(recipe.resolved_stages) if s.config is self)
+        index = next(i for i, s in enumerate(settings.resolved_stages) if s.config is self)
         key = f"stages[{index}].push_to_hub"
         if constants.HF_HUB_OFFLINE:
-            raise RecipeError(recipe.source, key, "the Hub is offline (HF_HUB_OFFLINE=1): the export could not be "
+            raise RecipeError(settings.source, key, "the Hub is offline (HF_HUB_OFFLINE=1): the export could not be "
                               "pushed; remove push_to_hub and run `hf-modelopt push OUTPUT --repo-id ...` later")
         if get_token() is None:
-            raise RecipeError(recipe.source, key, "no Hugging Face token: run `hf auth login` or set HF_TOKEN")
+            raise RecipeError(settings.source, key, "no Hugging Face token: run `hf auth login` or set HF_TOKEN")
 
 
-@register_stage("export", ExportStageConfig, changes_model=False, cacheable=False)
+# It writes the final model and its card: later stages would change nothing exported.
+@register_stage("export", ExportStageConfig, changes_model=False, writes_final_output=True)
 def export_stage(state: ModelState, config: ExportStageConfig, context: StageContext) -> ModelState:
     from ..export.save import export_model
 
-    export_model(state, context.recipe, context.output_dir, context.history, config)
+    export_model(state, context.settings, context.output_dir, context.history, config)
     return state

@@ -179,14 +179,14 @@ def trained_tokens(trainer, block_length: int) -> int:
     return trainer.state.global_step * sequences * block_length
 
 
-@register_stage(STAGE_TYPE, MinitronStageConfig)
+@register_stage(STAGE_TYPE, MinitronStageConfig, card_tags=("pruned",))
 def minitron_stage(state: ModelState, config: MinitronStageConfig, context: StageContext) -> ModelState:
     from safetensors.torch import save_file
 
     from ..distributed import is_main_process
     from ..prune.prune import prune_
 
-    recipe = context.recipe
+    recipe = context.settings
     ensure_loaded(state, recipe)
     model, tokenizer = state.model, state.tokenizer
     check_prunable(model, config)  # (again: an earlier stage may have changed the model since preflight)

@@ -114,15 +114,15 @@ def kd_teacher(model, config, context: StageContext):
     # The shared stage folders: every process reads the folder the main process wrote.
     folder = context.shared_stage_dir.parent / config.teacher / MODEL_SUBDIR
     logger.info("%s: KD teacher is the model of stage '%s' (%s)", context.stage_name, config.teacher, folder)
-    return load_model(context.recipe.model, context.recipe.task, path=str(folder))
+    return load_model(context.settings.model, context.settings.task, path=str(folder))
 
 
-@register_stage("prune", PruneStageConfig)
+@register_stage("prune", PruneStageConfig, card_tags=("pruned",))
 def prune_stage(state: ModelState, config: PruneStageConfig, context: StageContext) -> ModelState:
     from ..prune.callback import PruningCallback
     from .train import train_with_task_loss
 
-    ensure_loaded(state, context.recipe)
+    ensure_loaded(state, context.settings)
     model, tokenizer = state.model, state.tokenizer
     callback = PruningCallback(config)
     if config.distillation is not None:
@@ -167,7 +167,7 @@ def _finish_unstructured(state: ModelState, config, context: StageContext) -> Mo
     return state
 
 
-@register_stage("prune_structured", StructuredPruneStageConfig)
+@register_stage("prune_structured", StructuredPruneStageConfig, card_tags=("pruned",))
 def prune_structured_stage(state: ModelState, config: StructuredPruneStageConfig,
                            context: StageContext) -> ModelState:
     from torch.utils.data import DataLoader
@@ -175,7 +175,7 @@ def prune_structured_stage(state: ModelState, config: StructuredPruneStageConfig
     from ..prune.prune import prune_
     from .train import train_with_task_loss, training_data
 
-    recipe = context.recipe
+    recipe = context.settings
     ensure_loaded(state, recipe)
     model, tokenizer = state.model, state.tokenizer
     teacher = kd_teacher(model, config, context) if config.distillation is not None else None
@@ -201,14 +201,14 @@ def prune_structured_stage(state: ModelState, config: StructuredPruneStageConfig
     return state
 
 
-@register_stage("prune_oneshot", OneShotPruneStageConfig)
+@register_stage("prune_oneshot", OneShotPruneStageConfig, card_tags=("pruned",))
 def prune_oneshot_stage(state: ModelState, config: OneShotPruneStageConfig, context: StageContext) -> ModelState:
     from ..data import load_split
     from ..prune.oneshot import calibration_batches
     from ..prune.prune import prune_
     from ..tasks.causal_lm import tokenize_causal_lm
 
-    recipe = context.recipe
+    recipe = context.settings
     ensure_loaded(state, recipe)
     blocks = tokenize_causal_lm(load_split(recipe.data, "train"), state.tokenizer, recipe.data)
     logger.info("prune_oneshot: %s, %s, sparsity %.2f, %d calibration sequences of %d tokens", config.method,

@@ -104,7 +104,13 @@ def calibration_loader(recipe, tokenizer, batch_size: int):
     return DataLoader(train, batch_size=batch_size, collate_fn=collator, shuffle=False)
 
 
-@register_stage("quantize", QuantizeStageConfig)
+# Why no stage may train every weight after `quantize` (the end of "stage 'q' before it ..."): LoRA adapters it can.
+BITSANDBYTES_UNTRAINABLE = ("quantized them with bitsandbytes, which cannot be trained in place (its `recovery:` "
+                            "settings train LoRA adapters on them instead)")
+
+
+@register_stage("quantize", QuantizeStageConfig, untrainable_output=BITSANDBYTES_UNTRAINABLE,
+                card_tags=("quantized",), report_files=(REPORT_FILE,))
 def quantize_stage(state: ModelState, config: QuantizeStageConfig, context: StageContext) -> ModelState:
     from ..export.compressed import save_compressed
     from ..export.verify import verify_reload
@@ -112,7 +118,7 @@ def quantize_stage(state: ModelState, config: QuantizeStageConfig, context: Stag
     from ..quant.sensitivity import write_sensitivity_report
     from .train import train_and_record, training_arguments
 
-    recipe = context.recipe
+    recipe = context.settings
     ensure_loaded(state, recipe)
     reference, tokenizer = state.model.eval(), state.tokenizer
     calibration = training_args = None
@@ -160,7 +166,8 @@ def quantize_stage(state: ModelState, config: QuantizeStageConfig, context: Stag
     return ModelState(path=folder, tokenizer=tokenizer, metrics=metrics)
 
 
-@register_stage("quantize_storage", StorageStageConfig)
+@register_stage("quantize_storage", StorageStageConfig, card_tags=("quantized",),
+                report_files=(REPORT_FILE,))
 def quantize_storage_stage(state: ModelState, config: StorageStageConfig,
                            context: StageContext) -> ModelState:
     from ..distributed import is_main_process
@@ -168,7 +175,7 @@ def quantize_storage_stage(state: ModelState, config: StorageStageConfig,
     from ..export.verify import verify_reload
     from ..formats.detect import detect_format, weights_size_on_disk
 
-    ensure_loaded(state, context.recipe)
+    ensure_loaded(state, context.settings)
     model, tokenizer = state.model.eval(), state.tokenizer
     options = dict(linear_bits=config.linear_bits, embedding_bits=config.embedding_bits,
                    group_size=config.group_size, skip=tuple(config.skip_modules))
@@ -190,7 +197,7 @@ def quantize_storage_stage(state: ModelState, config: StorageStageConfig,
         for target in (context.stage_dir, folder):
             (target / REPORT_FILE).write_text(json.dumps(summary, indent=2))
         if config.verify:
-            check = verify_reload(folder, model, tokenizer, context.recipe.task)
+            check = verify_reload(folder, model, tokenizer, context.settings.task)
             metrics["reload_max_abs_diff"] = check.max_abs_diff
         loader = "plain transformers with compressed-tensors installed" if chosen == "compressed-tensors" else \
             "transformers after `import hf_modelopt`"

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import Field
 
-from . import ModelState, StageConfig, StageContext, ensure_loaded, register_stage
+from . import STAGES, ModelState, StageConfig, StageContext, ensure_loaded, register_stage
 
 logger = logging.getLogger("hf_modelopt")
 
@@ -26,8 +26,10 @@ TRAINING_DEFAULTS = {
 }
 
 
-def training_arguments(recipe, stage_training: dict[str, Any], output_dir: Path):
-    """`TrainingArguments` from the defaults, the recipe's `training:` and the stage's own overrides."""
+def training_arguments(settings, stage_training: dict[str, Any], output_dir: Path):
+    """`TrainingArguments` from the defaults, the recipe's `training:` and the stage's own overrides.
+
+    `settings`: the run's `RunSettings` (or a `Recipe`: anything with `.task` and `.training`)."""
     import torch
     from transformers import TrainingArguments
 
@@ -35,17 +37,17 @@ def training_arguments(recipe, stage_training: dict[str, Any], output_dir: Path)
     from ..tasks import get_task
 
     defaults = {**TRAINING_DEFAULTS, "dataloader_pin_memory": torch.cuda.is_available()}
-    if not get_task(recipe.task).token_level_loss:
+    if not get_task(settings.task).token_level_loss:
         # A classifier's loss is a mean over its own process's batch. Left on, Trainer multiplies it (and the
         # gradients) by the number of processes, as if the model had divided a sum by the global token count
         # (which a causal LM's loss does, given num_items_in_batch).
         defaults["average_tokens_across_devices"] = False
     if use_cpu():
         defaults["use_cpu"] = True  # accelerate joins CPU processes into one DDP group only when told so
-    return TrainingArguments(output_dir=str(output_dir), **{**defaults, **recipe.training, **stage_training})
+    return TrainingArguments(output_dir=str(output_dir), **{**defaults, **settings.training, **stage_training})
 
 
-def training_data(recipe, tokenizer, raw_train=None):
+def training_data(settings, tokenizer, raw_train=None):
     """Training rows of the train (and, if configured, eval) split plus the collator, as the recipe's task makes them.
 
     `raw_train` replaces the recipe's training split (a stage that adds examples passes it).
@@ -53,12 +55,13 @@ def training_data(recipe, tokenizer, raw_train=None):
     from ..data import has_split, load_split
     from ..tasks import get_task
 
-    task = get_task(recipe.task)
+    task = get_task(settings.task)
     tokenize, collator = task.prepare_train, task.collator(tokenizer)
-    train = tokenize(raw_train if raw_train is not None else load_split(recipe.data, "train"), tokenizer, recipe.data)
+    data = settings.data
+    train = tokenize(raw_train if raw_train is not None else load_split(data, "train"), tokenizer, data)
     evaluation = None
-    if has_split(recipe.data, "eval"):
-        evaluation = tokenize(load_split(recipe.data, "eval"), tokenizer, recipe.data)
+    if has_split(data, "eval"):
+        evaluation = tokenize(load_split(data, "eval"), tokenizer, data)
     return train, evaluation, collator
 
 
@@ -104,18 +107,14 @@ def train_and_record(trainer, context: StageContext):
     return result
 
 
-# Stage types whose output cannot be trained as a whole: bitsandbytes 8- and 4-bit weights are frozen integer
-# tensors (train LoRA adapters on them instead). Keyed by type name, so a stage module need not be imported.
-UNTRAINABLE_OUTPUT_STAGES = ("quantize",)
-
-
 def refuse_training_after(stage_type: str, earlier) -> None:
-    """`StageConfig.check_after` of stages that update every weight of the model they get."""
+    """`StageConfig.check_after` of stages that update every weight of the model they get: refuse to follow a stage
+    registered with `untrainable_output` (bitsandbytes 8- and 4-bit weights are frozen integer tensors)."""
     for stage in earlier:
-        if stage.type in UNTRAINABLE_OUTPUT_STAGES:
-            raise ValueError(f"a {stage_type} stage trains every weight, but stage '{stage.name}' before it quantized "
-                             f"them with bitsandbytes, which cannot be trained in place; put the {stage_type} stage "
-                             f"before '{stage.name}', or train LoRA adapters with its `recovery:` settings")
+        reason = STAGES[stage.type].untrainable_output
+        if reason:
+            raise ValueError(f"a {stage_type} stage trains every weight, but stage '{stage.name}' before it {reason}; "
+                             f"put the {stage_type} stage before '{stage.name}'")
 
 
 class FinetuneConfig(StageConfig):
@@ -137,9 +136,8 @@ def train_with_task_loss(model, tokenizer, stage_training: dict[str, Any], conte
     """
     from transformers import Trainer
 
-    recipe = context.recipe
-    args = training_arguments(recipe, stage_training, context.checkpoint_dir)
-    train, evaluation, collator = training_data(recipe, tokenizer)
+    args = training_arguments(context.settings, stage_training, context.checkpoint_dir)
+    train, evaluation, collator = training_data(context.settings, tokenizer)
     trainer = Trainer(
         model=model,
         args=args,
@@ -155,6 +153,6 @@ def train_with_task_loss(model, tokenizer, stage_training: dict[str, Any], conte
 
 @register_stage("finetune", FinetuneConfig)
 def finetune_stage(state: ModelState, config: FinetuneConfig, context: StageContext) -> ModelState:
-    ensure_loaded(state, context.recipe)
+    ensure_loaded(state, context.settings)
     trainer = train_with_task_loss(state.model, state.tokenizer, config.training, context)
     return ModelState(model=trainer.model, tokenizer=state.tokenizer)

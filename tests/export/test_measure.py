@@ -32,8 +32,13 @@ def test_weights_size_counts_the_loaded_weights(tiny_models, tmp_path):
 
 
 def test_tags_say_what_was_done_and_how():
-    stages = [{"type": "evaluate"}, {"type": "finetune"}, {"type": "distill", "config": {}},
-              {"type": "prune", "config": {"method": "gmp"}}, {"type": "quantize", "config": {"method": "nf4"}},
-              {"type": "export"}]
+    """From the plain records the runner hands the export: each stage's declared card tags, then the types (and
+    methods) of the stages that changed the model."""
+    measures = {"changes_model": False}
+    stages = [{"type": "evaluate", **measures}, {"type": "finetune", "changes_model": True},
+              {"type": "distill", "config": {}, "changes_model": True, "card_tags": ["distilled"]},
+              {"type": "prune", "config": {"method": "gmp"}, "changes_model": True, "card_tags": ["pruned"]},
+              {"type": "quantize", "config": {"method": "nf4"}, "changes_model": True, "card_tags": ["quantized"]},
+              {"type": "export", **measures}]
     assert card_tags(stages) == ["hf-modelopt", "distilled", "pruned", "quantized", "finetune", "distill", "prune",
                                  "gmp", "quantize", "nf4"]

@@ -37,7 +37,7 @@ def test_a_new_stage_plugs_in_through_the_registry(tiny_models, sst2_files, tmp_
     if "zero_biases" not in STAGES:
         @register_stage("zero_biases", ZeroBiasesConfig)
         def zero_biases(state, config, context):
-            ensure_loaded(state, context.recipe)
+            ensure_loaded(state, context.settings)
             for name, parameter in state.model.named_parameters():
                 if name.endswith("bias"):
                     parameter.data.zero_()
@@ -64,7 +64,7 @@ class ScaleEmbeddingsConfig(StageConfig):
 
 @register_stage("scale_embeddings", ScaleEmbeddingsConfig)
 def scale_embeddings(state, config, context):
-    ensure_loaded(state, context.recipe)
+    ensure_loaded(state, context.settings)
     embeddings = state.model.get_input_embeddings().weight
     embeddings.data.mul_(config.factor)
     return state
