@@ -168,11 +168,11 @@ def load_entry_point_stages() -> None:
 
 
 def save_model_state(state: ModelState, folder: Path) -> None:
-    """Save model (safetensors) and tokenizer so `from_pretrained(folder)` loads them."""
-    from ..quant.bnb import save_quantized
+    """Save model and tokenizer so `from_pretrained(folder)` loads them: with the writer of the format the model is
+    in (`formats.write_model`; a bitsandbytes one as it was before a CPU forward pass repacked it)."""
+    from ..formats.detect import write_model
 
-    # Any model; a bitsandbytes one is written as it was before a CPU forward pass repacked it (quant/bnb.py).
-    save_quantized(state.model, folder, state.tokenizer)
+    write_model(state.model, folder, state.tokenizer)
     state.path = folder
 
 
