@@ -22,6 +22,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# A markdown section a stage may write into its folder; the export's model card shows it under the stage's name.
+from ..export.record import STAGE_CARD_SECTION  # noqa: F401  (re-exported: stages write it)
+
 if TYPE_CHECKING:
     from ..recipe import Recipe, Stage
 
@@ -39,8 +42,6 @@ BUILTIN_STAGE_MODULES = (
 )
 ENTRY_POINT_GROUP = "hf_modelopt.stages"
 MODEL_SUBDIR = "model"  # a stage's saved model: OUTPUT/stages/<name>/model/
-# A markdown section a stage may write into its folder; the export's model card shows it under the stage's name.
-STAGE_CARD_SECTION = "card.md"
 
 
 class StageConfig(BaseModel):

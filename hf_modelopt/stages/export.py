@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..export.save import ExportConfig
-from . import ModelState, StageConfig, StageContext, register_stage
+from . import ModelState, StageConfig, StageContext, ensure_loaded, register_stage
 
 
 class ExportStageConfig(StageConfig, ExportConfig):
@@ -27,9 +27,27 @@ class ExportStageConfig(StageConfig, ExportConfig):
             raise RecipeError(recipe.source, key, "no Hugging Face token: run `hf auth login` or set HF_TOKEN")
 
 
+def provenance(state: ModelState, context: StageContext):
+    """What the export is told about the run: the recipe's task, model, data and description, the stage records and
+    the resolved recipe (written as recipe.yaml), as plain data."""
+    from ..export.record import Provenance
+
+    recipe = context.recipe
+    return Provenance(
+        task=recipe.task, base_model=recipe.model, data=recipe.data, description=recipe.description,
+        model_description=state.description, history=list(context.history),
+        settings=recipe.model_dump(mode="json", exclude={"source", "resolved_stages"}),
+        stages_dir=context.output_dir / "stages",
+    )
+
+
 @register_stage("export", ExportStageConfig, changes_model=False, cacheable=False)
 def export_stage(state: ModelState, config: ExportStageConfig, context: StageContext) -> ModelState:
     from ..export.save import export_model
 
-    export_model(state, context.recipe, context.output_dir, context.history, config)
+    if config.needs_model_in_memory(saved=state.path is not None):
+        ensure_loaded(state, context.recipe)
+    export_model(state.model, state.tokenizer, context.output_dir, provenance(state, context), config,
+                 saved_folder=state.path)
+    state.path = context.output_dir
     return state
