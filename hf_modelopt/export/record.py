@@ -35,9 +35,9 @@ class Provenance:
     model_description: str = ""  # the chain of stages that produced the model (the `model` of its evaluate records)
     # The records of the stages that ran, in order (plain dicts: name, type, model, metrics, config, seconds).
     history: list[dict[str, Any]] = field(default_factory=list)
-    # The settings that produced the model, JSON-like (a recipe's resolved data), written as recipe.yaml and shown
-    # in the card; None: neither.
-    settings: dict[str, Any] | None = None
+    # The settings that produced the model as JSON-like data (a recipe's resolved mapping), written as recipe.yaml
+    # and shown in the card; None: neither.
+    recipe_data: dict[str, Any] | None = None
     # The folder holding each stage's folder (`<stages_dir>/<name>/`: trainer logs, PNG plots, STAGE_CARD_SECTION).
     stages_dir: Path | None = None
 
@@ -125,7 +125,7 @@ def local_paths(provenance: Provenance, output_dir: Path) -> dict[str, str]:
         add(value)
     if provenance.base_model.is_local:
         add(provenance.base_model.name_or_path)
-    walk([provenance.settings, [record.get("config") for record in provenance.history]])
+    walk([provenance.recipe_data, [record.get("config") for record in provenance.history]])
     return found
 
 

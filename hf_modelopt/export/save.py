@@ -1,12 +1,12 @@
 """The final export: a model, verified, with its record and model card, in the output folder (`export_model`).
 
-`OUTPUT/` receives the model (safetensors, config, tokenizer, or an adapter), `recipe.yaml` (the settings that
+`OUTPUT/` receives the model (safetensors, config, tokenizer, or an adapter), `recipe.yaml` (the recipe that
 produced it, when given), `metrics.json` (the run's evaluate stages), `plots/` (loss curves and the PNG files stages
 made: `plots.py`), `README.md` (the model card: `card.py`) and `export.json` (what was exported and measured, and the
 manifest of files: size and sha256 of each: `record.py`).
 
 The export is told what produced the model by a `Provenance` (plain data: task, base model, data, stage records,
-settings); it knows no recipe and no stage. Order of work, so that a killed or failed export never looks finished
+recipe data to show); it knows no recipe and no stage. Order of work, so that a killed or failed export never looks finished
 and never costs a user's file:
 
 1. everything is written to a staging folder inside the output folder, `OUTPUT/.hf-modelopt-export/` (a saved
@@ -144,11 +144,11 @@ def export_model(model, tokenizer, output_dir, provenance: Provenance, config: E
     paths = local_paths(provenance, output_dir)
     try:
         _write_model(model, tokenizer, saved_folder, staging, config.sparse)
-        # The exported settings name local folders relative to the export (run them from there).
-        settings_yaml = None
-        if provenance.settings is not None:
-            settings_yaml = yaml.safe_dump(without_local_paths(provenance.settings, paths), sort_keys=False)
-            (staging / "recipe.yaml").write_text(settings_yaml)
+        # The exported recipe names local folders relative to the export (run it from there).
+        recipe_yaml = None
+        if provenance.recipe_data is not None:
+            recipe_yaml = yaml.safe_dump(without_local_paths(provenance.recipe_data, paths), sort_keys=False)
+            (staging / "recipe.yaml").write_text(recipe_yaml)
         (staging / "metrics.json").write_text(json.dumps(without_local_paths(metric_records(history), paths),
                                                          indent=2))
         export_format = detect_format(staging)
@@ -188,7 +188,7 @@ def export_model(model, tokenizer, output_dir, provenance: Provenance, config: E
             record.update(reload_check={"passed": False, "skipped": True}, metrics=record["run_metrics"],
                           figures=None, latency_setup=None, base_error=None)
         record = without_local_paths(record, paths)
-        render_model_card(record, settings_yaml, load_from=str(output_dir)).save(staging / "README.md")
+        render_model_card(record, recipe_yaml, load_from=str(output_dir)).save(staging / "README.md")
         record["files"] = file_manifest(staging)
         (staging / EXPORT_RECORD).write_text(json.dumps(record, indent=2))
         commit_export(staging, output_dir)

@@ -36,7 +36,7 @@ def provenance(state: ModelState, context: StageContext):
     return Provenance(
         task=recipe.task, base_model=recipe.model, data=recipe.data, description=recipe.description,
         model_description=state.description, history=list(context.history),
-        settings=recipe.model_dump(mode="json", exclude={"source", "resolved_stages"}),
+        recipe_data=recipe.model_dump(mode="json", exclude={"source", "resolved_stages"}),
         stages_dir=context.output_dir / "stages",
     )
 
