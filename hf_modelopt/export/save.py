@@ -6,8 +6,8 @@ made: `plots.py`), `README.md` (the model card: `card.py`) and `export.json` (wh
 manifest of files: size and sha256 of each: `record.py`).
 
 The export is told what produced the model by a `Provenance` (plain data: task, base model, data, stage records,
-recipe data to show); it knows no recipe and no stage. Order of work, so that a killed or failed export never looks finished
-and never costs a user's file:
+recipe data to show); it knows no recipe and no stage. Order of work, so that a killed or failed export never looks
+finished and never costs a user's file:
 
 1. everything is written to a staging folder inside the output folder, `OUTPUT/.hf-modelopt-export/` (a saved
    model is copied or reflinked, never hard-linked: a user editing the export must not change the stage cache, nor
