@@ -132,3 +132,11 @@ def test_public_api_is_small_and_resolves():
     assert len(hf_modelopt.__all__) <= 15
     for name in hf_modelopt.__all__:
         assert getattr(hf_modelopt, name).__name__ == name
+
+
+def test_export_knows_no_recipe(graph):
+    # The export takes a model, a tokenizer and a plain `Provenance`: the recipe layer sits above it.
+    wrong = {(module, target) for module, targets in graph.items() if module.startswith("hf_modelopt.export")
+             for target in targets if target.startswith(("hf_modelopt.stages", "hf_modelopt.recipe",
+                                                         "hf_modelopt.pipeline", "hf_modelopt.cli"))}
+    assert not wrong, f"hf_modelopt.export imports the layers above it: {sorted(wrong)}"

@@ -69,18 +69,6 @@ def card_tags(stages: list[dict]) -> list[str]:
     return list(dict.fromkeys(["hf-modelopt", *techniques, *methods]))
 
 
-def stage_sections(history: list[dict], stages_dir: Path) -> list[dict]:
-    """The markdown sections stages wrote for the card (`stages.STAGE_CARD_SECTION` in their folders), in run order."""
-    from ..stages import STAGE_CARD_SECTION
-
-    sections = []
-    for record in history:
-        section = stages_dir / record["name"] / STAGE_CARD_SECTION
-        if section.is_file():
-            sections.append({"stage": record["name"], "type": record["type"], "markdown": section.read_text().strip()})
-    return sections
-
-
 def _format_number(value) -> str:
     if value is None:
         return "-"
@@ -125,8 +113,9 @@ def _export_format(record: dict) -> ExportFormat:
     return known or ExportFormat(name, record["format"]["loads_with"], lambda folder: False)
 
 
-def render_model_card(record: dict, recipe_yaml: str, load_from: str, template: str = "default.md"):
-    """A `ModelCard` for an export, from its record (`export.json`); `load_from` goes into the loading code."""
+def render_model_card(record: dict, recipe_yaml: str | None, load_from: str, template: str = "default.md"):
+    """A `ModelCard` for an export, from its record (`export.json`); `load_from` goes into the loading code;
+    `recipe_yaml`, the settings that produced the model (None: the card has no recipe section)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     base = record["base_model"]

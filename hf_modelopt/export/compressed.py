@@ -57,8 +57,12 @@ class ExportLoadError(UserError):
     """A folder `save_compressed` wrote does not load with the loader its format names."""
 
 
-def _is_peft_model(model) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+# Formats a model in memory is written in whatever `sparse=` / `storage=` ask: format name -> why they do not apply.
+KEEPS_ITS_FORMAT = {
+    "base-with-adapter": "a model with peft adapters is saved as base + adapters: sparse= and storage= do not apply "
+                         "(merge the adapters first to store it otherwise)",
+    "bitsandbytes": "a bitsandbytes model is saved in bitsandbytes' format: sparse= and storage= do not apply",
+}
 
 
 def _quant_method(model) -> str | None:
@@ -171,9 +175,8 @@ def save_compressed(model, folder, tokenizer=None, *, sparse: bool = False, stor
         print(fmt.loads_with)  # "hf_modelopt": `import hf_modelopt` before `from_pretrained("out/")`
     """
     from ..extras import require_extra
-    from ..formats.detect import detect_format
+    from ..formats.detect import detect_format, format_of_model, write_model
     from ..formats.hf_modelopt import save_sparse
-    from ..quant.bnb import PRISTINE_STATE, save_quantized
 
     if verify not in VERIFY_MODES:
         raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
@@ -186,28 +189,15 @@ def save_compressed(model, folder, tokenizer=None, *, sparse: bool = False, stor
         from ..modeling import drop_gguf_quantizer
 
         model = drop_gguf_quantizer(model)  # GGUF weights load dequantized; its quantizer refuses save_pretrained
-    if _is_peft_model(model):
-        if sparse or storage is not None:
-            raise ValueError("a model with peft adapters is saved as base + adapters: sparse= and storage= do not "
-                             "apply (merge the adapters first to store it otherwise)")
-        base = model.get_base_model()
-        # The base as `quantize` made it, before adapters wrapped its layers and before any forward pass; else (a
-        # user's own adapters) its tensors under their unwrapped names.
-        state = getattr(base, PRISTINE_STATE, None) or {
-            k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if ".lora_" not in k}
-        save_quantized(base, folder, tokenizer, state_dict=state)
-        model.save_pretrained(folder)  # adapter_config.json + adapter_model.safetensors beside it
-        remove_inside(folder / "README.md", folder)  # peft's placeholder card; the export writes the real one
-    elif _quant_method(model) == "bitsandbytes":
-        if sparse or storage is not None:
-            raise ValueError("a bitsandbytes model is saved in bitsandbytes' format: sparse= and storage= do not apply")
-        save_quantized(model, folder, tokenizer)
-    elif storage is not None:
+    held = format_of_model(model).name
+    if held in KEEPS_ITS_FORMAT and (sparse or storage is not None):
+        raise ValueError(KEEPS_ITS_FORMAT[held])
+    if storage is not None:
         save_stored(model, folder, tokenizer, storage, sparse=sparse)
     elif sparse:
         save_sparse(model, folder, tokenizer)
     else:
-        save_quantized(model, folder, tokenizer)  # a plain save_pretrained for a model bitsandbytes never touched
+        write_model(model, folder, tokenizer)  # the writer of the format the model is in (formats.detect)
     export_format = detect_format(folder)
     failure = load_failure(folder, export_format, verify)
     if failure is not None and export_format.name == "compressed-tensors":

@@ -63,7 +63,8 @@ def plan_push(folder, repo_id: str, private: bool = False) -> PushPlan:
                                "export`")
     for name, entry in files.items():
         _checked_file(folder, name, entry, check_hash=name != CARD)  # (the card is rendered again below)
-    card = str(render_model_card(record, (folder / "recipe.yaml").read_text(), load_from=repo_id))
+    settings = folder / "recipe.yaml"  # (written when the export was given the settings that produced the model)
+    card = str(render_model_card(record, settings.read_text() if "recipe.yaml" in files else None, load_from=repo_id))
     return PushPlan(folder, repo_id, private, sorted([*files, EXPORT_RECORD]), card)
 
 

@@ -12,8 +12,10 @@ user gets from `from_pretrained`: nothing in it is left over from the run that s
 within tolerance.
 
 With a `MeasureRequest`, the same fresh process also measures what the model card reports: the metrics on
-the recipe's evaluation data (`metrics.evaluate_model`, as `hf-modelopt eval` computes them), parameters,
-Linear-weight sparsity, weights on disk and CPU latency, next to the recipe's base model.
+the evaluation data it names (`metrics.evaluate_model`, as `hf-modelopt eval` computes them), parameters,
+Linear-weight sparsity, weights on disk and CPU latency, next to the base model. The request reaches that process
+as plain data (the task on the command line, the data and base model settings as JSON it validates back into
+`DataConfig` / `ModelConfig`): no recipe is read or validated there.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data import DataConfig
 from ..errors import UserError
+from ..modeling import ModelConfig
 from ..tasks import PROBE_TEXTS, get_task, text_probe_batch  # noqa: F401  (PROBE_TEXTS: re-exported)
 
 
@@ -39,9 +43,23 @@ class ReloadError(UserError):
 class MeasureRequest:
     """What the fresh process measures besides the probe logits."""
 
-    recipe_file: str  # a resolved recipe (an export's recipe.yaml): task and evaluation data
-    compare_base: bool = True  # also load the recipe's base model, for the card's "before" figures
+    data: DataConfig  # the evaluation data the metrics are measured on
+    base_model: ModelConfig  # the model the run started from: the "before" figures, and the tokenizer of a folder
+    # that has none (a bare adapter)
+    compare_base: bool = True  # also load `base_model`, for the card's "before" figures
     latency_repeats: int = 10  # timed forward passes per model at batch 32 x 64 tokens; 0 skips latency
+
+    def to_json(self) -> str:
+        # data_dir absolute: the fresh process must find the same files whatever its working directory.
+        data = self.data.model_copy(update={"data_dir": str(Path(self.data.data_dir).expanduser().resolve())})
+        return json.dumps({"data": data.model_dump(mode="json"), "base_model": self.base_model.model_dump(mode="json"),
+                           "compare_base": self.compare_base, "latency_repeats": self.latency_repeats})
+
+    @classmethod
+    def from_json(cls, text: str) -> MeasureRequest:
+        fields = json.loads(text)
+        return cls(DataConfig.model_validate(fields["data"]), ModelConfig.model_validate(fields["base_model"]),
+                   fields["compare_base"], fields["latency_repeats"])
 
 
 @dataclass
@@ -104,9 +122,9 @@ def verify_reload(folder, model, tokenizer, task: str, atol: float = 1e-4, rtol:
         command = [sys.executable, "-m", "hf_modelopt.export.verify", str(folder), "--task", task,
                    "--probe", str(probe), "--output", str(result)]
         if measure is not None:
-            command += ["--measure-recipe", str(measure.recipe_file), "--measurements", str(measured),
-                        "--latency-repeats", str(measure.latency_repeats)]
-            command += ["--compare-base"] if measure.compare_base else []
+            request = Path(scratch) / "measure.json"
+            request.write_text(measure.to_json())
+            command += ["--measure", str(request), "--measurements", str(measured)]
         try:
             run = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
         except subprocess.TimeoutExpired:
@@ -128,51 +146,45 @@ def verify_reload(folder, model, tokenizer, task: str, atol: float = 1e-4, rtol:
     return ReloadCheck(str(folder), max_abs_diff, atol, round(time.perf_counter() - started, 1), measurements)
 
 
-def _exported_tokenizer(folder: Path, recipe):
+def _exported_tokenizer(folder: Path, base_model: ModelConfig, task: str):
     """The export's own processor (the base model's when the folder has none, e.g. a bare adapter)."""
     from ..modeling import load_tokenizer
 
     files = ("tokenizer_config.json", "tokenizer.json", "preprocessor_config.json")
     has_tokenizer = any((folder / name).is_file() for name in files)
-    return load_tokenizer(recipe.model, path=str(folder) if has_tokenizer else None, task=recipe.task)
+    return load_tokenizer(base_model, path=str(folder) if has_tokenizer else None, task=task)
 
 
-def _measure(folder: Path, model, recipe_file: str, compare_base: bool, latency_repeats: int) -> dict:
-    """Metrics on the recipe's evaluation data and the card's figures, for the export and the base model.
+def _measure(folder: Path, model, task: str, request: MeasureRequest) -> dict:
+    """Metrics on the request's evaluation data and the card's figures, for the export and the base model.
 
     `{"metrics": {...}, "figures": {"export": {...}, "base": {...} | None}, "latency_setup": {...} | None,
     "base_error": str | None}`; figures hold parameters, linear_sparsity, size_on_disk_bytes, latency_ms.
     """
     import logging
 
-    import yaml
-
     from ..metrics import evaluate_model
     from ..modeling import load_model
-    from ..recipe import validate_recipe
     from .measure import base_model_folder, cpu_latency, model_figures, weights_size
 
-    # Model, task and data are all this process needs; the recipe's stages may include ones registered only in
-    # the process that ran it (a custom stage), which this one cannot validate.
-    data = yaml.safe_load(Path(recipe_file).read_text())
-    recipe = validate_recipe({**data, "stages": ["evaluate"]}, recipe_file)
-    metrics = evaluate_model(model, _exported_tokenizer(folder, recipe), recipe.data, task=recipe.task)
+    spec = request.base_model
+    metrics = evaluate_model(model, _exported_tokenizer(folder, spec, task), request.data, task=task)
     figures = {"export": {**model_figures(model), "size_on_disk_bytes": weights_size(folder)}, "base": None}
     models, base_error = {"export": model}, None
-    if compare_base:
+    if request.compare_base:
         try:
-            labels = getattr(model.config, "num_labels", None) if get_task(recipe.task).count_labels else None
-            base = load_model(recipe.model, recipe.task, num_labels=labels)
-            base_folder = base_model_folder(recipe.model)
-            size = weights_size(base_folder, recipe.model.gguf_file) if base_folder else None
+            labels = getattr(model.config, "num_labels", None) if get_task(task).count_labels else None
+            base = load_model(spec, task, num_labels=labels)
+            base_folder = base_model_folder(spec)
+            size = weights_size(base_folder, spec.gguf_file) if base_folder else None
             figures["base"] = {**model_figures(base), "size_on_disk_bytes": size}
             models = {"base": base, "export": model}
         except Exception as err:  # the "before" column is a comparison: without it the export is still valid
             base_error = f"{type(err).__name__}: {err}"
             logging.getLogger("hf_modelopt").warning("base model not measured: %s", base_error)
     latency_setup = None
-    if latency_repeats > 0:
-        latency = cpu_latency(models, latency_repeats)
+    if request.latency_repeats > 0:
+        latency = cpu_latency(models, request.latency_repeats)
         for name, value in latency["latency_ms"].items():
             figures[name]["latency_ms"] = value
         latency_setup = {**latency["setup"], "device": str(next(model.parameters()).device)}
@@ -185,10 +197,8 @@ def _reload_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--task", required=True)
     parser.add_argument("--probe", required=True)
     parser.add_argument("--output", required=True)
-    parser.add_argument("--measure-recipe", help="also measure metrics on this recipe's evaluation data")
+    parser.add_argument("--measure", help="also measure the model as this MeasureRequest (JSON) says")
     parser.add_argument("--measurements", help="where to write the measurements (JSON)")
-    parser.add_argument("--compare-base", action="store_true", help="also measure the recipe's base model")
-    parser.add_argument("--latency-repeats", type=int, default=10)
     args = parser.parse_args(argv)
 
     from safetensors.torch import load_file, save_file
@@ -199,9 +209,9 @@ def _reload_main(argv: list[str] | None = None) -> None:
     model = load_exported(args.folder, get_task(args.task).auto_class, get_task(args.task).peft_auto_class)
     logits = probe_logits(model, load_file(args.probe), args.task)
     save_file({"logits": logits.contiguous()}, args.output)
-    if args.measure_recipe:
-        measurements = _measure(Path(args.folder), model, args.measure_recipe, args.compare_base,
-                                args.latency_repeats)
+    if args.measure:
+        request = MeasureRequest.from_json(Path(args.measure).read_text())
+        measurements = _measure(Path(args.folder), model, args.task, request)
         Path(args.measurements).write_text(json.dumps(measurements, indent=2))
     print(json.dumps({"folder": args.folder, "shape": list(logits.shape)}))
 

@@ -8,17 +8,24 @@ third-party code can use it, and loading a model never imports training code.
 - `hf_modelopt.py`: the `quant_method: hf_modelopt` quantization_config that records these (and structurally
   pruned layer shapes) in `config.json`, the loading hooks registered with transformers at `import hf_modelopt`,
   and the writers (`save_sparse`, `save_with_quantized_storage`).
-- `detect.py`: which format a saved folder is in, what must be imported to load it, and loading it that way.
+- `export_format.py`: `ExportFormat`, what a format declares: detection, writer, loading snippet.
+- `adapters.py`, `compressed_tensors.py`, `bitsandbytes.py`, `dense.py` (and `hf_modelopt.py`): one module per
+  format, each declaring its `ExportFormat`.
+- `detect.py`: the registry: which format a saved folder or a model in memory is in, writing a model with its
+  format's writer (`write_model`), what must be imported to load a folder, and loading it that way.
 - `modules.py`: module surgery the formats and the techniques share.
 """
 
 _EXPORTS = {
     "ExportFormat": "detect",
     "detect_format": "detect",
+    "format_of_model": "detect",
+    "keep_pristine_state": "bitsandbytes",
     "load_exported": "detect",
     "loading_code": "detect",
     "register_export_format": "detect",
     "weights_size_on_disk": "detect",
+    "write_model": "detect",
     "register_loading_hooks": "hf_modelopt",
     "save_sparse": "hf_modelopt",
     "save_with_quantized_storage": "hf_modelopt",

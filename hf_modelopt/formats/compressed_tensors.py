@@ -22,11 +22,19 @@ import copy
 import logging
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from .export_format import (
+    ExportFormat,
+    quant_method_in_memory,
+    save_pretrained_with_tokenizer,
+    saved_quant_method,
+)
 
-from .groupwise import StorageReport
-from .modules import is_linear
+if TYPE_CHECKING:
+    from .groupwise import StorageReport
+
+# torch is imported inside the functions that compute: detecting and registering the format (`detect.py`) needs none.
 
 logger = logging.getLogger("hf_modelopt")
 
@@ -69,6 +77,10 @@ def _tied_to_output(model) -> set[str]:
 def plan(model, linear_bits: int | None, embedding_bits: int | None, group_size: int,
          skip: tuple[str, ...] = ()) -> tuple[dict[str, int], dict[str, str]]:
     """({module: bits} to quantize, {module: why it stays in full precision})."""
+    import torch
+
+    from .modules import is_linear
+
     tied = _tied_to_output(model)
     quantized, kept = {}, {}
     for name, module in model.named_modules():
@@ -106,6 +118,7 @@ def _quantization_config(quantized: dict[str, int], group_size: int):
 
 def _calibrate_(model) -> None:
     """Set each quantized module's scale (and zero point) from its own weight: weight-only, no data needed."""
+    import torch
     from compressed_tensors.quantization import QuantizationStatus
     from compressed_tensors.quantization.utils import calculate_qparams
 
@@ -127,6 +140,8 @@ def _calibrate_(model) -> None:
 def _quantized_copy(model, linear_bits, embedding_bits, group_size, skip):
     from compressed_tensors.quantization import apply_quantization_config
 
+    from .groupwise import StorageReport
+
     quantized, kept = plan(model, linear_bits, embedding_bits, group_size, skip)
     if not quantized:
         raise ValueError(f"no weight of {type(model).__name__} can be stored in compressed-tensors: "
@@ -144,6 +159,7 @@ def fake_quantize_in_place_(model, linear_bits: int | None = 8, embedding_bits: 
     from ..extras import require_extra
 
     require_extra("the compressed-tensors format", "compressed_tensors")
+    import torch
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
     copied, report, _ = _quantized_copy(model, linear_bits, embedding_bits, group_size, skip)
@@ -184,3 +200,14 @@ def save_compressed_tensors(model, folder, tokenizer=None, linear_bits: int | No
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     return report
+
+
+# A model in memory is in this format when it was loaded from such a folder: transformers' compressed-tensors
+# quantizer compresses it again in `save_pretrained`. A full-precision model is written into it by explicit choice
+# (`save_compressed_tensors`, `save_compressed(storage=...)`).
+EXPORT_FORMAT = ExportFormat(
+    "compressed-tensors", "transformers", lambda folder: saved_quant_method(folder) == QUANT_METHOD,
+    "int8 / int4 weights in the compressed-tensors format (needs the compressed-tensors package)",
+    requires=("compressed-tensors",),
+    holds=lambda model: quant_method_in_memory(model) == QUANT_METHOD, write=save_pretrained_with_tokenizer,
+)

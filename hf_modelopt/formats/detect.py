@@ -1,87 +1,51 @@
-"""What an export folder holds, what loads it, and loading it that way.
+"""The format registry: which format a saved folder is in (`detect_format`), which format a model in memory is in
+and so how it is written (`format_of_model`, `write_model`), what must be imported to load a folder, and loading it
+that way.
 
 Every export loads with a `from_pretrained` call; what differs is what must be imported first:
 
-- `transformers`: plain safetensors (fine-tuned, distilled, GGUF dequantized) and bitsandbytes-quantized
-  checkpoints (transformers reads their `quantization_config`; bitsandbytes must be installed);
-- `hf_modelopt`: formats whose loading hooks hf-modelopt registers with transformers at `import hf_modelopt`
-  (techniques add their format to `EXPORT_FORMATS`);
+- `transformers`: plain safetensors (fine-tuned, distilled, GGUF dequantized), bitsandbytes and compressed-tensors
+  checkpoints (transformers reads their `quantization_config`; the package must be installed);
+- `hf_modelopt`: formats whose loading hooks hf-modelopt registers with transformers at `import hf_modelopt`;
 - `peft`: adapter folders (`adapter_config.json`), loaded with peft's `AutoPeftModelFor...` classes, which
   fetch the base model named in the adapter config.
 
-`EXPORT_FORMATS` is checked in order and the first format whose `detect(folder)` is true wins; the last,
-`dense`, matches every folder with a `config.json`.
+Each format lives in its own module, which declares an `ExportFormat` (detection, writer, loading snippet):
+`adapters.py`, `hf_modelopt.py`, `compressed_tensors.py`, `bitsandbytes.py`, `dense.py`. `EXPORT_FORMATS` is
+tried in order and the first match wins; the last, `dense`, matches every folder with a `config.json` and every
+model in memory. A new format is one module and one `register_export_format` call (tried before the built-in ones).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-LOADERS = ("transformers", "hf_modelopt", "peft")
+from . import adapters, bitsandbytes, compressed_tensors, dense
+from . import hf_modelopt as hf_modelopt_format
+from .export_format import LOADERS, ExportFormat, transformers_loading_code
 
-
-@dataclass(frozen=True)
-class ExportFormat:
-    name: str
-    loads_with: str  # one of LOADERS: what must be imported before `from_pretrained`
-    detect: Callable[[Path], bool]
-    description: str = ""
-    requires: tuple[str, ...] = ()  # packages `from_pretrained` needs installed for it (pip names)
-
-
-def _config(folder: Path) -> dict:
-    try:
-        return json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _is_compressed_tensors(folder: Path) -> bool:
-    return _config(folder).get("quantization_config", {}).get("quant_method") == "compressed-tensors"
-
-
-def _is_bitsandbytes(folder: Path) -> bool:
-    return _config(folder).get("quantization_config", {}).get("quant_method") == "bitsandbytes"
-
-
-def _is_hf_modelopt(folder: Path) -> bool:
-    return _config(folder).get("quantization_config", {}).get("quant_method") == "hf_modelopt"
-
-
-def _is_base_with_adapter(folder: Path) -> bool:
-    return (folder / "adapter_config.json").is_file() and (folder / "config.json").is_file()
-
+__all__ = ["EXPORT_FORMATS", "LOADERS", "ExportFormat", "detect_format", "format_of_model", "load_exported",
+           "loading_code", "register_export_format", "weights_size_on_disk", "write_model"]
 
 EXPORT_FORMATS: list[ExportFormat] = [
-    # Base weights and adapters in one folder (the quantize stage's KD recovery): transformers loads the base
-    # from the folder itself and attaches the adapters; peft's AutoPeftModel would fetch the adapter config's
-    # original base instead.
-    ExportFormat("base-with-adapter", "transformers", _is_base_with_adapter,
-                 "a (bitsandbytes-quantized) base model with peft LoRA adapters in the same folder; transformers "
-                 "loads both (needs peft installed)"),
-    ExportFormat("peft-adapter", "peft", lambda folder: (folder / "adapter_config.json").is_file(),
-                 "a peft adapter over the base model named in adapter_config.json"),
-    ExportFormat("hf-modelopt", "hf_modelopt", _is_hf_modelopt,
-                 "hf-modelopt's own storage: sparse weights as values + bitmask, weights stored in 8 / 4 bits, and/or "
-                 "structurally pruned layer shapes that no config field can describe, read by the hf_modelopt "
-                 "loading hook (formats/hf_modelopt.py)"),
-    ExportFormat("compressed-tensors", "transformers", _is_compressed_tensors,
-                 "int8 / int4 weights in the compressed-tensors format (needs the compressed-tensors package)",
-                 requires=("compressed-tensors",)),
-    ExportFormat("bitsandbytes", "transformers", _is_bitsandbytes,
-                 "bitsandbytes 8-bit / 4-bit weights (needs bitsandbytes installed)", requires=("bitsandbytes",)),
-    ExportFormat("dense", "transformers", lambda folder: (folder / "config.json").is_file(),
-                 "plain safetensors weights"),
+    adapters.BASE_WITH_ADAPTER,  # (before peft-adapter: both have adapter_config.json, this one a config.json too)
+    adapters.PEFT_ADAPTER,
+    hf_modelopt_format.EXPORT_FORMAT,
+    compressed_tensors.EXPORT_FORMAT,
+    bitsandbytes.EXPORT_FORMAT,
+    dense.EXPORT_FORMAT,
 ]
 
 
 def register_export_format(export_format: ExportFormat) -> None:
-    """Check `export_format` before the built-in ones (a technique's own format is more specific)."""
+    """Try `export_format` (its detection and, if it `holds` models in memory, its writer) before the built-in ones
+    (a technique's own format is more specific); a format of the same name is replaced."""
     if export_format.loads_with not in LOADERS:
         raise ValueError(f"loads_with must be one of {LOADERS}, got {export_format.loads_with!r}")
+    if (export_format.holds is None) != (export_format.write is None):
+        raise ValueError(f"export format {export_format.name!r}: `holds` and `write` come together (a format that "
+                         "recognises models in memory must say how to write them)")
     EXPORT_FORMATS[:] = [f for f in EXPORT_FORMATS if f.name != export_format.name]
     EXPORT_FORMATS.insert(0, export_format)
 
@@ -95,12 +59,24 @@ def detect_format(folder) -> ExportFormat:
     raise ValueError(f"{folder}: no config.json or adapter_config.json: not a saved model")
 
 
+def format_of_model(model) -> ExportFormat:
+    """The format `model` (in memory) is in: the first registered format that holds it (at worst `dense`)."""
+    return next(f for f in EXPORT_FORMATS if f.holds is not None and f.holds(model))
+
+
+def write_model(model, folder, tokenizer=None) -> ExportFormat:
+    """Save `model` (and `tokenizer`) into `folder` with the writer of the format it is in; returns that format.
+
+    No load check (`hf_modelopt.save_compressed` adds one, and the choice of sparse or quantized storage)."""
+    export_format = format_of_model(model)
+    export_format.write(model, Path(folder), tokenizer)
+    return export_format
+
+
 def load_exported(folder, auto_class: str, peft_auto_class: str = "AutoPeftModel", trust_remote_code: bool = False):
     """Load an export folder as a user would (after `import hf_modelopt`, which registers hooks), with the
     transformers Auto class of its task (`Task.auto_class`), or peft's (`Task.peft_auto_class`) for an adapter."""
-    from .hf_modelopt import register_loading_hooks
-
-    register_loading_hooks()  # what `import hf_modelopt` does for a user
+    hf_modelopt_format.register_loading_hooks()  # what `import hf_modelopt` does for a user
 
     kwargs = {"trust_remote_code": trust_remote_code}
     if detect_format(folder).loads_with == "peft":
@@ -114,21 +90,16 @@ def load_exported(folder, auto_class: str, peft_auto_class: str = "AutoPeftModel
 
 def loading_code(export_format: ExportFormat, auto_class: str, path_or_repo_id: str,
                  peft_auto_class: str = "AutoPeftModel", processor_class: str = "AutoTokenizer") -> str:
-    """Python that loads the export with its task's classes: the snippet the model card shows (tests run it)."""
+    """Python that loads the export with its task's classes: the snippet the model card shows (tests run it); the
+    format's own snippet where it declares one, else the one its `loads_with` implies."""
     target = json.dumps(path_or_repo_id)
-    processor = "tokenizer" if processor_class == "AutoTokenizer" else "processor"
+    if export_format.loading_code is not None:
+        return export_format.loading_code(auto_class, target, peft_auto_class, processor_class)
     if export_format.loads_with == "peft":
-        cls = peft_auto_class
-        lines = [f"from peft import {cls}", f"from transformers import {processor_class}", "",
-                 f"model = {cls}.from_pretrained({target})  # also fetches the base model"]
-    else:
-        cls = auto_class
-        lines = [f"from transformers import {processor_class}, {cls}", ""]
-        if export_format.loads_with == "hf_modelopt":
-            lines[:0] = ["import hf_modelopt  # noqa: F401  registers the loading hooks of this format"]
-        lines.append(f"model = {cls}.from_pretrained({target})")
-    lines.append(f"{processor} = {processor_class}.from_pretrained({target})")
-    return "\n".join(lines)
+        return adapters.PEFT_ADAPTER.loading_code(auto_class, target, peft_auto_class, processor_class)
+    if export_format.loads_with == "hf_modelopt":
+        return hf_modelopt_format.EXPORT_FORMAT.loading_code(auto_class, target, peft_auto_class, processor_class)
+    return transformers_loading_code(auto_class, target, processor_class)
 
 
 def weights_size_on_disk(folder) -> int:

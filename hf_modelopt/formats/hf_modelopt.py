@@ -29,6 +29,13 @@ import sys
 from pathlib import Path
 
 from ..errors import RecipeError, clip, excerpt
+from .export_format import (
+    ExportFormat,
+    quant_method_in_memory,
+    save_pretrained_with_tokenizer,
+    saved_quant_method,
+    transformers_loading_code,
+)
 
 QUANT_METHOD = "hf_modelopt"
 _TRANSFORMERS_QUANTIZERS = "transformers.quantizers.auto"
@@ -382,3 +389,25 @@ def write_stored_weights(model, folder, state: dict, report, group_size: int, to
     if any(label.endswith("+bitmask") for label in report.formats.values()):
         entries["sparse_format"] = "bitmask"
     save_in_hf_modelopt_format(model, folder, state, entries, tokenizer)
+
+
+# --------------------------------------------------------------------------- the format's registration
+
+
+def _loading_code(auto_class: str, target: str, peft_auto_class: str, processor_class: str) -> str:
+    return transformers_loading_code(auto_class, target, processor_class,
+                                     import_first="import hf_modelopt  # noqa: F401  registers the loading hooks of "
+                                                  "this format")
+
+
+# A model in memory is in this format when structured pruning recorded layer shapes in its config (or it was loaded
+# from such a folder): `save_pretrained` writes that config. Sparse and quantized storage are chosen explicitly
+# (`save_sparse`, `save_with_quantized_storage`): no model in memory is "in" them.
+EXPORT_FORMAT = ExportFormat(
+    "hf-modelopt", "hf_modelopt", lambda folder: saved_quant_method(folder) == QUANT_METHOD,
+    "hf-modelopt's own storage: sparse weights as values + bitmask, weights stored in 8 / 4 bits, and/or "
+    "structurally pruned layer shapes that no config field can describe, read by the hf_modelopt loading hook "
+    "(formats/hf_modelopt.py)",
+    holds=lambda model: quant_method_in_memory(model) == QUANT_METHOD, write=save_pretrained_with_tokenizer,
+    loading_code=_loading_code,
+)

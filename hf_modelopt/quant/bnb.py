@@ -1,5 +1,4 @@
-"""bitsandbytes quantization: which layers can be quantized, `quantize_with_bitsandbytes`, and saving that cannot
-corrupt a model.
+"""bitsandbytes quantization: which layers can be quantized and `quantize_with_bitsandbytes`.
 
 Two things about bitsandbytes (0.50) on CPU shape this module:
 
@@ -8,11 +7,9 @@ Two things about bitsandbytes (0.50) on CPU shape this module:
   features are a multiple of 32 (`N must be divisible by block_n`) and reshapes the per-block scales to
   `[out_features, in_features // blocksize]`, so the input features must be a multiple of the 64-weight
   quantization block. A 2-output classifier head fails the first rule; such layers stay in full precision.
-- That repacking happens in place, and the inverse applied when saving is only "best effort" (it leaves
-  the scales of non-double-quantized weights transposed): a model saved after a forward pass reloads as
-  garbage. So `quantize_with_bitsandbytes` keeps the quantized state dict from before any forward pass,
-  `save_quantized` (used for every model hf-modelopt saves) writes that state once the model has run, and
-  refuses a repacked model that has none (a 4-bit checkpoint loaded from disk, then run).
+- That repacking happens in place and cannot be undone faithfully when saving, so `quantize_with_bitsandbytes`
+  keeps the quantized state from before any forward pass (`formats.bitsandbytes.keep_pristine_state`), which the
+  bitsandbytes format's writer (`formats.bitsandbytes.save_bitsandbytes`) writes once the model has run.
 """
 
 from __future__ import annotations
@@ -23,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
-from ..files import remove_inside
+from ..formats.bitsandbytes import keep_pristine_state, written_tensors
 from .config import QuantizationConfig
 
 logger = logging.getLogger("hf_modelopt")
@@ -33,12 +30,8 @@ CPU_4BIT_ROW_BLOCK = 32
 BLOCKSIZE_4BIT = 64
 
 
-# Attribute of a quantized model holding its state dict from before its first forward pass.
-PRISTINE_STATE = "_hf_modelopt_pristine_state"
-
-
 class QuantizationError(UserError):
-    """A model cannot be quantized or saved as asked."""
+    """A model cannot be quantized as asked."""
 
 
 @dataclass
@@ -56,7 +49,7 @@ class QuantizationReport:
     # them are stored quantized: what "quantized" means for the blocks as a whole.
     block_parameters: int = 0
     quantized_block_parameters: int = 0
-    # Bytes of the tensors `save_quantized` writes (tied weights once): the weights' part of the saved file.
+    # Bytes of the tensors the bitsandbytes writer writes (tied weights once): the weights' part of the saved file.
     footprint_bytes: int = 0
     reference_footprint_bytes: int = 0
 
@@ -120,7 +113,7 @@ def quantize_with_bitsandbytes(model, config: QuantizationConfig, keep_modules=(
     The model is written to a scratch folder (safetensors) and loaded back with a `BitsAndBytesConfig`,
     transformers' supported way to quantize, so the result saves and loads like any bnb checkpoint. The
     input model is not changed. The quantized state is also kept in memory as it was before any forward
-    pass (`PRISTINE_STATE`), so that `save_quantized` can write it after the model has run (see above).
+    pass (`keep_pristine_state`), so that the bitsandbytes writer can write it after the model has run (see above).
     """
     from ..extras import require_extra
 
@@ -148,9 +141,8 @@ def quantize_with_bitsandbytes(model, config: QuantizationConfig, keep_modules=(
     for name in [name for name in quantized_names if name not in converted]:
         quantized_names.remove(name)
         skipped[name] = "kept in full precision by transformers (_keep_in_fp32_modules or a skip name it matches)"
-    # What save_pretrained would write now, before a CPU forward pass repacks 4-bit weights in place (4-bit: an
-    # eighth of the full-precision size). The weights are frozen, so it stays the model's true state.
-    setattr(quantized, PRISTINE_STATE, {k: v.detach().clone() for k, v in quantized.state_dict().items()})
+    # What save_pretrained would write now, before a CPU forward pass repacks 4-bit weights in place.
+    pristine = keep_pristine_state(quantized)
     # The scratch folder is gone: a name that points nowhere must not end up in saved configs and adapters.
     quantized.config._name_or_path = getattr(model.config, "_name_or_path", "")
     kept_parameters = {name: FUSED_EXPERTS_REASON for name in fused_expert_parameters(quantized)}
@@ -160,7 +152,7 @@ def quantize_with_bitsandbytes(model, config: QuantizationConfig, keep_modules=(
     report = QuantizationReport(
         method=config.method, quantized=quantized_names, skipped=skipped, kept_parameters=kept_parameters,
         block_parameters=block_total, quantized_block_parameters=block_quantized,
-        footprint_bytes=saved_bytes(quantized, getattr(quantized, PRISTINE_STATE)),
+        footprint_bytes=saved_bytes(quantized, pristine),
         reference_footprint_bytes=saved_bytes(model, model.state_dict()),
     )
     if kept_parameters:
@@ -202,16 +194,6 @@ def _weights_in(param) -> int:
     return int(quant_state.shape.numel()) if quant_state is not None else param.numel()
 
 
-def written_tensors(model, state_dict: dict) -> dict:
-    """The tensors of `state_dict` that saving `model` writes: tied weights once. Which keys are tied is read from
-    the model's live tensors (a copied state dict, such as `PRISTINE_STATE`, no longer shares their storage)."""
-    from transformers.modeling_utils import remove_tied_weights_from_state_dict
-
-    live = dict(model.state_dict())
-    tied = set(live) - set(remove_tied_weights_from_state_dict(dict(live), model))
-    return {key: tensor for key, tensor in state_dict.items() if key not in tied}
-
-
 def saved_bytes(model, state_dict: dict) -> int:
     """Bytes of the tensors saving `model` with `state_dict` writes: the safetensors file is these plus its header."""
     return sum(tensor.numel() * tensor.element_size() for tensor in written_tensors(model, state_dict).values())
@@ -222,50 +204,3 @@ def _is_bnb_layer(module) -> bool:
 
     return isinstance(module, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))
 
-
-def repacked_layers(model) -> list[str]:
-    """Names of 4-bit layers whose weights bitsandbytes repacked in place for its CPU kernel (after a forward)."""
-    names = []
-    for name, module in model.named_modules():
-        state = getattr(getattr(module, "weight", None), "quant_state", None)
-        if state is not None and getattr(state, "packing_format_for_cpu", False):
-            names.append(name)
-    return names
-
-
-def check_savable(model) -> None:
-    """Refuse to save a model whose 4-bit weights were repacked by a CPU forward pass: it would reload as garbage
-    (unless `quantize` kept its state from before the repacking)."""
-    repacked = repacked_layers(model)
-    if repacked and getattr(model, PRISTINE_STATE, None) is None:
-        raise QuantizationError(
-            f"{len(repacked)} 4-bit layers (first: {repacked[0]}) were repacked in place by a CPU forward pass; "
-            "bitsandbytes cannot save them faithfully. Save the quantized model before running it "
-            "(hf_modelopt.quant.save_quantized right after quantize), or quantize again and save first."
-        )
-
-
-def save_quantized(model, folder: str | Path, tokenizer=None, state_dict: dict | None = None) -> Path:
-    """Save a quantized model (safetensors) and its tokenizer, as it was before any CPU forward pass (see above).
-
-    `state_dict` replaces the model's own tensors (the base of a model with adapters passes its tensors alone).
-    """
-    check_savable(model)
-    folder = Path(folder)
-    pristine = getattr(model, PRISTINE_STATE, None)
-    if state_dict is None and pristine is not None and repacked_layers(model):
-        state_dict = pristine
-    model.save_pretrained(folder)  # config (with its quantization_config), generation config, weights
-    if state_dict is not None:
-        # save_pretrained writes a quantized model's live tensors whatever `state_dict=` says (transformers asks
-        # the quantizer, which returns the model's own): write the given ones in their place.
-        from safetensors.torch import save_file
-
-        for written in folder.glob("model*.safetensors*"):
-            remove_inside(written, folder)
-        tensors = written_tensors(model, state_dict)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors",
-                  metadata={"format": "pt"})
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    return folder

@@ -27,6 +27,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# A markdown section a stage may write into its folder; the export's model card shows it under the stage's name.
+from ..export.record import STAGE_CARD_SECTION  # noqa: F401  (re-exported: stages write it)
+
 if TYPE_CHECKING:
     from ..data import DataConfig
     from ..modeling import ModelConfig
@@ -45,8 +48,6 @@ BUILTIN_STAGE_MODULES = (
 )
 ENTRY_POINT_GROUP = "hf_modelopt.stages"
 MODEL_SUBDIR = "model"  # a stage's saved model: OUTPUT/stages/<name>/model/
-# A markdown section a stage may write into its folder; the export's model card shows it under the stage's name.
-STAGE_CARD_SECTION = "card.md"
 
 
 class StageConfig(BaseModel):
@@ -243,11 +244,11 @@ def load_entry_point_stages() -> None:
 
 
 def save_model_state(state: ModelState, folder: Path) -> None:
-    """Save model (safetensors) and tokenizer so `from_pretrained(folder)` loads them."""
-    from ..quant.bnb import save_quantized
+    """Save model and tokenizer so `from_pretrained(folder)` loads them: with the writer of the format the model is
+    in (`formats.write_model`; a bitsandbytes one as it was before a CPU forward pass repacked it)."""
+    from ..formats.detect import write_model
 
-    # Any model; a bitsandbytes one is written as it was before a CPU forward pass repacked it (quant/bnb.py).
-    save_quantized(state.model, folder, state.tokenizer)
+    write_model(state.model, folder, state.tokenizer)
     state.path = folder
 
 

@@ -10,7 +10,8 @@ import time
 import pytest
 import yaml
 
-from hf_modelopt.export.save import EXPORT_RECORD, PENDING, commit_export, staging_dir
+from hf_modelopt.export.commit import PENDING, commit_export, staging_dir
+from hf_modelopt.export.record import EXPORT_RECORD
 from hf_modelopt.files import UnsafePathError, sha256_file
 
 from ..conftest import REPO, tiny_recipe

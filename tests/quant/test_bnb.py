@@ -3,15 +3,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from hf_modelopt.export.verify import probe_batch, probe_logits, verify_reload
-from hf_modelopt.quant.bnb import (
-    QuantizationError,
-    check_savable,
-    kernel_rejects,
-    plan_skips,
-    quantize_with_bitsandbytes,
-    repacked_layers,
-    save_quantized,
-)
+from hf_modelopt.formats.bitsandbytes import RepackedWeightsError, check_savable, repacked_layers, save_bitsandbytes
+from hf_modelopt.quant.bnb import QuantizationError, kernel_rejects, plan_skips, quantize_with_bitsandbytes
 from hf_modelopt.quant.config import QuantizationConfig
 
 
@@ -23,7 +16,7 @@ def test_quantized_model_saves_and_reloads_with_equal_logits(wide_tiny_models, t
     quantized, report = quantize_with_bitsandbytes(model, QuantizationConfig(method=method, double_quant=double_quant))
     assert report.quantized and "lm_head" in report.skipped
     assert report.footprint_bytes < report.reference_footprint_bytes
-    save_quantized(quantized, tmp_path / "q", tokenizer)
+    save_bitsandbytes(quantized, tmp_path / "q", tokenizer)
     batch = probe_batch(tokenizer)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     expected = "Linear8bitLt" if method == "int8" else "Linear4bit"
@@ -38,7 +31,7 @@ def test_quantized_model_reloads_in_a_fresh_process(wide_tiny_models, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(folder)
     quantized, _ = quantize_with_bitsandbytes(AutoModelForCausalLM.from_pretrained(folder),
                                               QuantizationConfig(method="fp4"))
-    save_quantized(quantized, tmp_path / "q", tokenizer)
+    save_bitsandbytes(quantized, tmp_path / "q", tokenizer)
     assert verify_reload(tmp_path / "q", quantized, tokenizer, "causal-lm").max_abs_diff <= 1e-4
 
 
@@ -98,8 +91,8 @@ def test_a_4bit_model_that_ran_on_cpu_saves_its_state_from_before_or_is_refused(
     # A 4-bit model loaded from disk has no such state: once it has run, saving it is refused.
     probe_logits(reloaded, probe_batch(tokenizer))
     assert repacked_layers(reloaded)
-    with pytest.raises(QuantizationError, match="repacked in place by a CPU forward pass"):
-        save_quantized(reloaded, tmp_path / "again")
+    with pytest.raises(RepackedWeightsError, match="repacked in place by a CPU forward pass"):
+        save_bitsandbytes(reloaded, tmp_path / "again")
     assert not (tmp_path / "again").exists()
 
 

@@ -7,8 +7,8 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from hf_modelopt import QuantizationConfig, quantize, save_compressed
+from hf_modelopt.formats.bitsandbytes import repacked_layers
 from hf_modelopt.quant import RecoveryConfig, SensitivityConfig
-from hf_modelopt.quant.bnb import repacked_layers
 
 
 def lm_batches(folder, count=4):
