@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
-from ..compat import require_support
+from ..compat import require_support, require_task_support
 from . import losses
 from .config import DistillationConfig
 from .placement import is_dispatched
@@ -83,9 +83,8 @@ class DistillationTrainer(Trainer):
         self.distillation = config = distillation if distillation is not None else DistillationConfig()
         if teacher is None and config.needs_hidden_states:
             raise ValueError("hidden / cosine / attention losses compare the teacher's internals: pass teacher=")
-        if self.task.logits == "seq2seq-token" and config.needs_hidden_states:
-            raise ValueError(f"{self.task.name}: hidden / cosine / attention losses compare one stack of layers; an "
-                             "encoder-decoder has two: set hidden_weight, cosine_weight and attention_weight to 0")
+        if config.needs_hidden_states:
+            require_task_support("distillation of hidden states", self.task.name)
         student = self.model
         if layer_map is None and teacher is not None:
             layer_map = default_layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers)

@@ -10,6 +10,8 @@ third-party code can use it, and loading a model never imports training code.
   and the writers (`save_sparse`, `save_with_quantized_storage`).
 - `detect.py`: which format a saved folder is in, what must be imported to load it, and loading it that way.
 - `modules.py`: module surgery the formats and the techniques share.
+- `bnb_layers.py`: which layers transformers' bitsandbytes integration replaces (read by quantization and the
+  support check).
 """
 
 _EXPORTS = {

@@ -194,6 +194,7 @@ TASK = Task(
     head_mapping="MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",
     head_suffixes=("ForQuestionAnswering",),
     logits="span",
+    label_keys=("start_positions", "end_positions"),
     columns=columns,
     prepare_train=prepare_qa_train,
     collator=collator,

@@ -153,6 +153,7 @@ TASK = Task(
     head_mapping="MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
     head_suffixes=("ForConditionalGeneration", "ForSeq2SeqLM"),
     logits="seq2seq-token",
+    encoder_decoder=True,
     columns=columns,
     prepare_train=tokenize_seq2seq,
     collator=collator,

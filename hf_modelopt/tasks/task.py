@@ -69,6 +69,7 @@ class Task:
     evaluate: Callable  # (model, processor, raw evaluation dataset, DataConfig) -> metrics dict
     count_labels: Callable | None = None  # (dataset, DataConfig) -> number of classes; None: no class labels
     processor_class: str = "AutoTokenizer"  # transformers class that loads the model's processor
+    encoder_decoder: bool = False  # its models have an encoder and a decoder stack (what `compat` refuses by)
     pretrained_head: bool = False  # the head comes from pretraining (an LM head): other tasks' checkpoints lack it
     accepts_unlabelled_text: bool = False  # KD may add unlabelled text rows (transfer text, augmented copies)
     token_level_loss: bool = False  # the loss is a mean over tokens (Trainer may average tokens across devices)
@@ -77,6 +78,17 @@ class Task:
     head_noun: str = field(default="head")  # "language-model head", in errors about untrained heads
     # Optional packages (import names, `hf_modelopt.extras`) its metrics or data need; checked before any work.
     packages: tuple[str, ...] = ()
+    label_keys: tuple[str, ...] = ("labels",)  # the keys of a training row that are targets, not model inputs
+
+    def calibration_batches(self, dataset, processor, data, count: int, batch_size: int = 8):
+        """The model inputs of the first `count` training rows (`prepare_train` without `label_keys`), collated into
+        batches of tensors: what calibration (one-shot pruning) runs the model on."""
+        rows = self.prepare_train(dataset, processor, data)
+        rows = rows.remove_columns([key for key in self.label_keys if key in rows.column_names])
+        rows = rows.select(range(min(count, len(rows))))
+        collate = self.collator(processor)
+        for batch in batches(rows, batch_size):
+            yield collate([dict(zip(batch, values)) for values in zip(*batch.values())])
 
     def recognises(self, class_name: str) -> bool:
         """Whether a model class (`BertForTokenClassification`) has this task's head.

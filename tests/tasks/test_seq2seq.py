@@ -164,12 +164,17 @@ def test_what_seq2seq_cannot_do_is_refused_before_any_work(tiny_models, sst2_fil
     refused = {
         "distill.student.decoder_layers: \\[2\\] out of range: the teacher's decoder has layers 0..1":
             [{"type": "distill", "student": {"decoder_layers": [0, 2]}}],
-        "distill.hidden_weight: compares one stack of layers":
+        "distill.hidden_weight: distillation of hidden states does not support the seq2seq task: it compares one "
+        "stack of layers":
             [{"type": "distill", "student": {"every": 2}, "hidden_weight": 1.0}],
-        "distill.cache_teacher_logits: the cache is cut to the encoder's input length":
+        "distill.cache_teacher_logits: teacher logit cache does not support the seq2seq task: the cache is cut to "
+        "the encoder's input length":
             [{"type": "distill", "student": {"every": 2}, "cache_teacher_logits": True}],
-        "stages\\[0\\].sensitivity: the scan runs the model without decoder inputs":
+        "stages\\[0\\].sensitivity: quantization with calibration does not support the seq2seq task: .* without "
+        "decoder inputs":
             [{"type": "quantize", "sensitivity": {"keep_fraction": 0.5}}],
+        "prune_oneshot: one-shot pruning does not support the seq2seq task: .* an encoder-decoder":
+            [{"type": "prune_oneshot"}],
     }
     for message, stages in refused.items():
         with pytest.raises(UserError, match=message):
