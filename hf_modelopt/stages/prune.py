@@ -11,10 +11,10 @@ from typing import Any
 
 from pydantic import Field
 
+from ..compat import task_refusal
 from ..distill.config import KnowledgeDistillationConfig
 from ..errors import RecipeError
 from ..prune.config import OneShotPruningConfig, PruningConfig, StructuredPruningConfig
-from ..compat import task_refusal
 from ..tasks import get_task
 from . import (
     MODEL_SUBDIR,

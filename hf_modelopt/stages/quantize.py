@@ -48,8 +48,8 @@ class QuantizeStageConfig(StageConfig, QuantizationConfig):
 
     def preflight(self, recipe) -> None:
         """Training data that the scan and the recovery need, checked before any stage runs."""
-        from ..data import has_split
         from ..compat import task_refusal
+        from ..data import has_split
         from ..errors import RecipeError
 
         stages = recipe.resolved_stages

@@ -52,7 +52,8 @@ class Task:
     """One task: its model class, data, training rows, evaluation and logits (see `hf_modelopt.tasks`).
 
     The callables take the raw `datasets.Dataset` rows, the model's processor (a tokenizer, or an image
-    processor for vision tasks: the project calls it `tokenizer` throughout) and the recipe's `DataConfig`.
+    processor for vision tasks: the project calls it `tokenizer` throughout) and the recipe's data settings, an
+    instance of the task's own `DataConfig` subclass (`data_config`: the columns and lengths this task reads).
     """
 
     name: str
@@ -63,10 +64,13 @@ class Task:
     head_mapping: str  # transformers' auto-mapping that lists this head's model classes (in modeling_auto)
     head_suffixes: tuple[str, ...]  # unlisted (remote-code) classes with this head end with one of these
     logits: LogitsShape
+    data_config: type  # its `DataConfig` subclass: the recipe's `data:` keys this task reads, and no others
     columns: Callable  # (DataConfig) -> {recipe key: column the data must have, or None when unused}
     prepare_train: Callable  # (dataset, processor, DataConfig) -> model-input rows with their labels
     collator: Callable  # (processor) -> the data collator of those rows
     evaluate: Callable  # (model, processor, raw evaluation dataset, DataConfig) -> metrics dict
+    main_metric: str  # the metric of `evaluate` that ranks models (the benchmark's column and plots)
+    lower_is_better: bool = False  # whether a lower `main_metric` is better (perplexity)
     count_labels: Callable | None = None  # (dataset, DataConfig) -> number of classes; None: no class labels
     processor_class: str = "AutoTokenizer"  # transformers class that loads the model's processor
     encoder_decoder: bool = False  # its models have an encoder and a decoder stack (what `compat` refuses by)
@@ -79,6 +83,15 @@ class Task:
     # Optional packages (import names, `hf_modelopt.extras`) its metrics or data need; checked before any work.
     packages: tuple[str, ...] = ()
     label_keys: tuple[str, ...] = ("labels",)  # the keys of a training row that are targets, not model inputs
+
+    def data_settings(self, config=None):
+        """`config` (a `DataConfig` of any class, or None: the defaults) as this task's data class; keys another
+        task reads are refused (pydantic's `extra_forbidden`)."""
+        if config is None:
+            return self.data_config()
+        if isinstance(config, self.data_config):
+            return config
+        return self.data_config(**config.model_dump(exclude_unset=True))
 
     def calibration_batches(self, dataset, processor, data, count: int, batch_size: int = 8):
         """The model inputs of the first `count` training rows (`prepare_train` without `label_keys`), collated into

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...compat import UnsupportedModelError, model_type, unwrapped
 from ...blocks import LAYOUTS, BlockLayout
+from ...compat import UnsupportedModelError, model_type, unwrapped
 
 
 @dataclass(frozen=True)
