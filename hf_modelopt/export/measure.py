@@ -88,18 +88,16 @@ def cpu_latency(models: dict, repeats: int, warmup: int = 2) -> dict:
 
 
 def random_batch(model, batch_size: int, seq_len: int, seed: int = 0) -> dict:
+    """Random inputs of the model's task (`Task.random_inputs`: tokens, images, sources and targets); tokens for a
+    model of no registered task."""
     import torch
 
-    generator = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
-    if getattr(model, "main_input_name", "input_ids") == "pixel_values":  # a vision model: random images
-        size, channels = model.config.image_size, model.config.num_channels
-        return {"pixel_values": torch.randn(batch_size, channels, size, size, generator=generator).to(device)}
-    vocab = model.config.vocab_size
-    ids = torch.randint(5, vocab, (batch_size, seq_len), generator=generator)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if getattr(model.config, "is_encoder_decoder", False):  # one decoder pass over as many target tokens
-        batch["decoder_input_ids"] = ids
+    from ..tasks import TASKS, model_task
+    from ..tasks.task import random_token_inputs
+
+    task = model_task(model)
+    make = TASKS[task].random_inputs if task is not None else random_token_inputs
+    batch = make(model, batch_size, seq_len, torch.Generator().manual_seed(seed))
     device = next(model.parameters()).device
     return {k: v.to(device) for k, v in batch.items()}
 

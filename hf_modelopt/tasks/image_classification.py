@@ -69,6 +69,14 @@ def probe_batch(processor) -> dict:
     return dict(processor(images=images, return_tensors="pt"))
 
 
+def random_inputs(model, batch_size: int, seq_len: int, generator) -> dict:
+    """Random images of the model's size (`seq_len` does not apply)."""
+    import torch
+
+    size, channels = model.config.image_size, model.config.num_channels
+    return {"pixel_values": torch.randn(batch_size, channels, size, size, generator=generator)}
+
+
 def columns(config: ImageClassificationData) -> dict[str, str | None]:
     return {"data.image_column": config.image_column, "data.label_column": config.label_column}
 
@@ -91,6 +99,7 @@ TASK = Task(
     count_labels=num_labels,
     processor_class="AutoImageProcessor",
     probe_batch=probe_batch,
+    random_inputs=random_inputs,
     head_noun="classification head",
     packages=("PIL",),  # images are PIL images (datasets' Image feature decodes to them)
 )

@@ -21,7 +21,7 @@ import math
 from pydantic import Field
 
 from ..data import TextColumn, require_columns
-from .task import PROBE_TEXTS, Task, batches, local_metric
+from .task import PROBE_TEXTS, Task, batches, local_metric, random_token_inputs
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 # The encoder's inputs: a tokenizer made for other models also returns token_type_ids, which T5 and BART refuse.
@@ -154,6 +154,12 @@ def probe_batch(tokenizer, max_length: int = 32) -> dict:
             "decoder_input_ids": torch.tensor([ids[:length] for ids in targets])}
 
 
+def random_inputs(model, batch_size: int, seq_len: int, generator) -> dict:
+    """Random source tokens, and as many target tokens as decoder inputs: one decoder pass over `seq_len`."""
+    inputs = random_token_inputs(model, batch_size, seq_len, generator)
+    return {**inputs, "decoder_input_ids": inputs["input_ids"]}
+
+
 def columns(config: Seq2SeqData) -> dict[str, str | None]:
     return {"data.text_column": config.text_column, "data.target_column": config.target_column}
 
@@ -183,6 +189,7 @@ TASK = Task(
     # (T5 and BART average their loss over their own batch's tokens: not a sum over tokens of all processes)
     token_level_loss=False,
     probe_batch=probe_batch,
+    random_inputs=random_inputs,
     eval_notes=eval_notes,
     head_noun="language-model head",
     packages=("rouge_score", "sacrebleu"),  # the metrics, computed locally (evaluate's Hub metrics need the network)

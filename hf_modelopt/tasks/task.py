@@ -29,6 +29,15 @@ def text_probe_batch(tokenizer, max_length: int = 32) -> dict:
                           return_tensors="pt"))
 
 
+def random_token_inputs(model, batch_size: int, seq_len: int, generator) -> dict:
+    """Random token ids (above the first few, often special, ids) and a full attention mask: what a text model
+    runs on for timing and peak memory."""
+    import torch
+
+    ids = torch.randint(5, model.config.vocab_size, (batch_size, seq_len), generator=generator)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
 def no_eval_notes(data) -> list[str]:
     return []
 
@@ -78,6 +87,8 @@ class Task:
     accepts_unlabelled_text: bool = False  # KD may add unlabelled text rows (transfer text, augmented copies)
     token_level_loss: bool = False  # the loss is a mean over tokens (Trainer may average tokens across devices)
     probe_batch: Callable = text_probe_batch  # (processor) -> a fixed batch of model inputs (reload check)
+    # (model, batch size, sequence length, torch.Generator) -> random model inputs (latency and memory figures)
+    random_inputs: Callable = random_token_inputs
     eval_notes: Callable = no_eval_notes  # (DataConfig) -> limits of the evaluation, for the model card
     head_noun: str = field(default="head")  # "language-model head", in errors about untrained heads
     # Optional packages (import names, `hf_modelopt.extras`) its metrics or data need; checked before any work.
