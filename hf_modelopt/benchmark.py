@@ -183,10 +183,10 @@ def run_benchmark(candidates: list[Candidate], recipe=None, batch_sizes=(1, 32),
             row.setdefault("latency_ms", {})[str(batch_size)] = timing["latency_ms"]
             row.setdefault("sequences_per_s", {})[str(batch_size)] = timing["sequences_per_s"]
     metric = get_task(task).main_metric if recipe is not None else None
-    return {"setup": {"task": task, "metric": metric, "lower_is_better": get_task(task).lower_is_better, "batch_sizes": list(batch_sizes), "seq_len": seq_len,
-                      "repeats": repeats, "warmup": warmup, "threads": torch.get_num_threads(), "cpu": cpu_name(),
-                      "device": "cpu", "torch": torch.__version__,
-                      "recipe": None if recipe is None else str(recipe.source)},
+    return {"setup": {"task": task, "metric": metric, "lower_is_better": get_task(task).lower_is_better,
+                      "batch_sizes": list(batch_sizes), "seq_len": seq_len, "repeats": repeats, "warmup": warmup,
+                      "threads": torch.get_num_threads(), "cpu": cpu_name(), "device": "cpu",
+                      "torch": torch.__version__, "recipe": None if recipe is None else str(recipe.source)},
             "models": rows}
 
 
