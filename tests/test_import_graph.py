@@ -132,3 +132,14 @@ def test_public_api_is_small_and_resolves():
     assert len(hf_modelopt.__all__) <= 15
     for name in hf_modelopt.__all__:
         assert getattr(hf_modelopt, name).__name__ == name
+
+
+# The foundations every technique reads (what each technique supports, the block stacks and layouts, the tasks and
+# their data): a technique may import them, so they import no technique.
+FOUNDATIONS = ("hf_modelopt.compat", "hf_modelopt.blocks", "hf_modelopt.tasks", "hf_modelopt.data")
+
+
+def test_foundations_import_no_technique(graph):
+    wrong = {(module, target) for module, targets in graph.items() if module.startswith(FOUNDATIONS)
+             for target in targets if target.startswith(TECHNIQUES + NOT_FOR_TECHNIQUES)}
+    assert not wrong, f"foundation modules import techniques or the layers above them: {sorted(wrong)}"
