@@ -1,6 +1,7 @@
 """`hf-modelopt bench`: models side by side, measured in one process so that ratios are fair.
 
-For every model: the recipe's metric (accuracy or perplexity on its evaluation data), parameters, weights
+For every model: the recipe's metrics on its evaluation data (the task's `main_metric` in the table: accuracy,
+perplexity, F1, ROUGE-L, ...), parameters, weights
 on disk, peak memory, and latency and throughput at batch 1 and 32. Latency runs are interleaved
 (model A, model B, model A, ...) so that machine noise hits every model alike; the median over `repeats`
 timed runs is reported, after `warmup` untimed ones. Peak memory is the one figure measured elsewhere: in
@@ -157,6 +158,7 @@ def run_benchmark(candidates: list[Candidate], recipe=None, batch_sizes=(1, 32),
     from tqdm.auto import tqdm
 
     from .export.measure import cpu_name, parameter_count
+    from .tasks import get_task
 
     task = recipe.task if recipe is not None else "text-classification"
     models, rows = {}, []
@@ -180,21 +182,16 @@ def run_benchmark(candidates: list[Candidate], recipe=None, batch_sizes=(1, 32),
             timing = timings[row["name"]]
             row.setdefault("latency_ms", {})[str(batch_size)] = timing["latency_ms"]
             row.setdefault("sequences_per_s", {})[str(batch_size)] = timing["sequences_per_s"]
-    metric = _main_metric(rows)
-    return {"setup": {"task": task, "metric": metric, "batch_sizes": list(batch_sizes), "seq_len": seq_len,
-                      "repeats": repeats, "warmup": warmup, "threads": torch.get_num_threads(), "cpu": cpu_name(),
-                      "device": "cpu", "torch": torch.__version__,
-                      "recipe": None if recipe is None else str(recipe.source)},
+    metric = get_task(task).main_metric if recipe is not None else None
+    return {"setup": {"task": task, "metric": metric, "lower_is_better": get_task(task).lower_is_better,
+                      "batch_sizes": list(batch_sizes), "seq_len": seq_len, "repeats": repeats, "warmup": warmup,
+                      "threads": torch.get_num_threads(), "cpu": cpu_name(), "device": "cpu",
+                      "torch": torch.__version__, "recipe": None if recipe is None else str(recipe.source)},
             "models": rows}
 
 
 def _mb(size: int | None) -> float | None:
     return None if size is None else size / 1e6
-
-
-def _main_metric(rows: list[dict]) -> str | None:
-    names = rows[0].get("metrics", {}) if rows else {}
-    return next((m for m in ("accuracy", "perplexity") if m in names), None)
 
 
 def format_benchmark(result: dict) -> str:
@@ -218,7 +215,9 @@ def format_benchmark(result: dict) -> str:
         if metric:
             value = row["metrics"][metric]
             base = reference["metrics"][metric]
-            cells.append(f"{value:.4f} ({100 * value / base:.1f} %)" if metric == "accuracy" else f"{value:.2f}")
+            # (a higher-is-better metric also as a share of the reference's: "98.7 %" of its accuracy)
+            relative = not setup.get("lower_is_better") and base
+            cells.append(f"{value:.4f} ({100 * value / base:.1f} %)" if relative else f"{value:.2f}")
         size = row["size_mb"]
         peak = row.get("peak_memory_mb")
         cells += [f"{row['parameters'] / 1e6:.1f} M", "n/a" if size is None else f"{size:.1f}",
@@ -236,7 +235,8 @@ def format_benchmark(result: dict) -> str:
 
 
 def write_benchmark(result: dict, output_dir) -> list[Path]:
-    """bench.json, bench.md and, with a metric, accuracy_vs_latency.png and accuracy_vs_size.png."""
+    """bench.json, bench.md and, with a metric, METRIC_vs_latency.png and METRIC_vs_size.png (the task's
+    `main_metric`: accuracy_vs_latency.png for a classifier)."""
     from .extras import require_extra
 
     if result["setup"]["metric"] is not None:
@@ -256,8 +256,8 @@ def write_benchmark(result: dict, output_dir) -> list[Path]:
 
     rows = result["models"]
     big = str(max(result["setup"]["batch_sizes"]))
-    for x_key, label, file in ((lambda r: r["latency_ms"][big], f"latency (ms, batch {big})", "accuracy_vs_latency"),
-                               (lambda r: r["size_mb"], "weights on disk (MB)", "accuracy_vs_size")):
+    for x_key, label, against in ((lambda r: r["latency_ms"][big], f"latency (ms, batch {big})", "latency"),
+                                  (lambda r: r["size_mb"], "weights on disk (MB)", "size")):
         points = [(x_key(r), r["metrics"][metric], r["name"]) for r in rows if x_key(r) is not None]
         figure, axis = plt.subplots(figsize=(9, 4.5))
         markers = "osD^v<>pP*Xh"
@@ -269,7 +269,7 @@ def write_benchmark(result: dict, output_dir) -> list[Path]:
         axis.set_xscale("log")
         axis.grid(alpha=0.3)
         figure.tight_layout()
-        path = output_dir / f"{metric}_vs_{file.split('_vs_')[1]}.png"
+        path = output_dir / f"{metric}_vs_{against}.png"
         figure.savefig(path, dpi=120)
         plt.close(figure)
         written.append(path)

@@ -276,7 +276,7 @@ def _inspect(args) -> int:
     _require_packages_to_load(args.model, args.gguf_file)
     kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     model = _load_any(args.model, args.trust_remote_code, **kwargs)
-    report = inspect_model(model, args.model if os.path.isdir(args.model) else None)
+    report = inspect_model(model, args.model if os.path.isdir(args.model) else None, args.gguf_file)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 

@@ -1,17 +1,23 @@
-"""Which models each technique supports, declared once, and the check every verb runs first.
+"""Which models and tasks each technique supports, declared once, and the checks every verb and stage run first.
 
-Each technique declares what it supports as a function `model -> why not (str) | None`; `require_support`
-turns a "why not" into one `UnsupportedModelError` line naming the technique, the model type and what is
-supported, before the verb does any work (no training step, no weight changed). The behaviour matrix
-(`tests/matrix/`) reads the same declarations: every supported (technique, architecture) pair is run and its
-result checked, every other pair must be refused with this error. `docs/architectures.md` records the outcome.
+Each technique declares what it supports as a function `model -> why not (str) | None` (`SUPPORT`);
+`require_support` turns a "why not" into one `UnsupportedModelError` line naming the technique, the model type and
+what is supported, before the verb does any work (no training step, no weight changed). What a recipe's task alone
+decides (a seq2seq model has two stacks of blocks; a span head has two logits tensors) is declared per task
+(`TASK_SUPPORT`, `Task -> why not | None`): the stages check it before any stage runs (`task_refusal`), the trainer
+when it is built (`require_task_support`), and the model rows of `SUPPORT` that depend on the head read the same
+rows through the model's task, so a recipe and a script are refused for the same reason. The behaviour matrix
+(`tests/matrix/`) reads `SUPPORT`: every supported (technique, architecture) pair is run and its result checked,
+every other pair must be refused with this error. `docs/architectures.md` records the outcome.
 
     from hf_modelopt.compat import require_support
-    require_support("structured pruning", model)  # raises UnsupportedModelError for a GPT-2
+    require_support("structured pruning", model)  # raises UnsupportedModelError for a Swin
 
 The declarations read the structure the work itself relies on: the block stacks as `hf_modelopt.blocks` finds them
-(ALBERT's shared layers have none), same-shape blocks (Swin's stages are not), the layers transformers'
-bitsandbytes integration replaces (`quant.bnb.linear_layers`: not Falcon's `FalconLinear`).
+(ALBERT's shared layers have none), same-shape blocks (Swin's stages are not), the block layouts structured pruning
+knows (`blocks.LAYOUTS`), the layers transformers' bitsandbytes integration replaces (`formats.bnb_layers`: not
+Falcon's `FalconLinear`). All of them are foundations: this module imports no technique, so every technique can
+import it.
 """
 
 from __future__ import annotations
@@ -20,12 +26,12 @@ from collections.abc import Callable
 
 from .errors import UnsupportedModelError  # noqa: F401  (re-exported: raised by require_support)
 
-# Heads whose `logits` are one distribution per example (classification) or per next token (causal LM): what
-# the quantization sensitivity scan and recovery compute the task cross-entropy
+# Logits shapes (`Task.logits`) that are one distribution per example (classification) or per next token (causal
+# LM): what the quantization sensitivity scan and recovery compute the task cross-entropy
 # (`distill.trainer.task_cross_entropy`) and the logits' KL on. A seq2seq model's decoder needs its labels as
 # `decoder_input_ids`, which the scan does not pass; token classification and QA have labels per token / span.
 # (Distillation itself compares logits as each registered task says: `_task_head`.)
-LOGIT_HEADS = ("text-classification", "causal-lm", "image-classification")
+CALIBRATION_LOGITS = ("sequence", "decoder-token")
 
 # Model types whose checkpoint in compressed-tensors transformers cannot load (checked by loading it): T5's
 # weight initialisation reads `.weight` of the feed-forward layers, which compressed-tensors' layers lack.
@@ -51,15 +57,67 @@ def model_type(model) -> str:
     return getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
 
 
-def _logit_head(model) -> str | None:
-    from .tasks import TASKS, model_task  # at call time: the registry imports numpy and the data module
+def _one_stack_task(task) -> str | None:
+    # A task whose models are encoder-decoders (seq2seq): `transformer_layers` would find only the encoder's blocks.
+    if task.encoder_decoder:
+        return (f"it supports models with one stack of transformer blocks (encoders, decoders, ViT); a "
+                f"{task.model_kind} is an encoder-decoder, which has two")
+    return None
 
-    head = model_task(model)
-    if head in LOGIT_HEADS:
+
+def _hidden_states_of_one_stack(task) -> str | None:
+    # The hidden / cosine / attention losses map student layers to teacher layers of one stack.
+    if task.encoder_decoder:
+        return (f"it compares one stack of layers; a {task.model_kind} has an encoder and a decoder: use "
+                "kd_weight / ce_weight only")
+    return None
+
+
+def _one_logits_tensor_per_input(task) -> str | None:
+    # The logit cache stores one top-k logits tensor per example, cut to the input's length.
+    if task.logits == "span":
+        return (f"the cache holds one logits tensor per example; a {task.model_kind} has start and end logits: "
+                "turn the cache off")
+    if task.encoder_decoder:
+        return (f"the cache is cut to the encoder's input length; a {task.model_kind}'s logits follow its targets: "
+                "turn the cache off")
+    return None
+
+
+def _calibration_logits(task) -> str | None:
+    if task.logits in CALIBRATION_LOGITS:
         return None
-    shown = head or "none of " + ", ".join(TASKS)
-    return (f"it supports the {', '.join(LOGIT_HEADS)} heads (logits per example or per next token); "
-            f"{type(model).__name__} is {shown}")
+    from .tasks import TASKS  # at call time: the registry imports numpy and the data module
+
+    supported = [name for name, known in TASKS.items() if known.logits in CALIBRATION_LOGITS]
+    return (f"it supports the tasks with one distribution of logits per example or per next token "
+            f"({', '.join(supported)}): the scan and the recovery run the model on the calibration rows without "
+            f"decoder inputs and compare its logits; a {task.model_kind}'s are per {_PER[task.logits]}")
+
+
+_PER = {"token": "token", "span": "span position (start and end)", "seq2seq-token": "decoder position"}
+
+
+# technique -> why the models of a task are not supported (None: supported), from the task alone: what a recipe can
+# be refused for before any model is loaded. The model rows of `SUPPORT` that depend on the head read these.
+TASK_SUPPORT: dict[str, Callable[[object], str | None]] = {
+    "one-shot pruning": _one_stack_task,
+    "quantization with calibration": _calibration_logits,
+    "distillation of hidden states": _hidden_states_of_one_stack,  # hidden / cosine / attention losses
+    "teacher logit cache": _one_logits_tensor_per_input,  # `cache_teacher_logits`
+}
+
+
+def _task_rows(technique: str, model) -> str | None:
+    """The `TASK_SUPPORT` row of `technique` for the model's task (its head); a model of no registered task is
+    refused naming the tasks."""
+    from .tasks import TASKS, model_task
+
+    task = model_task(model)
+    if task is None:
+        return (f"it supports the heads of the registered tasks ({', '.join(TASKS)}); {type(model).__name__} is "
+                "none of them")
+    return TASK_SUPPORT[technique](TASKS[task])
 
 
 def _task_head(model) -> str | None:
@@ -84,7 +142,7 @@ def _one_block_stack(model) -> str | None:
 
 
 def _structured_layout(model) -> str | None:
-    from .prune.structured import LAYOUTS  # read at call time: the layouts are the declaration
+    from .blocks import LAYOUTS  # the layouts are the declaration (`prune.structured` reads the same table)
 
     if model_type(model) in LAYOUTS:
         return None
@@ -100,9 +158,9 @@ SHARED_LAYER_GROUP_KEYS = ("num_hidden_groups",)
 
 
 def _block_stacks(model) -> str | None:
-    # Pruning selects the Linears of the block stacks (`distill.student.layer_stacks`): a model without one would
-    # fail inside the work (ALBERT's shared layers: inside `trainer.train()`).
-    from .blocks import COUNT_KEYS, layer_stacks  # at call time: the stacks as the work finds them
+    # Pruning selects the Linears of the block stacks (`blocks.layer_stacks`): a model without one would fail
+    # inside the work (ALBERT's shared layers: inside `trainer.train()`).
+    from .blocks import COUNT_KEYS, layer_stacks  # at call time: `blocks` imports torch
 
     if layer_stacks(model):
         return None
@@ -149,11 +207,12 @@ def _gradual_pruning(model) -> str | None:
 
 def _bitsandbytes_layers(model) -> str | None:
     # transformers' bitsandbytes integration replaces the modules whose type is exactly nn.Linear, and GPT-2's
-    # Conv1D (`quant.bnb.linear_layers` is that rule); a subclass with its own forward (Falcon's `FalconLinear`)
-    # stays in full precision, so a model whose blocks hold only those would come back unquantized.
+    # Conv1D (`formats.bnb_layers.linear_layers` is that rule, which quantization plans with); a subclass with its
+    # own forward (Falcon's `FalconLinear`) stays in full precision, so a model whose blocks hold only those would
+    # come back unquantized.
     import torch
 
-    from .quant.bnb import linear_layers  # at call time: the rule bitsandbytes applies is the declaration
+    from .formats.bnb_layers import linear_layers  # at call time: it imports torch and transformers
 
     layers = linear_layers(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -169,8 +228,8 @@ def _bitsandbytes_layers(model) -> str | None:
 
 
 def _calibrated_quantization(model) -> str | None:
-    # The sensitivity scan and the recovery compute the task loss and the KL of the logits, as distillation does.
-    return _bitsandbytes_layers(model) or _logit_head(model)
+    # The sensitivity scan and the recovery compute the task loss and the KL of the logits (`TASK_SUPPORT`).
+    return _bitsandbytes_layers(model) or _task_rows("quantization with calibration", model)
 
 
 def _any_model(model) -> str | None:
@@ -182,7 +241,7 @@ SUPPORT: dict[str, Callable[[object], str | None]] = {
     "distillation": _task_head,
     "students from teacher layers": _same_shape_blocks,  # `distill.student_from_teacher` keeps whole blocks
     "gradual pruning": _gradual_pruning,  # the Linears of every block stack (both of an encoder-decoder)
-    "one-shot pruning": _one_stack_of_same_shape_blocks,
+    "one-shot pruning": _one_stack_of_same_shape_blocks,  # (any head: the stage calibrates with its task's rows)
     "structured pruning": _structured_layout,
     "quantization": _bitsandbytes_layers,
     "quantization with calibration": _calibrated_quantization,
@@ -205,3 +264,27 @@ def require_support(technique: str, model) -> None:
     if reason is not None:
         raise UnsupportedModelError(f"{technique} does not support model_type {model_type(model)!r} "
                                     f"({type(model).__name__}): {reason}")
+
+
+def unsupported_task_reason(technique: str, task: str) -> str | None:
+    """Why `technique` does not support the models of the registered task `task`, or None when it does (as far as
+    the task decides: `require_support` checks the model itself)."""
+    from .tasks import get_task
+
+    if technique not in TASK_SUPPORT:
+        return None  # nothing of this technique depends on the task alone
+    return TASK_SUPPORT[technique](get_task(task))
+
+
+def task_refusal(technique: str, task: str) -> str | None:
+    """The one-line refusal of `technique` for the models of `task` (what a stage's preflight raises under its
+    recipe key), or None when the task is supported."""
+    reason = unsupported_task_reason(technique, task)
+    return None if reason is None else f"{technique} does not support the {task} task: {reason}"
+
+
+def require_task_support(technique: str, task: str) -> None:
+    """Raise `UnsupportedModelError` (`task_refusal`'s line) unless `technique` supports the models of `task`."""
+    refusal = task_refusal(technique, task)
+    if refusal is not None:
+        raise UnsupportedModelError(refusal)

@@ -24,7 +24,12 @@ SPLIT_KEYS = {"train": "train_file", "eval": "eval_file"}
 
 
 class DataConfig(BaseModel):
-    """Where the data is and how it is read (the recipe's `data:`)."""
+    """Where the data is and how much of it is read: what every task shares (the recipe's `data:`).
+
+    Each task extends it with its own columns and lengths (`Task.data_config`: `TextClassificationData`,
+    `QuestionAnsweringData`, ...), and a recipe's `data:` is validated with its task's class: a key another task
+    reads (`doc_stride` in a classification recipe) is refused, naming it.
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
     # The default in a recipe file is the file's own folder, filled in by `load_recipe` (which also resolves a
@@ -42,26 +47,6 @@ class DataConfig(BaseModel):
     dataset_config: str | None = Field(None, description="The Hub dataset's configuration (e.g. `sst2`).")
     train_split: str = Field("train", description="Split of `dataset` used for training.")
     eval_split: str = Field("validation", description="Split of `dataset` used for evaluation.")
-    text_column: str = Field("text", description="Column holding the input text.")
-    text_pair_column: str | None = Field(None, description="Second text column for sentence-pair tasks.")
-    label_column: str = Field("label", description="Column holding integer class labels (classification).")
-    tokens_column: str = Field("tokens", description="token-classification: column holding each example's words "
-                               "(a list of strings).")
-    tags_column: str = Field("ner_tags", description="token-classification: column holding one integer label per "
-                             "word.")
-    label_names: list[str] | None = Field(None, description="token-classification: the name of each label id, in "
-                                          "IOB form (`O`, `B-PER`, `I-PER`, ...) for seqeval; default: the model "
-                                          "config's id2label.")
-    question_column: str = Field("question", description="question-answering: column holding the question.")
-    context_column: str = Field("context", description="question-answering: column holding the passage.")
-    answers_column: str = Field("answers", description="question-answering: column holding SQuAD-style answers, "
-                                "{'text': [...], 'answer_start': [character offsets]}.")
-    doc_stride: int = Field(32, gt=0, description="question-answering: tokens shared by consecutive windows of a "
-                            "context longer than max_length.")
-    max_answer_length: int = Field(30, gt=0, description="question-answering: longest answer span, in tokens, "
-                                   "considered when predicting.")
-    image_column: str = Field("image", description="image-classification: column holding the images (a datasets "
-                              "Image feature, or PIL images).")
     max_length: int = Field(128, gt=0, description="Tokens per example (classification) or per training block.")
     max_train_samples: int | None = Field(None, gt=0, description="Use only the first N training examples.")
     max_eval_samples: int | None = Field(None, gt=0, description="Use only the first N evaluation examples.")
@@ -69,25 +54,19 @@ class DataConfig(BaseModel):
         None, gt=0, lt=1, description="Hold out this fraction of the training rows (the last ones) as evaluation "
         "data, instead of eval_file / eval_split.",
     )
-    eval_window: int = Field(
-        512, gt=1, description="causal-lm: perplexity is computed over non-overlapping windows of this many tokens."
-    )
-    max_eval_tokens: int | None = Field(None, gt=1, description="causal-lm: evaluate on the first N tokens only.")
     eval_batch_size: int = Field(32, gt=0, description="Batch size of the evaluate stage.")
-    target_column: str = Field(
-        "target", description="seq2seq: column holding the target text (the source text is `text_column`, cut to "
-        "`max_length` tokens).",
-    )
-    source_prefix: str = Field(
-        "", description="seq2seq: text put before every source text, e.g. T5's task prefix `summarize: `.",
-    )
-    max_target_length: int = Field(
-        128, gt=0, description="seq2seq: tokens per target text in training; evaluation generates at most this "
-        "many new tokens.",
-    )
 
     def resolve(self, name: str | None) -> Path | None:
         return None if name is None else Path(self.data_dir).expanduser() / name
+
+
+# Columns that several tasks read, declared once; a task's data class inherits the ones it reads.
+class TextColumn(DataConfig):
+    text_column: str = Field("text", description="Column holding the input text.")
+
+
+class LabelColumn(DataConfig):
+    label_column: str = Field("label", description="Column holding integer class labels (classification).")
 
 
 class DataError(UserError):
@@ -170,10 +149,10 @@ def require_columns(dataset, columns: list[str | None], origin: str) -> None:
     for column in columns:
         if column is not None and column not in dataset.column_names:
             raise DataError(f"{origin}: column {column!r} not found; the data has {dataset.column_names} "
-                            f"(set data.text_column / data.label_column)")
+                            f"(set the task's column keys in data:, e.g. data.text_column / data.label_column)")
 
 
-def num_labels(dataset, config: DataConfig) -> int:
+def num_labels(dataset, config: LabelColumn) -> int:
     labels = dataset.unique(config.label_column)
     if not all(isinstance(label, int) and label >= 0 for label in labels):
         raise DataError(f"column {config.label_column!r} must hold integer class ids >= 0, found {labels[:5]}")

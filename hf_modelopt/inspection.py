@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
-
 
 def load_config(path: str, trust_remote_code: bool, **kwargs):
     """`AutoConfig` of a model folder or Hub id, or None for a folder without config.json (a peft adapter).
@@ -23,15 +21,9 @@ def load_config(path: str, trust_remote_code: bool, **kwargs):
     return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
 
 
-def size_on_disk(folder: str | Path) -> int:
-    """Bytes of the weight files in `folder` (config and tokenizer files are not counted)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return 0
-    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
-
-
 def tensor_stats(name: str, tensor) -> dict:
+    from .formats.modules import zero_fraction
+
     values = tensor.detach().float()  # integer (quantized) storage is reported by its raw values
     return {
         "name": name,
@@ -42,12 +34,15 @@ def tensor_stats(name: str, tensor) -> dict:
         "max": values.max().item() if tensor.numel() else 0.0,
         "mean": values.mean().item() if tensor.numel() else 0.0,
         "std": values.std().item() if tensor.numel() > 1 else 0.0,
-        "sparsity": (values == 0).float().mean().item() if tensor.numel() else 0.0,
+        "sparsity": zero_fraction(values),
     }
 
 
-def inspect_model(model, folder: str | Path | None = None) -> dict:
-    """Parameter count, sizes, dtypes and per-tensor min / max / mean / std / sparsity of `model`."""
+def inspect_model(model, folder: str | Path | None = None, gguf_file: str | None = None) -> dict:
+    """Parameter count, sizes, dtypes and per-tensor min / max / mean / std / sparsity of `model` (its weights on
+    disk from `folder`, the GGUF file `gguf_file` in it when it was loaded from one)."""
+    from .formats.detect import weights_size_on_disk
+
     weights = [tensor_stats(n, p) for n, p in model.named_parameters()]
     tensors = weights + [tensor_stats(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
     parameters = sum(p.numel() for p in model.parameters())
@@ -58,7 +53,7 @@ def inspect_model(model, folder: str | Path | None = None) -> dict:
         "model": type(model).__name__,
         "parameters": parameters,
         "size_in_memory_bytes": memory,
-        "size_on_disk_bytes": size_on_disk(folder) if folder else None,
+        "size_on_disk_bytes": weights_size_on_disk(folder, gguf_file) if folder and Path(folder).is_dir() else None,
         "dtypes": sorted({t["dtype"] for t in tensors}),
         "sparsity": zeros / parameters if parameters else 0.0,
         "tensors": tensors,

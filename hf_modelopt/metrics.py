@@ -20,15 +20,18 @@ def evaluate_model(model, tokenizer, data, *, task: str | None = None, config=No
 
     Args:
         tokenizer: the model's processor: its tokenizer, or its image processor for image tasks.
-        data: a `DataConfig` (its evaluation split: `eval_file`, `eval_split` or `eval_fraction`), or a
-            `datasets.Dataset` of raw rows (text, and labels for classification).
+        data: the task's data settings (`TextClassificationData`, ... from `hf_modelopt.tasks`; its evaluation
+            split: `eval_file`, `eval_split` or `eval_fraction`), or a `datasets.Dataset` of raw rows (text, and
+            labels for classification).
         task: a registered task name (`hf_modelopt.tasks.TASKS`); default: from the model's class.
-        config: with a `Dataset`, the `DataConfig` that names its columns and lengths (default `DataConfig()`:
-            columns `text` and `label`, 128 tokens, batches of 32).
+        config: with a `Dataset`, the task's data settings that name its columns and lengths (default: the task's
+            defaults, e.g. columns `text` and `label`, 128 tokens, batches of 32).
+
+    A plain `DataConfig` (or another task's) is read as the task's: a key the task does not read is refused.
 
     Example:
-        evaluate_model(model, tokenizer, DataConfig(data_dir="data", eval_file="validation.tsv",
-                                                     text_column="sentence"))
+        evaluate_model(model, tokenizer, TextClassificationData(data_dir="data", eval_file="validation.tsv",
+                                                                text_column="sentence"))
     """
     from .data import DataConfig, load_split
     from .extras import require_extra
@@ -36,7 +39,7 @@ def evaluate_model(model, tokenizer, data, *, task: str | None = None, config=No
     spec = get_task(task or infer_task(model))
     require_extra(f"evaluating a {spec.name} model", *spec.packages)
     if isinstance(data, DataConfig):
-        config, dataset = data, load_split(data, "eval")
+        config, dataset = spec.data_settings(data), load_split(data, "eval")
     else:
-        config, dataset = config or DataConfig(), data
+        config, dataset = spec.data_settings(config), data
     return spec.evaluate(model, tokenizer, dataset, config)

@@ -1,6 +1,7 @@
-"""Task parallelism: independent runs (the points of a sweep, several recipes) side by side.
+"""Independent runs (the points of a sweep, several recipes) side by side, each in its own process.
 
-Each task is a command run in its own process. With GPUs, every process sees one of them
+Each `ProcessRun` is a command run in its own process (not a `hf_modelopt.tasks.Task`, what a model does). With
+GPUs, every process sees one of them
 (`CUDA_VISIBLE_DEVICES`, round robin); on CPU, the cores are split between the processes running at once
 (`OMP_NUM_THREADS`, which torch reads at start), since torch processes that each take every core slow each
 other down more than they gain. Each process writes its output into its own log file.
@@ -19,7 +20,9 @@ logger = logging.getLogger("hf_modelopt")
 
 
 @dataclass
-class Task:
+class ProcessRun:
+    """One command to run in its own process, its output written to `log_file`."""
+
     name: str
     command: list[str]
     log_file: Path
@@ -38,7 +41,7 @@ def visible_gpus() -> list[str]:
         return []
 
 
-def task_environments(jobs: int, gpus: list[str] | None = None, cpus: int | None = None) -> list[dict[str, str]]:
+def slot_environments(jobs: int, gpus: list[str] | None = None, cpus: int | None = None) -> list[dict[str, str]]:
     """The environment of each of `jobs` concurrent slots: one GPU each when there are GPUs, else a core share."""
     gpus = visible_gpus() if gpus is None else gpus
     if gpus:
@@ -50,14 +53,15 @@ def task_environments(jobs: int, gpus: list[str] | None = None, cpus: int | None
             for _ in range(jobs)]
 
 
-def run_tasks(tasks: list[Task], jobs: int = 1, gpus: list[str] | None = None, poll_seconds: float = 2.0) -> dict:
-    """Run `tasks`, at most `jobs` at once; {task name: exit code}. A failed task does not stop the others."""
-    environments = task_environments(max(1, jobs), gpus)
+def run_processes(runs: list[ProcessRun], jobs: int = 1, gpus: list[str] | None = None,
+                  poll_seconds: float = 2.0) -> dict:
+    """Run `runs`, at most `jobs` at once; {run name: exit code}. A failed run does not stop the others."""
+    environments = slot_environments(max(1, jobs), gpus)
     free_slots = list(range(len(environments)))
-    pending, running, codes = list(tasks), {}, {}
+    pending, running, codes = list(runs), {}, {}
     try:
         _schedule(pending, running, codes, environments, free_slots, poll_seconds)
-    finally:  # interrupted (Ctrl-C): stop the tasks still running; each saves what its own signal handling saves
+    finally:  # interrupted (Ctrl-C): stop the runs still running; each saves what its own signal handling saves
         for process, log, _, _ in running.values():
             process.terminate()
             process.wait()
@@ -68,14 +72,14 @@ def run_tasks(tasks: list[Task], jobs: int = 1, gpus: list[str] | None = None, p
 def _schedule(pending, running, codes, environments, free_slots, poll_seconds) -> None:
     while pending or running:
         while pending and free_slots:
-            task, slot = pending.pop(0), free_slots.pop(0)
-            task.log_file.parent.mkdir(parents=True, exist_ok=True)
-            log = open(task.log_file, "w")  # noqa: SIM115  (closed when the task ends)
+            run, slot = pending.pop(0), free_slots.pop(0)
+            run.log_file.parent.mkdir(parents=True, exist_ok=True)
+            log = open(run.log_file, "w")  # noqa: SIM115  (closed when the run ends)
             env = {**os.environ, **environments[slot], "PYTHONUNBUFFERED": "1"}
-            process = subprocess.Popen(task.command, stdout=log, stderr=subprocess.STDOUT, env=env)
-            running[task.name] = (process, log, slot, time.monotonic())
-            logger.info("task %s started (slot %d: %s); log: %s", task.name, slot,
-                        ", ".join(f"{k}={v}" for k, v in environments[slot].items() if v), task.log_file)
+            process = subprocess.Popen(run.command, stdout=log, stderr=subprocess.STDOUT, env=env)
+            running[run.name] = (process, log, slot, time.monotonic())
+            logger.info("run %s started (slot %d: %s); log: %s", run.name, slot,
+                        ", ".join(f"{k}={v}" for k, v in environments[slot].items() if v), run.log_file)
         time.sleep(poll_seconds if running else 0)
         for name, (process, log, slot, started) in list(running.items()):
             if process.poll() is None:
@@ -84,5 +88,5 @@ def _schedule(pending, running, codes, environments, free_slots, poll_seconds) -
             codes[name] = process.returncode
             free_slots.append(slot)
             del running[name]
-            logger.info("task %s %s after %.0f s", name, "finished" if process.returncode == 0 else
+            logger.info("run %s %s after %.0f s", name, "finished" if process.returncode == 0 else
                         f"FAILED (exit {process.returncode})", time.monotonic() - started)

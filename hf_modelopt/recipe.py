@@ -19,15 +19,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, create_model, field_validator
 
 from .data import DataConfig
 from .errors import RecipeError, UserError, clip, excerpt  # noqa: F401  (RecipeError: re-exported)
 from .modeling import ModelConfig, looks_like_local_path  # noqa: F401  (re-exported)
 from .stages import STAGES, RunSettings, Stage, load_builtin_stages  # noqa: F401  (Stage: re-exported)
-from .tasks import TASKS as TASK_REGISTRY
+from .tasks import TASKS
 
-TASKS = tuple(TASK_REGISTRY)  # the registered task names
 MAX_STAGE_NAME = 100  # characters: a folder name under OUTPUT/stages/ (file systems allow 255 bytes)
 
 
@@ -40,9 +39,12 @@ class StrictModel(BaseModel):
 class Recipe(StrictModel):
     description: str = Field("", description="What this recipe does, in a sentence or two.")
     model: ModelConfig
-    task: Literal[TASKS] = Field(description="What the model does: one of the registered tasks "
+    task: Literal[tuple(TASKS)] = Field(description="What the model does: one of the registered tasks "
                                  "(`hf_modelopt.tasks.TASKS`).")
-    data: DataConfig
+    # The task's own `DataConfig` subclass (`Task.data_config`), validated as such by `validate_recipe`; kept
+    # whole when dumped (SerializeAsAny: pydantic would otherwise write only the base class's keys).
+    data: SerializeAsAny[DataConfig] = Field(description="Where the data is and how the task reads it: the keys "
+                                             "of the task's data settings (`hf_modelopt.tasks`' `...Data` classes).")
     training: dict[str, Any] = Field(
         default_factory=dict, description="Keyword arguments of `transformers.TrainingArguments`."
     )
@@ -50,6 +52,15 @@ class Recipe(StrictModel):
     # Filled by `load_recipe`, never read from YAML.
     source: str = Field("<python>", exclude=True)
     resolved_stages: list[Stage] = Field(default_factory=list, exclude=True)
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _data_of_task(cls, value, info):
+        # A Recipe built in Python (or `recipe.data = ...`) gets its task's data class too, as `validate_recipe`'s.
+        task = TASKS.get(info.data.get("task"))
+        if task is None or not isinstance(value, (dict, DataConfig)):
+            return value
+        return task.data_settings(value) if isinstance(value, DataConfig) else task.data_config.model_validate(value)
 
     def to_yaml(self) -> str:
         """The fully resolved recipe (extends and --set applied), reloadable as a recipe."""
@@ -428,11 +439,30 @@ def check_scheduler_kwargs(training: dict[str, Any], prefix: tuple, origins: dic
                               f"unknown argument of the {scheduler!r} learning-rate scheduler; {takes}")
 
 
+def _validate_data(data: dict, task: str, origins: dict, source: str):
+    """`data:` as the task's data settings (`Task.data_config`): a key another task reads (`doc_stride` in a
+    classification recipe) is refused naming the task that reads it, any other unknown key like a typo."""
+    data_class = TASKS[task].data_config
+    try:
+        return data_class.model_validate(data)
+    except ValidationError as err:
+        error = err.errors()[0]
+        key = error["loc"][-1] if error["loc"] else None
+        readers = [name for name, other in TASKS.items() if key in other.data_config.model_fields]
+        if error["type"] == "extra_forbidden" and readers:
+            loc = ("data", *error["loc"])
+            raise RecipeError(_origin(origins, loc, source), _key_path(loc),
+                              f"unknown key for a {task} recipe: only {', '.join(readers)} recipes read it") from None
+        _raise_first(err, data_class, ("data",), origins, source)
+
+
 def validate_recipe(data: dict[str, Any], source: str = "<python>", origins: dict | None = None) -> Recipe:
     """Validate a recipe mapping into a `Recipe` whose stages carry their typed configs."""
     origins = origins or {}
     load_builtin_stages()
     refuse_non_finite(data, (), origins, source)
+    if isinstance(data, dict) and data.get("task") in TASKS and isinstance(data.get("data"), dict):
+        data = {**data, "data": _validate_data(data["data"], data["task"], origins, source)}
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:

@@ -32,22 +32,22 @@ def main() -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace earlier outputs of the same sparsities")
     args = parser.parse_args()
 
-    from hf_modelopt.parallel import Task, run_tasks
+    from hf_modelopt.parallel import ProcessRun, run_processes
     from hf_modelopt.recipe import load_recipe
 
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     recipe = load_recipe(args.recipe, args.overrides)  # fails early, with the bad key named
     index = next(i for i, s in enumerate(recipe.resolved_stages) if s.type == "prune")
-    tasks = []
+    runs = []
     for sparsity in args.sparsities:
         command = [sys.executable, "-m", "hf_modelopt.cli", "run", args.recipe, "--output-dir",
                    str(output / f"sparsity-{sparsity}")]
         for override in [*args.overrides, f"stages.{index}.sparsity={sparsity}"]:
             command += ["--set", override]
-        tasks.append(Task(f"sparsity-{sparsity}", command + (["--overwrite"] if args.overwrite else []),
+        runs.append(ProcessRun(f"sparsity-{sparsity}", command + (["--overwrite"] if args.overwrite else []),
                           output / f"sparsity-{sparsity}.log"))
-    codes = run_tasks(tasks, jobs=args.jobs)
+    codes = run_processes(runs, jobs=args.jobs)
     failed = [name for name, code in codes.items() if code != 0]
     if failed:
         raise SystemExit(f"failed: {', '.join(failed)} (see their logs in {output})")

@@ -188,7 +188,7 @@ def tiny_recipe(model_dir: Path, data_dir: Path, task: str = "text-classificatio
                 "text_column": "sentence", "max_length": 32}
     else:
         data = {"data_dir": str(data_dir), "train_file": "text/train.txt", "eval_file": "text/valid.txt",
-                "max_length": 32, "eval_window": 64}
+                "max_length": 32, **({"eval_window": 64} if task == "causal-lm" else {})}  # (a causal-lm key)
     recipe = {
         "description": "tiny test recipe",
         "model": {"name_or_path": str(model_dir)},

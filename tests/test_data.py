@@ -2,9 +2,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from hf_modelopt.data import DataError, load_split, num_labels
-from hf_modelopt.recipe import DataConfig
-from hf_modelopt.tasks.causal_lm import tokenize_causal_lm
-from hf_modelopt.tasks.text_classification import tokenize_classification
+from hf_modelopt.recipe import DataConfig, RecipeError, validate_recipe
+from hf_modelopt.tasks.causal_lm import CausalLMData, tokenize_causal_lm
+from hf_modelopt.tasks.text_classification import TextClassificationData, tokenize_classification
 
 from .conftest import minilm_folder
 
@@ -16,13 +16,14 @@ def tokenizer():
 
 def test_tsv_keeps_quote_characters(tmp_path):
     (tmp_path / "d.tsv").write_text('sentence\tlabel\n" quoted " start\t1\nplain\t0\n')
-    dataset = load_split(DataConfig(data_dir=str(tmp_path), eval_file="d.tsv", text_column="sentence"), "eval")
+    dataset = load_split(TextClassificationData(data_dir=str(tmp_path), eval_file="d.tsv", text_column="sentence"),
+                         "eval")
     assert dataset[0]["sentence"] == '" quoted " start'
 
 
 def test_classification_tokenisation_and_labels(sst2_files, tokenizer):
-    config = DataConfig(data_dir=str(sst2_files), train_file="sst2/train.tsv", text_column="sentence",
-                        max_length=8, max_train_samples=10)
+    config = TextClassificationData(data_dir=str(sst2_files), train_file="sst2/train.tsv", text_column="sentence",
+                                    max_length=8, max_train_samples=10)
     dataset = load_split(config, "train")
     assert len(dataset) == 10 and num_labels(dataset, config) == 2
     encoded = tokenize_classification(dataset, tokenizer, config)
@@ -31,13 +32,13 @@ def test_classification_tokenisation_and_labels(sst2_files, tokenizer):
 
 
 def test_missing_column_is_named(sst2_files, tokenizer):
-    config = DataConfig(data_dir=str(sst2_files), train_file="sst2/train.tsv", text_column="review")
+    config = TextClassificationData(data_dir=str(sst2_files), train_file="sst2/train.tsv", text_column="review")
     with pytest.raises(DataError, match="column 'review' not found.*sentence"):
         tokenize_classification(load_split(config, "train"), tokenizer, config)
 
 
 def test_causal_lm_blocks(sst2_files, tokenizer):
-    config = DataConfig(data_dir=str(sst2_files), train_file="text/train.txt", max_length=16)
+    config = CausalLMData(data_dir=str(sst2_files), train_file="text/train.txt", max_length=16)
     blocks = tokenize_causal_lm(load_split(config, "train"), tokenizer, config)
     assert len(blocks) > 10
     assert all(len(ids) == 16 for ids in blocks["input_ids"]) and blocks[0]["labels"] == blocks[0]["input_ids"]
@@ -50,11 +51,24 @@ def test_empty_split_is_an_error(tmp_path):
 
 
 def test_eval_fraction_holds_out_the_last_rows(sst2_files):
-    config = DataConfig(data_dir=str(sst2_files), train_file="sst2/train.tsv", text_column="sentence",
-                        eval_fraction=0.25)
+    config = TextClassificationData(data_dir=str(sst2_files), train_file="sst2/train.tsv", text_column="sentence",
+                                    eval_fraction=0.25)
     train, evaluation = load_split(config, "train"), load_split(config, "eval")
     assert len(train) == 48 and len(evaluation) == 16
     assert not set(train["sentence"]) & set(evaluation["sentence"])
+
+
+def test_data_holds_the_keys_of_the_recipes_task_only():
+    """Each task declares its own data settings: another task's key is refused in one line naming it."""
+    recipe = {"model": {"name_or_path": "m"}, "task": "text-classification", "stages": ["finetune"],
+              "data": {"train_file": "t.tsv", "doc_stride": 16}}
+    with pytest.raises(RecipeError) as refused:
+        validate_recipe(recipe)
+    assert str(refused.value) == ("<python>: data.doc_stride: unknown key for a text-classification recipe: only "
+                                  "question-answering recipes read it")
+    recipe.update(task="question-answering")
+    assert validate_recipe(recipe).data.doc_stride == 16
+    assert not hasattr(DataConfig(), "text_column")  # the shared settings: where the data is, how much of it
 
 
 # --------------------------------------------------------------------------- where data_dir points

@@ -140,3 +140,14 @@ def test_export_knows_no_recipe(graph):
              for target in targets if target.startswith(("hf_modelopt.stages", "hf_modelopt.recipe",
                                                          "hf_modelopt.pipeline", "hf_modelopt.cli"))}
     assert not wrong, f"hf_modelopt.export imports the layers above it: {sorted(wrong)}"
+
+
+# The foundations every technique reads (what each technique supports, the block stacks and layouts, the tasks and
+# their data): a technique may import them, so they import no technique.
+FOUNDATIONS = ("hf_modelopt.compat", "hf_modelopt.blocks", "hf_modelopt.tasks", "hf_modelopt.data")
+
+
+def test_foundations_import_no_technique(graph):
+    wrong = {(module, target) for module, targets in graph.items() if module.startswith(FOUNDATIONS)
+             for target in targets if target.startswith(TECHNIQUES + NOT_FOR_TECHNIQUES)}
+    assert not wrong, f"foundation modules import techniques or the layers above them: {sorted(wrong)}"

@@ -56,12 +56,14 @@ def test_evaluate_model_takes_a_data_config_or_a_dataset_and_infers_the_task(tin
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from hf_modelopt import evaluate_model
-    from hf_modelopt.data import DataConfig, load_split
+    from hf_modelopt.data import load_split
     from hf_modelopt.metrics import infer_task
 
     folder = tiny_models("bert")
     model, tokenizer = AutoModelForSequenceClassification.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
-    config = DataConfig(data_dir=str(sst2_files), eval_file="sst2/validation.tsv", text_column="sentence")
+    from hf_modelopt.tasks import TextClassificationData
+
+    config = TextClassificationData(data_dir=str(sst2_files), eval_file="sst2/validation.tsv", text_column="sentence")
     from_config = evaluate_model(model, tokenizer, config)
     rows = load_split(config, "eval")
     from_dataset = evaluate_model(model, tokenizer, datasets.Dataset.from_dict(rows.to_dict()), config=config)

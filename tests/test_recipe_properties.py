@@ -7,8 +7,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hf_modelopt.recipe import DataConfig, ModelConfig, Recipe, RecipeError, load_recipe, training_arguments_model
+from hf_modelopt.recipe import ModelConfig, Recipe, RecipeError, load_recipe, training_arguments_model
 from hf_modelopt.stages.train import FinetuneConfig
+from hf_modelopt.tasks import TASKS
 
 # The parser is pure Python (no model, no data): many examples are cheap. tmp_path is reused across
 # examples on purpose: every example writes its own files first.
@@ -88,7 +89,7 @@ def test_non_finite_numbers_are_refused_and_named(tmp_path, data, key, value, in
 SECTIONS = {  # where an unknown key can go -> (path prefix in the error, the keys that are allowed there)
     "top": ((), set(Recipe.model_fields) | {"extends"}),
     "model": (("model",), set(ModelConfig.model_fields)),
-    "data": (("data",), set(DataConfig.model_fields)),
+    "data": (("data",), None),  # the keys of the recipe's task's data settings (`Task.data_config`)
     "training": (("training",), set(training_arguments_model().model_fields)),
     "stage": (("stages", 0), set(FinetuneConfig.model_fields) | {"type"}),
 }
@@ -98,6 +99,8 @@ SECTIONS = {  # where an unknown key can go -> (path prefix in the error, the ke
 @given(data=recipes, section=st.sampled_from(sorted(SECTIONS)), key=words, value=st.one_of(st.integers(), words))
 def test_unknown_keys_are_always_rejected_and_named(tmp_path, data, section, key, value):
     prefix, allowed = SECTIONS[section]
+    if allowed is None:
+        allowed = set(TASKS[data["task"]].data_config.model_fields)
     if key in allowed:
         return
     if section == "top":

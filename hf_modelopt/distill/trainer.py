@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
-from ..compat import require_support
+from ..compat import require_support, require_task_support
 from . import losses
 from .config import DistillationConfig
 from .placement import is_dispatched
@@ -41,6 +43,42 @@ def task_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shift: bool |
     if not (labels != -100).any():  # a batch of unlabelled transfer text only
         return logits.sum() * 0.0
     return F.cross_entropy(logits.reshape(labels.numel(), -1).float(), labels, ignore_index=-100)
+
+
+def _one_per_example(inputs, labels):
+    return None
+
+
+def _labelled_tokens(inputs, labels):
+    return labels != -100 if labels is not None else inputs.get("attention_mask")
+
+
+def _real_tokens(inputs, labels):
+    return inputs.get("attention_mask")
+
+
+def _labelled_decoder_positions(inputs, labels):
+    # (attention_mask is the encoder's: without labels every decoder position counts)
+    return labels != -100 if labels is not None else None
+
+
+@dataclass(frozen=True)
+class LogitsComparison:
+    """How the distillation loss reads one shape of logits (`Task.logits`)."""
+
+    compared: Callable  # (inputs, labels) -> mask of the positions compared, or None (every one)
+    span: bool = False  # start and end distributions over the positions (KD per distribution; CE: the model's loss)
+    shifted: bool = False  # position t predicts label t + 1 (the task cross-entropy shifts the labels)
+
+
+# Logits shape -> how KD and the task loss compare them: the trainer's one reading of `Task.logits`.
+COMPARISONS: dict[str, LogitsComparison] = {
+    "sequence": LogitsComparison(_one_per_example),
+    "token": LogitsComparison(_labelled_tokens),  # label -100 (later sub-tokens) and padding excluded
+    "span": LogitsComparison(_real_tokens, span=True),
+    "decoder-token": LogitsComparison(_real_tokens, shifted=True),
+    "seq2seq-token": LogitsComparison(_labelled_decoder_positions),
+}
 
 
 class _ZeroProjectionGradients(TrainerCallback):
@@ -83,9 +121,8 @@ class DistillationTrainer(Trainer):
         self.distillation = config = distillation if distillation is not None else DistillationConfig()
         if teacher is None and config.needs_hidden_states:
             raise ValueError("hidden / cosine / attention losses compare the teacher's internals: pass teacher=")
-        if self.task.logits == "seq2seq-token" and config.needs_hidden_states:
-            raise ValueError(f"{self.task.name}: hidden / cosine / attention losses compare one stack of layers; an "
-                             "encoder-decoder has two: set hidden_weight, cosine_weight and attention_weight to 0")
+        if config.needs_hidden_states:
+            require_task_support("distillation of hidden states", self.task.name)
         student = self.model
         if layer_map is None and teacher is not None:
             layer_map = default_layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
@@ -144,18 +181,14 @@ class DistillationTrainer(Trainer):
         cached = inputs.pop("teacher_top_values", None), inputs.pop("teacher_top_indices", None)
         need_hidden = bool(config.hidden_weight or config.cosine_weight)
         need_attention = bool(config.attention_weight)
-        shape = self.task.logits
-        if shape == "seq2seq-token" and labels is not None and "decoder_input_ids" not in inputs:
+        comparison = COMPARISONS[self.task.logits]
+        if self.task.encoder_decoder and labels is not None and "decoder_input_ids" not in inputs:
             # Without labels the model would get no decoder inputs: make them as it would, once for both models.
             from ..tasks.seq2seq import decoder_inputs_from_labels
 
             inputs["decoder_input_ids"] = decoder_inputs_from_labels(labels, self.model.config)
         student = model(**inputs, output_hidden_states=need_hidden, output_attentions=need_attention)
-        mask = None if shape == "sequence" else inputs.get("attention_mask")
-        if shape in ("token", "seq2seq-token") and labels is not None:  # the labelled tokens / decoder positions
-            mask = labels != -100
-        elif shape == "seq2seq-token":  # (attention_mask is the encoder's: every decoder position counts)
-            mask = None
+        mask = comparison.compared(inputs, labels)
 
         teacher = None
         if cached[0] is None and (config.kd_weight or need_hidden or need_attention):
@@ -164,7 +197,7 @@ class DistillationTrainer(Trainer):
 
         terms: dict[str, torch.Tensor] = {}
         if config.kd_weight:
-            if shape == "span":  # (the cache refuses span tasks; top_k is for vocabularies, not positions)
+            if comparison.span:  # (the cache refuses span tasks; top_k is for vocabularies, not positions)
                 kd = losses.span_soft_target_kl(student.start_logits, student.end_logits, teacher.start_logits,
                                                 teacher.end_logits, config.temperature, mask)
             elif cached[0] is None and config.top_k is None:  # the full distribution: no top-k sort per step
@@ -173,11 +206,11 @@ class DistillationTrainer(Trainer):
                 values, indices = cached if cached[0] is not None else losses.top_k_logits(teacher.logits, config.top_k)
                 kd = losses.sparse_soft_target_kl(student.logits, values, indices, config.temperature, mask)
             terms["kd_loss"] = config.kd_weight * kd
-        if config.ce_weight and shape == "span" and student.loss is not None:  # start / end positions given
+        if config.ce_weight and comparison.span and student.loss is not None:  # start / end positions given
             terms["ce_loss"] = config.ce_weight * student.loss
         elif config.ce_weight and labels is not None:
             terms["ce_loss"] = config.ce_weight * task_cross_entropy(student.logits, labels,
-                                                                     shift=shape == "decoder-token")
+                                                                     shift=comparison.shifted)
         token_mask = inputs.get("attention_mask")
 
         def mean_over_layers(layer_loss) -> torch.Tensor:

@@ -11,6 +11,8 @@ import statistics
 import time
 from pathlib import Path
 
+from ..formats.detect import weights_size_on_disk
+
 LATENCY_BATCH_SIZE = 32
 LATENCY_SEQ_LEN = 64
 
@@ -22,23 +24,19 @@ def parameter_count(model) -> int:
     return int(model.num_parameters())
 
 
-def linear_sparsity(model) -> float | None:
-    """Fraction of exactly-zero weights over the weights of the Linear layers (GPT-2's Conv1D included).
+def linear_zero_fraction(model) -> float | None:
+    """Fraction of exactly-zero weights over the weights of the Linear layers (GPT-2's Conv1D included): the
+    figure the export reports as `linear_sparsity` (not `prune.linear_sparsity`, a schedule).
 
     `None` when a Linear weight is quantized (integer storage: a zero code is not always a zero weight, and
     packed 4-bit bytes hold two weights) or there is no Linear layer.
     """
-    import torch
-    from transformers.pytorch_utils import Conv1D
+    from ..formats.modules import is_linear, zero_fraction
 
-    zeros = total = 0
-    for module in model.modules():
-        if isinstance(module, (torch.nn.Linear, Conv1D)):
-            if not module.weight.is_floating_point():
-                return None
-            zeros += int((module.weight == 0).sum())
-            total += module.weight.numel()
-    return zeros / total if total else None
+    weights = [module.weight for module in model.modules() if is_linear(module)]
+    if not weights or not all(weight.is_floating_point() for weight in weights):
+        return None
+    return zero_fraction(*weights)
 
 
 def cpu_name() -> str:
@@ -51,16 +49,7 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
-def weights_size(folder, gguf_file: str | None = None) -> int | None:
-    """Bytes of the weights a model loads from `folder`: its GGUF file, else its safetensors, else .bin files."""
-    folder = Path(folder)
-    if gguf_file:
-        return (folder / gguf_file).stat().st_size if (folder / gguf_file).is_file() else None
-    for pattern in ("*.safetensors", "*.bin", "*.pt"):
-        files = [f for f in folder.glob(pattern) if f.is_file()]
-        if files:
-            return sum(f.stat().st_size for f in files)  # stat() follows the HF cache's symlinks to the blobs
-    return None
+weights_size = weights_size_on_disk  # (the name the export and bench use; the rule lives in formats.detect)
 
 
 def base_model_folder(spec) -> Path | None:
@@ -74,7 +63,7 @@ def base_model_folder(spec) -> Path | None:
 
 
 def model_figures(model) -> dict:
-    return {"parameters": parameter_count(model), "linear_sparsity": linear_sparsity(model)}
+    return {"parameters": parameter_count(model), "linear_sparsity": linear_zero_fraction(model)}
 
 
 def cpu_latency(models: dict, repeats: int, warmup: int = 2) -> dict:
@@ -88,18 +77,16 @@ def cpu_latency(models: dict, repeats: int, warmup: int = 2) -> dict:
 
 
 def random_batch(model, batch_size: int, seq_len: int, seed: int = 0) -> dict:
+    """Random inputs of the model's task (`Task.random_inputs`: tokens, images, sources and targets); tokens for a
+    model of no registered task."""
     import torch
 
-    generator = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
-    if getattr(model, "main_input_name", "input_ids") == "pixel_values":  # a vision model: random images
-        size, channels = model.config.image_size, model.config.num_channels
-        return {"pixel_values": torch.randn(batch_size, channels, size, size, generator=generator).to(device)}
-    vocab = model.config.vocab_size
-    ids = torch.randint(5, vocab, (batch_size, seq_len), generator=generator)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if getattr(model.config, "is_encoder_decoder", False):  # one decoder pass over as many target tokens
-        batch["decoder_input_ids"] = ids
+    from ..tasks import TASKS, model_task
+    from ..tasks.task import random_token_inputs
+
+    task = model_task(model)
+    make = TASKS[task].random_inputs if task is not None else random_token_inputs
+    batch = make(model, batch_size, seq_len, torch.Generator().manual_seed(seed))
     device = next(model.parameters()).device
     return {k: v.to(device) for k, v in batch.items()}
 

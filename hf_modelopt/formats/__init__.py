@@ -14,6 +14,8 @@ third-party code can use it, and loading a model never imports training code.
 - `detect.py`: the registry: which format a saved folder or a model in memory is in, writing a model with its
   format's writer (`write_model`), what must be imported to load a folder, and loading it that way.
 - `modules.py`: module surgery the formats and the techniques share.
+- `bnb_layers.py`: which layers transformers' bitsandbytes integration replaces (read by quantization and the
+  support check).
 """
 
 _EXPORTS = {

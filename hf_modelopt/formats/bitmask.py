@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .modules import is_linear
+from .modules import is_linear, zero_fraction
 
 
 def pack_bitmask(mask):
@@ -51,7 +51,7 @@ def sparse_state_dict(model, min_sparsity: float | None = None) -> tuple[dict[st
             continue
         weight = module.weight.detach()
         bits = torch.finfo(weight.dtype).bits if weight.dtype.is_floating_point else 8
-        sparsity = float((weight == 0).sum()) / weight.numel()
+        sparsity = zero_fraction(weight)
         # compressed size (1 - s)·bits + 1 per position, against bits dense
         threshold = min_sparsity if min_sparsity is not None else 1.0 / bits
         if sparsity <= threshold:

@@ -102,6 +102,21 @@ def loading_code(export_format: ExportFormat, auto_class: str, path_or_repo_id: 
     return transformers_loading_code(auto_class, target, processor_class)
 
 
-def weights_size_on_disk(folder) -> int:
-    """Bytes of the weight files (`*.safetensors`) in `folder`."""
-    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+# Weight files in the order transformers prefers them when a folder holds several kinds.
+WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.bin", "*.pt")
+
+
+def weights_size_on_disk(folder, gguf_file: str | None = None) -> int | None:
+    """Bytes of the weights a model loads from `folder`: its GGUF file `gguf_file` when given, else its safetensors
+    files, else its .bin, else its .pt files (config and tokenizer files are not counted); None when it has none.
+
+    The one rule every "weights on disk" figure uses (export, bench, inspect, the stages' reports).
+    """
+    folder = Path(folder)
+    if gguf_file:
+        return (folder / gguf_file).stat().st_size if (folder / gguf_file).is_file() else None
+    for pattern in WEIGHT_FILE_PATTERNS:
+        files = [f for f in folder.glob(pattern) if f.is_file()]
+        if files:
+            return sum(f.stat().st_size for f in files)  # stat() follows the HF cache's symlinks to the blobs
+    return None

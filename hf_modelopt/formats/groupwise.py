@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .bitmask import compress_weight, decompress_weight, unpack_bitmask
-from .modules import is_linear
+from .modules import is_linear, zero_fraction
 
 # QLoRA's NF4 levels (Dettmers et al. 2023), the same values as `bitsandbytes.functional.get_4bit_type("nf4")`.
 NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -100,7 +100,7 @@ def storage_state_dict(model, linear_bits: int | None = 8, embedding_bits: int |
             report.kept.append(name)
             continue
         weight = module.weight.detach().cpu()
-        sparsity = float((weight == 0).sum()) / weight.numel()
+        sparsity = zero_fraction(weight)
         label = "int8" if bits == 8 else "nf4"
         # values + bitmask costs (1 - s)·bits + 1 bits per position, against bits dense
         if sparsity > 1 / bits:

@@ -1,9 +1,19 @@
-"""Module surgery that formats and techniques share: which modules are Linear, rebuilding one at a shape, and
-the head counts attention modules cache."""
+"""Module surgery that formats and techniques share: which modules are Linear, rebuilding one at a shape, the head
+counts attention modules cache, and the one measure of sparsity (`zero_fraction`)."""
 
 from __future__ import annotations
 
 import torch
+
+
+def zero_fraction(*tensors) -> float:
+    """Fraction of exactly-zero values over `tensors` (0.0 when they hold none): sparsity as measured, the one
+    count the formats (whether a bitmask pays), pruning (reports) and the export's figures share."""
+    zeros = total = 0
+    for tensor in tensors:
+        zeros += int((tensor.detach() == 0).sum())
+        total += tensor.numel()
+    return zeros / total if total else 0.0
 
 
 def is_linear(module) -> bool:

@@ -10,7 +10,7 @@ import torch
 from ..blocks import layer_stacks, transformer_layers
 from ..distributed import is_sharded, is_zero3_partitioned
 from ..formats.experts import ExpertSlice, expert_matrices, experts_modules, router_names
-from ..formats.modules import is_linear
+from ..formats.modules import is_linear, zero_fraction
 
 
 def full_weight(module) -> torch.Tensor:
@@ -84,17 +84,15 @@ def block_parameters_report(model, modules: dict[str, torch.nn.Module]) -> dict:
     """What pruning covered, measured over every parameter of the transformer blocks (not only Linear layers):
     the targeted weights' count, all block parameters and their fraction of exact zeros, and the routers left
     dense. Under FSDP2 / ZeRO-3 the counts are of this process's parts."""
-    total = zeros = 0
-    routers = []
+    parts, routers = [], []
     for stack in layer_stacks(model):
         for param in stack.layers.parameters():
-            local = param.to_local() if is_sharded(param) else param.ds_tensor if is_zero3_partitioned(param) \
-                else param
-            total += local.numel()
-            zeros += int((local.detach() == 0).sum())
+            parts.append(param.to_local() if is_sharded(param) else param.ds_tensor if is_zero3_partitioned(param)
+                         else param)
         routers += [f"{stack.path}.{name}" for name in router_names(stack.layers)]
-    return {"targeted_parameters": sum(weight_numel(m) for m in modules.values()), "block_parameters": total,
-            "block_sparsity": zeros / max(total, 1), "routers_kept_dense": routers}
+    return {"targeted_parameters": sum(weight_numel(m) for m in modules.values()),
+            "block_parameters": sum(part.numel() for part in parts), "block_sparsity": zero_fraction(*parts),
+            "routers_kept_dense": routers}
 
 
 def masks_from_scores(scores: dict[str, torch.Tensor], sparsity: float, scope: str = "layer",
@@ -181,6 +179,4 @@ def _apply_mask_to_zero3_partition_(weight, mask: torch.Tensor) -> None:
 
 def sparsity_of(modules: dict[str, torch.nn.Module]) -> float:
     """Fraction of exactly-zero weights over `modules` (what is measured, not what was asked)."""
-    zeros = sum(int((full_weight(m) == 0).sum()) for m in modules.values())
-    total = sum(weight_numel(m) for m in modules.values())
-    return zeros / max(total, 1)
+    return zero_fraction(*(full_weight(m) for m in modules.values()))

@@ -21,6 +21,7 @@ import torch
 from ..blocks import transformer_layers
 from ..compat import require_support
 from ..formats.experts import ExpertSlice, expert_intermediate, routed_tokens
+from ..formats.modules import zero_fraction
 from ..inplace import changes_in_place
 from .masks import linear_weight, prunable_linears
 
@@ -178,7 +179,7 @@ def prune_oneshot_(model, batches, method: str = "wanda", sparsity: float = 0.5,
         for module in modules.values():
             weight = linear_weight(module)
             weight.mul_(magnitude_mask(weight, sparsity, nm))
-        return {name: float((m.weight == 0).float().mean()) for name, m in modules.items()}
+        return {name: zero_fraction(m.weight) for name, m in modules.items()}
 
     captured = _block_inputs(layers, model, batches)
     inputs = captured[0]
@@ -214,7 +215,7 @@ def prune_oneshot_(model, batches, method: str = "wanda", sparsity: float = 0.5,
                                  block_size, dampening)
             else:
                 raise ValueError(f"unknown one-shot method {method!r}: use wanda, sparsegpt or magnitude")
-            report[name] = float((module.weight == 0).float().mean())
+            report[name] = zero_fraction(module.weight)
         if index + 1 < len(layers):
             # The next block gets its own recorded arguments with the pruned block's outputs as hidden states.
             inputs = [_with_hidden_states(args, kwargs, _run_block(block, *call))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..formats.bitsandbytes import keep_pristine_state, written_tensors
+from ..formats.bnb_layers import linear_layers  # noqa: F401  (re-exported: the rule transformers applies)
 from .config import QuantizationConfig
 
 logger = logging.getLogger("hf_modelopt")
@@ -55,20 +56,6 @@ class QuantizationReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def linear_layers(model) -> dict[str, tuple[int, int]]:
-    """Every linear layer bitsandbytes would replace: module name -> (in_features, out_features)."""
-    import torch
-    from transformers.pytorch_utils import Conv1D
-
-    layers = {}
-    for name, module in model.named_modules():
-        if type(module) is torch.nn.Linear:
-            layers[name] = (module.in_features, module.out_features)
-        elif isinstance(module, Conv1D):  # GPT-2 style: weight is [in, out]
-            layers[name] = tuple(module.weight.shape)
-    return layers
 
 
 def kernel_rejects(in_features: int, out_features: int, method: str) -> str | None:

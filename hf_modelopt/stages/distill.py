@@ -29,6 +29,7 @@ def check_kd_settings(kd: KnowledgeDistillationConfig, recipe, stage_training: d
 
     `key` is where these settings sit in the recipe (for the error message).
     """
+    from ..compat import task_refusal
     from ..tasks import get_task
 
     task = get_task(recipe.task)
@@ -42,16 +43,11 @@ def check_kd_settings(kd: KnowledgeDistillationConfig, recipe, stage_training: d
     if kd.augmentation is not None and not task.accepts_unlabelled_text:
         raise RecipeError(recipe.source, f"{key}.augmentation", "for classification only: a causal LM's "
                           "training text is its own target")
-    if kd.cache_teacher_logits and task.logits == "span":
-        raise RecipeError(recipe.source, f"{key}.cache_teacher_logits", f"the cache holds one logits tensor per "
-                          f"example; a {task.model_kind} has start and end logits: turn the cache off")
-    if kd.cache_teacher_logits and task.logits == "seq2seq-token":
-        raise RecipeError(recipe.source, f"{key}.cache_teacher_logits", f"the cache is cut to the encoder's input "
-                          f"length; a {task.model_kind}'s logits follow its targets: turn the cache off")
-    if task.logits == "seq2seq-token" and kd.needs_hidden_states:
+    if kd.cache_teacher_logits and (refusal := task_refusal("teacher logit cache", recipe.task)):
+        raise RecipeError(recipe.source, f"{key}.cache_teacher_logits", refusal)
+    if kd.needs_hidden_states and (refusal := task_refusal("distillation of hidden states", recipe.task)):
         weights = [name for name in ("hidden_weight", "cosine_weight", "attention_weight") if getattr(kd, name)]
-        raise RecipeError(recipe.source, f"{key}.{weights[0]}", f"compares one stack of layers; a {task.model_kind} "
-                          "has an encoder and a decoder: use kd_weight / ce_weight only")
+        raise RecipeError(recipe.source, f"{key}.{weights[0]}", refusal)
     evaluates = {**recipe.training, **stage_training}.get("eval_strategy", "no") not in ("no", None)
     if kd.cache_teacher_logits and evaluates:
         raise RecipeError(recipe.source, f"{key}.cache_teacher_logits", "the cache covers the training set "

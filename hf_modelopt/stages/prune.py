@@ -1,6 +1,6 @@
 """The pruning recipe stages, thin layers over `hf_modelopt.prune`: `prune` (gradual unstructured, with
 `PruningCallback` while training), `prune_structured` (`prune_` with heads and neurons, then recovery training)
-and `prune_oneshot` (`prune_` with Wanda / SparseGPT for causal LMs)."""
+and `prune_oneshot` (`prune_` with Wanda / SparseGPT from calibration rows of the recipe's task)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import Field
 
+from ..compat import task_refusal
 from ..distill.config import KnowledgeDistillationConfig
 from ..errors import RecipeError
 from ..prune.config import OneShotPruningConfig, PruningConfig, StructuredPruningConfig
@@ -94,15 +95,15 @@ class StructuredPruneStageConfig(StageConfig, StructuredPruningConfig):
 
 
 class OneShotPruneStageConfig(StageConfig, OneShotPruningConfig):
-    """The `prune_oneshot` stage: prune a causal LM once from calibration data (`prune_`), no training."""
+    """The `prune_oneshot` stage: prune once from calibration data (`prune_`), no training."""
 
     sparse_checkpoint: bool = Field(True, description="Also write the compressed sparse format (`sparse/`).")
     requires_data = ("train",)
 
     def preflight(self, recipe) -> None:
-        if get_task(recipe.task).logits != "decoder-token":
-            raise RecipeError(recipe.source, "prune_oneshot", "one-shot calibration pruning is for causal LMs "
-                              f"(task is {recipe.task}); use the prune stage, which trains while pruning")
+        if refusal := task_refusal("one-shot pruning", recipe.task):  # (the model itself: `prune_` checks it)
+            raise RecipeError(recipe.source, "prune_oneshot", f"{refusal}; use the prune stage, which trains while "
+                              "pruning")
 
 
 def kd_teacher(model, config, context: StageContext):
@@ -204,14 +205,14 @@ def prune_structured_stage(state: ModelState, config: StructuredPruneStageConfig
 @register_stage("prune_oneshot", OneShotPruneStageConfig, card_tags=("pruned",))
 def prune_oneshot_stage(state: ModelState, config: OneShotPruneStageConfig, context: StageContext) -> ModelState:
     from ..data import load_split
-    from ..prune.oneshot import calibration_batches
     from ..prune.prune import prune_
-    from ..tasks.causal_lm import tokenize_causal_lm
 
     recipe = context.settings
     ensure_loaded(state, recipe)
-    blocks = tokenize_causal_lm(load_split(recipe.data, "train"), state.tokenizer, recipe.data)
-    logger.info("prune_oneshot: %s, %s, sparsity %.2f, %d calibration sequences of %d tokens", config.method,
-                config.pattern, config.sparsity, min(config.calibration_samples, len(blocks)), recipe.data.max_length)
-    prune_(state.model, config, calibration_batches(blocks, config.calibration_samples))
+    batches = list(get_task(recipe.task).calibration_batches(load_split(recipe.data, "train"), state.tokenizer,
+                                                             recipe.data, config.calibration_samples))
+    logger.info("prune_oneshot: %s, %s, sparsity %.2f, %d calibration examples of up to %d tokens", config.method,
+                config.pattern, config.sparsity, sum(len(next(iter(b.values()))) for b in batches),
+                recipe.data.max_length)
+    prune_(state.model, config, batches)
     return _finish_unstructured(ModelState(model=state.model, tokenizer=state.tokenizer), config, context)

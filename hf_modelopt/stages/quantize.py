@@ -48,18 +48,17 @@ class QuantizeStageConfig(StageConfig, QuantizationConfig):
 
     def preflight(self, recipe) -> None:
         """Training data that the scan and the recovery need, checked before any stage runs."""
+        from ..compat import task_refusal
         from ..data import has_split
         from ..errors import RecipeError
-        from ..tasks import get_task
 
         stages = recipe.resolved_stages
         index = next((i for i, stage in enumerate(stages) if stage.config is self), None)
         if index is None:
             return
-        if self.sensitivity is not None and get_task(recipe.task).logits == "seq2seq-token":
-            raise RecipeError(recipe.source, f"stages[{index}].sensitivity", "the scan runs the model without "
-                              "decoder inputs and compares logits per input token: not for seq2seq models yet; "
-                              "remove sensitivity (or list layers in skip_modules)")
+        calibrated = next((key for key in ("sensitivity", "recovery") if getattr(self, key) is not None), None)
+        if calibrated and (refusal := task_refusal("quantization with calibration", recipe.task)):
+            raise RecipeError(recipe.source, f"stages[{index}].{calibrated}", refusal)
         for key, part in (("sensitivity", self.sensitivity), ("recovery", self.recovery)):
             if part is not None and not has_split(recipe.data, "train"):
                 raise RecipeError(recipe.source, f"stages[{index}].{key}",

@@ -1,9 +1,10 @@
 """The tasks hf-modelopt serves: one module per task, each defining a `Task`, and the one registry `TASKS`.
 
-A task says which transformers Auto class loads its models, how raw data rows become training rows, how a
-model is evaluated, how knowledge distillation compares its logits (`Task.logits`), which columns the data
-must have and which pipeline tag its model cards carry. Everything that differs between tasks asks `TASKS`
-(or `get_task`) instead of testing the task's name.
+A task says which transformers Auto class loads its models, which `data:` settings it reads (its `DataConfig`
+subclass, `Task.data_config`), how raw data rows become training rows, how a model is evaluated and which
+metric ranks models (`Task.main_metric`), how knowledge distillation compares its logits (`Task.logits`), which
+columns the data must have and which pipeline tag its model cards carry. Everything that differs between tasks
+asks `TASKS` (or `get_task`) instead of testing the task's name.
 
 A new task: a module here defining `TASK = Task(...)`, added to `TASKS` below.
 """
@@ -18,7 +19,13 @@ from . import (
     text_classification,
     token_classification,
 )
+from .causal_lm import CausalLMData  # noqa: F401  (re-exported: each task's data settings)
+from .image_classification import ImageClassificationData  # noqa: F401
+from .question_answering import QuestionAnsweringData  # noqa: F401
+from .seq2seq import Seq2SeqData  # noqa: F401
 from .task import PROBE_TEXTS, LogitsShape, Task, text_probe_batch  # noqa: F401  (re-exported)
+from .text_classification import TextClassificationData  # noqa: F401
+from .token_classification import TokenClassificationData  # noqa: F401
 
 TASKS: dict[str, Task] = {task.name: task for task in (
     text_classification.TASK, causal_lm.TASK, token_classification.TASK, question_answering.TASK,

@@ -10,11 +10,22 @@ from __future__ import annotations
 
 import math
 
-from ..data import DataConfig, DataError, require_columns
+from pydantic import Field
+
+from ..data import DataError, TextColumn, require_columns
 from .task import Task, batches
 
 
-def tokenize_causal_lm(dataset, tokenizer, config: DataConfig):
+class CausalLMData(TextColumn):
+    """The `data:` of a causal-lm recipe: the text column, and the perplexity windows of the evaluation."""
+
+    eval_window: int = Field(
+        512, gt=1, description="causal-lm: perplexity is computed over non-overlapping windows of this many tokens."
+    )
+    max_eval_tokens: int | None = Field(None, gt=1, description="causal-lm: evaluate on the first N tokens only.")
+
+
+def tokenize_causal_lm(dataset, tokenizer, config: CausalLMData):
     """Tokenize text, concatenate it and cut it into `max_length` blocks whose labels are the inputs."""
     require_columns(dataset, [config.text_column], "data")
     block = config.max_length
@@ -35,7 +46,7 @@ def tokenize_causal_lm(dataset, tokenizer, config: DataConfig):
     return blocks
 
 
-def eval_token_ids(dataset, tokenizer, config: DataConfig) -> list[int]:
+def eval_token_ids(dataset, tokenizer, config: CausalLMData) -> list[int]:
     """The evaluation text as one token sequence (lines joined by newlines), cut to `max_eval_tokens`."""
     require_columns(dataset, [config.text_column], "data")
     text = "\n".join(dataset[config.text_column])
@@ -79,16 +90,16 @@ def collator(tokenizer):
     return default_data_collator  # the blocks all have max_length tokens
 
 
-def evaluate(model, tokenizer, dataset, config: DataConfig) -> dict[str, float]:
+def evaluate(model, tokenizer, dataset, config: CausalLMData) -> dict[str, float]:
     ids = eval_token_ids(dataset, tokenizer, config)
     return evaluate_perplexity(model, ids, config.eval_window, config.eval_batch_size)
 
 
-def columns(config: DataConfig) -> dict[str, str | None]:
-    return {"data.text_column": config.text_column, "data.text_pair_column": config.text_pair_column}
+def columns(config: CausalLMData) -> dict[str, str | None]:
+    return {"data.text_column": config.text_column}
 
 
-def eval_notes(data: DataConfig) -> list[str]:
+def eval_notes(data: CausalLMData) -> list[str]:
     return [f"first {data.max_eval_tokens:,} tokens" if data.max_eval_tokens else "",
             f"{data.eval_window}-token windows"]
 
@@ -102,10 +113,13 @@ TASK = Task(
     head_mapping="MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
     head_suffixes=("ForCausalLM", "LMHeadModel"),  # (GPT2LMHeadModel)
     logits="decoder-token",
+    data_config=CausalLMData,
     columns=columns,
     prepare_train=tokenize_causal_lm,
     collator=collator,
     evaluate=evaluate,
+    main_metric="perplexity",
+    lower_is_better=True,
     pretrained_head=True,
     token_level_loss=True,
     eval_notes=eval_notes,

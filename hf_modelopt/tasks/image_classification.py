@@ -8,9 +8,18 @@ which the project passes where text tasks pass a tokenizer: it resizes and norma
 
 from __future__ import annotations
 
-from ..data import DataConfig, num_labels, require_columns
+from pydantic import Field
+
+from ..data import LabelColumn, num_labels, require_columns
 from .task import Task
 from .text_classification import predict_classes
+
+
+class ImageClassificationData(LabelColumn):
+    """The `data:` of an image-classification recipe: the image and label columns."""
+
+    image_column: str = Field("image", description="image-classification: column holding the images (a datasets "
+                              "Image feature, or PIL images).")
 
 
 def _rgb(image):
@@ -23,7 +32,7 @@ def _rgb(image):
     return image.convert("RGB")
 
 
-def process_images(dataset, processor, config: DataConfig):
+def process_images(dataset, processor, config: ImageClassificationData):
     """`pixel_values` from the images and `labels` from the label column."""
     from ..extras import require_extra
 
@@ -43,7 +52,7 @@ def collator(processor):
     return default_data_collator  # every image is processed to the same size
 
 
-def evaluate(model, processor, dataset, config: DataConfig) -> dict[str, float]:
+def evaluate(model, processor, dataset, config: ImageClassificationData) -> dict[str, float]:
     rows = process_images(dataset, processor, config)
     return predict_classes(model, rows, collator(processor), config.eval_batch_size)
 
@@ -60,7 +69,15 @@ def probe_batch(processor) -> dict:
     return dict(processor(images=images, return_tensors="pt"))
 
 
-def columns(config: DataConfig) -> dict[str, str | None]:
+def random_inputs(model, batch_size: int, seq_len: int, generator) -> dict:
+    """Random images of the model's size (`seq_len` does not apply)."""
+    import torch
+
+    size, channels = model.config.image_size, model.config.num_channels
+    return {"pixel_values": torch.randn(batch_size, channels, size, size, generator=generator)}
+
+
+def columns(config: ImageClassificationData) -> dict[str, str | None]:
     return {"data.image_column": config.image_column, "data.label_column": config.label_column}
 
 
@@ -73,13 +90,16 @@ TASK = Task(
     head_mapping="MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
     head_suffixes=("ForImageClassification",),
     logits="sequence",
+    data_config=ImageClassificationData,
     columns=columns,
     prepare_train=process_images,
     collator=collator,
     evaluate=evaluate,
+    main_metric="accuracy",
     count_labels=num_labels,
     processor_class="AutoImageProcessor",
     probe_batch=probe_batch,
+    random_inputs=random_inputs,
     head_noun="classification head",
     packages=("PIL",),  # images are PIL images (datasets' Image feature decodes to them)
 )

@@ -22,6 +22,7 @@ import re
 import string
 
 import numpy as np
+from pydantic import Field
 
 from ..data import DataConfig, require_columns
 from .task import Task, batches, local_metric
@@ -29,13 +30,26 @@ from .task import Task, batches, local_metric
 N_BEST = 20  # start and end candidates per window considered when predicting a span
 
 
-def _windows(tokenizer, batch, config: DataConfig):
+class QuestionAnsweringData(DataConfig):
+    """The `data:` of a question-answering recipe: the question, context and answers columns, and the windows."""
+
+    question_column: str = Field("question", description="question-answering: column holding the question.")
+    context_column: str = Field("context", description="question-answering: column holding the passage.")
+    answers_column: str = Field("answers", description="question-answering: column holding SQuAD-style answers, "
+                                "{'text': [...], 'answer_start': [character offsets]}.")
+    doc_stride: int = Field(32, gt=0, description="question-answering: tokens shared by consecutive windows of a "
+                            "context longer than max_length.")
+    max_answer_length: int = Field(30, gt=0, description="question-answering: longest answer span, in tokens, "
+                                   "considered when predicting.")
+
+
+def _windows(tokenizer, batch, config: QuestionAnsweringData):
     return tokenizer([q.lstrip() for q in batch[config.question_column]], batch[config.context_column],
                      truncation="only_second", max_length=config.max_length, stride=config.doc_stride,
                      return_overflowing_tokens=True, return_offsets_mapping=True)
 
 
-def prepare_qa_train(dataset, tokenizer, config: DataConfig):
+def prepare_qa_train(dataset, tokenizer, config: QuestionAnsweringData):
     """Windows of question + context with the answer's `start_positions` / `end_positions` (0 when absent)."""
     require_columns(dataset, [config.question_column, config.context_column, config.answers_column], "data")
 
@@ -65,7 +79,7 @@ def prepare_qa_train(dataset, tokenizer, config: DataConfig):
     return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="Tokenizing")
 
 
-def prepare_qa_eval(dataset, tokenizer, config: DataConfig):
+def prepare_qa_eval(dataset, tokenizer, config: QuestionAnsweringData):
     """Windows with `example_index` and the offset mapping, None outside the context (for post-processing)."""
     require_columns(dataset, [config.question_column, config.context_column], "data")
 
@@ -156,7 +170,7 @@ def collator(tokenizer):
     return DataCollatorWithPadding(tokenizer)
 
 
-def evaluate(model, tokenizer, dataset, config: DataConfig) -> dict[str, float]:
+def evaluate(model, tokenizer, dataset, config: QuestionAnsweringData) -> dict[str, float]:
     """Exact match and F1 of the predicted spans, and the sample count."""
     import torch
     from tqdm.auto import tqdm
@@ -180,7 +194,7 @@ def evaluate(model, tokenizer, dataset, config: DataConfig) -> dict[str, float]:
     return {**squad_metrics(predicted, references), "eval_samples": len(references)}
 
 
-def columns(config: DataConfig) -> dict[str, str | None]:
+def columns(config: QuestionAnsweringData) -> dict[str, str | None]:
     return {"data.question_column": config.question_column, "data.context_column": config.context_column,
             "data.answers_column": config.answers_column}
 
@@ -194,9 +208,12 @@ TASK = Task(
     head_mapping="MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",
     head_suffixes=("ForQuestionAnswering",),
     logits="span",
+    data_config=QuestionAnsweringData,
+    label_keys=("start_positions", "end_positions"),
     columns=columns,
     prepare_train=prepare_qa_train,
     collator=collator,
     evaluate=evaluate,
+    main_metric="f1",
     head_noun="span head",
 )

@@ -18,20 +18,39 @@ from __future__ import annotations
 
 import math
 
-from ..data import DataConfig, require_columns
-from .task import PROBE_TEXTS, Task, batches, local_metric
+from pydantic import Field
+
+from ..data import TextColumn, require_columns
+from .task import PROBE_TEXTS, Task, batches, local_metric, random_token_inputs
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 # The encoder's inputs: a tokenizer made for other models also returns token_type_ids, which T5 and BART refuse.
 ENCODER_INPUTS = ("input_ids", "attention_mask")
 
 
-def source_texts(rows, config: DataConfig) -> list[str]:
+class Seq2SeqData(TextColumn):
+    """The `data:` of a seq2seq recipe: the source (`text_column`) and target columns, the source prefix and the
+    target length."""
+
+    target_column: str = Field(
+        "target", description="seq2seq: column holding the target text (the source text is `text_column`, cut to "
+        "`max_length` tokens).",
+    )
+    source_prefix: str = Field(
+        "", description="seq2seq: text put before every source text, e.g. T5's task prefix `summarize: `.",
+    )
+    max_target_length: int = Field(
+        128, gt=0, description="seq2seq: tokens per target text in training; evaluation generates at most this "
+        "many new tokens.",
+    )
+
+
+def source_texts(rows, config: Seq2SeqData) -> list[str]:
     """The source texts of a batch of rows, each after `source_prefix`."""
     return [config.source_prefix + text for text in rows[config.text_column]]
 
 
-def tokenize_seq2seq(dataset, tokenizer, config: DataConfig):
+def tokenize_seq2seq(dataset, tokenizer, config: Seq2SeqData):
     """Tokenize source texts to `max_length` and targets to `max_target_length` (as `labels`); padding is left to
     the collator, per batch."""
     require_columns(dataset, [config.text_column, config.target_column], "data")
@@ -65,7 +84,7 @@ def decoder_inputs_from_labels(labels, config):
     return shifted.masked_fill(shifted == -100, pad)
 
 
-def generate_texts(model, tokenizer, sources: list[str], config: DataConfig) -> list[str]:
+def generate_texts(model, tokenizer, sources: list[str], config: Seq2SeqData) -> list[str]:
     """Greedy generations for `sources`, decoded without special tokens, `eval_batch_size` sources at a time."""
     import torch
     from tqdm.auto import tqdm
@@ -115,7 +134,7 @@ def generation_metrics(predictions: list[str], references: list[str]) -> dict[st
     return combined.compute(predictions=list(predictions), references=list(references))
 
 
-def evaluate(model, tokenizer, dataset, config: DataConfig) -> dict[str, float]:
+def evaluate(model, tokenizer, dataset, config: Seq2SeqData) -> dict[str, float]:
     require_columns(dataset, [config.text_column, config.target_column], "data")
     predictions = generate_texts(model, tokenizer, source_texts(dataset, config), config)
     metrics = generation_metrics(predictions, list(dataset[config.target_column]))
@@ -135,11 +154,17 @@ def probe_batch(tokenizer, max_length: int = 32) -> dict:
             "decoder_input_ids": torch.tensor([ids[:length] for ids in targets])}
 
 
-def columns(config: DataConfig) -> dict[str, str | None]:
+def random_inputs(model, batch_size: int, seq_len: int, generator) -> dict:
+    """Random source tokens, and as many target tokens as decoder inputs: one decoder pass over `seq_len`."""
+    inputs = random_token_inputs(model, batch_size, seq_len, generator)
+    return {**inputs, "decoder_input_ids": inputs["input_ids"]}
+
+
+def columns(config: Seq2SeqData) -> dict[str, str | None]:
     return {"data.text_column": config.text_column, "data.target_column": config.target_column}
 
 
-def eval_notes(data: DataConfig) -> list[str]:
+def eval_notes(data: Seq2SeqData) -> list[str]:
     return [f"greedy generation of at most {data.max_target_length} tokens",
             f"source prefix {data.source_prefix!r}" if data.source_prefix else ""]
 
@@ -153,14 +178,18 @@ TASK = Task(
     head_mapping="MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
     head_suffixes=("ForConditionalGeneration", "ForSeq2SeqLM"),
     logits="seq2seq-token",
+    data_config=Seq2SeqData,
+    encoder_decoder=True,
     columns=columns,
     prepare_train=tokenize_seq2seq,
     collator=collator,
     evaluate=evaluate,
+    main_metric="rougeL",
     pretrained_head=True,
     # (T5 and BART average their loss over their own batch's tokens: not a sum over tokens of all processes)
     token_level_loss=False,
     probe_batch=probe_batch,
+    random_inputs=random_inputs,
     eval_notes=eval_notes,
     head_noun="language-model head",
     packages=("rouge_score", "sacrebleu"),  # the metrics, computed locally (evaluate's Hub metrics need the network)

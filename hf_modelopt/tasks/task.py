@@ -29,6 +29,15 @@ def text_probe_batch(tokenizer, max_length: int = 32) -> dict:
                           return_tensors="pt"))
 
 
+def random_token_inputs(model, batch_size: int, seq_len: int, generator) -> dict:
+    """Random token ids (above the first few, often special, ids) and a full attention mask: what a text model
+    runs on for timing and peak memory."""
+    import torch
+
+    ids = torch.randint(5, model.config.vocab_size, (batch_size, seq_len), generator=generator)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
 def no_eval_notes(data) -> list[str]:
     return []
 
@@ -52,7 +61,8 @@ class Task:
     """One task: its model class, data, training rows, evaluation and logits (see `hf_modelopt.tasks`).
 
     The callables take the raw `datasets.Dataset` rows, the model's processor (a tokenizer, or an image
-    processor for vision tasks: the project calls it `tokenizer` throughout) and the recipe's `DataConfig`.
+    processor for vision tasks: the project calls it `tokenizer` throughout) and the recipe's data settings, an
+    instance of the task's own `DataConfig` subclass (`data_config`: the columns and lengths this task reads).
     """
 
     name: str
@@ -63,20 +73,46 @@ class Task:
     head_mapping: str  # transformers' auto-mapping that lists this head's model classes (in modeling_auto)
     head_suffixes: tuple[str, ...]  # unlisted (remote-code) classes with this head end with one of these
     logits: LogitsShape
+    data_config: type  # its `DataConfig` subclass: the recipe's `data:` keys this task reads, and no others
     columns: Callable  # (DataConfig) -> {recipe key: column the data must have, or None when unused}
     prepare_train: Callable  # (dataset, processor, DataConfig) -> model-input rows with their labels
     collator: Callable  # (processor) -> the data collator of those rows
     evaluate: Callable  # (model, processor, raw evaluation dataset, DataConfig) -> metrics dict
+    main_metric: str  # the metric of `evaluate` that ranks models (the benchmark's column and plots)
+    lower_is_better: bool = False  # whether a lower `main_metric` is better (perplexity)
     count_labels: Callable | None = None  # (dataset, DataConfig) -> number of classes; None: no class labels
     processor_class: str = "AutoTokenizer"  # transformers class that loads the model's processor
+    encoder_decoder: bool = False  # its models have an encoder and a decoder stack (what `compat` refuses by)
     pretrained_head: bool = False  # the head comes from pretraining (an LM head): other tasks' checkpoints lack it
     accepts_unlabelled_text: bool = False  # KD may add unlabelled text rows (transfer text, augmented copies)
     token_level_loss: bool = False  # the loss is a mean over tokens (Trainer may average tokens across devices)
     probe_batch: Callable = text_probe_batch  # (processor) -> a fixed batch of model inputs (reload check)
+    # (model, batch size, sequence length, torch.Generator) -> random model inputs (latency and memory figures)
+    random_inputs: Callable = random_token_inputs
     eval_notes: Callable = no_eval_notes  # (DataConfig) -> limits of the evaluation, for the model card
     head_noun: str = field(default="head")  # "language-model head", in errors about untrained heads
     # Optional packages (import names, `hf_modelopt.extras`) its metrics or data need; checked before any work.
     packages: tuple[str, ...] = ()
+    label_keys: tuple[str, ...] = ("labels",)  # the keys of a training row that are targets, not model inputs
+
+    def data_settings(self, config=None):
+        """`config` (a `DataConfig` of any class, or None: the defaults) as this task's data class; keys another
+        task reads are refused (pydantic's `extra_forbidden`)."""
+        if config is None:
+            return self.data_config()
+        if isinstance(config, self.data_config):
+            return config
+        return self.data_config(**config.model_dump(exclude_unset=True))
+
+    def calibration_batches(self, dataset, processor, data, count: int, batch_size: int = 8):
+        """The model inputs of the first `count` training rows (`prepare_train` without `label_keys`), collated into
+        batches of tensors: what calibration (one-shot pruning) runs the model on."""
+        rows = self.prepare_train(dataset, processor, data)
+        rows = rows.remove_columns([key for key in self.label_keys if key in rows.column_names])
+        rows = rows.select(range(min(count, len(rows))))
+        collate = self.collator(processor)
+        for batch in batches(rows, batch_size):
+            yield collate([dict(zip(batch, values)) for values in zip(*batch.values())])
 
     def recognises(self, class_name: str) -> bool:
         """Whether a model class (`BertForTokenClassification`) has this task's head.

@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from pydantic import Field
 
-from ..data import DataConfig, num_labels, require_columns
+from ..data import LabelColumn, TextColumn, num_labels, require_columns
 from .task import Task, batches, local_metric
 
 
@@ -67,7 +68,13 @@ def predict_classes(model, rows, collate, batch_size: int) -> dict[str, float]:
     return metrics
 
 
-def tokenize_classification(dataset, tokenizer, config: DataConfig):
+class TextClassificationData(TextColumn, LabelColumn):
+    """The `data:` of a text-classification recipe: the text (or text pair) and label columns."""
+
+    text_pair_column: str | None = Field(None, description="Second text column for sentence-pair tasks.")
+
+
+def tokenize_classification(dataset, tokenizer, config: TextClassificationData):
     """Tokenize text (or text pairs) to `max_length`; padding is left to the collator, per batch."""
     require_columns(dataset, [config.text_column, config.text_pair_column, config.label_column], "data")
 
@@ -91,12 +98,12 @@ def evaluate_classification(model, tokenizer, dataset, batch_size: int) -> dict[
     return predict_classes(model, dataset, collator(tokenizer), batch_size)
 
 
-def evaluate(model, tokenizer, dataset, config: DataConfig) -> dict[str, float]:
+def evaluate(model, tokenizer, dataset, config: TextClassificationData) -> dict[str, float]:
     encoded = tokenize_classification(dataset, tokenizer, config)
     return evaluate_classification(model, tokenizer, encoded, config.eval_batch_size)
 
 
-def columns(config: DataConfig) -> dict[str, str | None]:
+def columns(config: TextClassificationData) -> dict[str, str | None]:
     return {"data.text_column": config.text_column, "data.text_pair_column": config.text_pair_column,
             "data.label_column": config.label_column}
 
@@ -110,10 +117,12 @@ TASK = Task(
     head_mapping="MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
     head_suffixes=("ForSequenceClassification",),
     logits="sequence",
+    data_config=TextClassificationData,
     columns=columns,
     prepare_train=tokenize_classification,
     collator=collator,
     evaluate=evaluate,
+    main_metric="accuracy",
     count_labels=num_labels,
     accepts_unlabelled_text=True,
     head_noun="classification head",

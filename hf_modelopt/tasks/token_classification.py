@@ -12,8 +12,22 @@ from __future__ import annotations
 
 import math
 
+from pydantic import Field
+
 from ..data import DataConfig, DataError, require_columns
 from .task import Task, batches, local_metric
+
+
+class TokenClassificationData(DataConfig):
+    """The `data:` of a token-classification recipe: the words and tags columns, and the names of the tags."""
+
+    tokens_column: str = Field("tokens", description="token-classification: column holding each example's words "
+                               "(a list of strings).")
+    tags_column: str = Field("ner_tags", description="token-classification: column holding one integer label per "
+                             "word.")
+    label_names: list[str] | None = Field(None, description="token-classification: the name of each label id, in "
+                                          "IOB form (`O`, `B-PER`, `I-PER`, ...) for seqeval; default: the model "
+                                          "config's id2label.")
 
 
 def align_labels(word_ids: list[int | None], word_labels: list[int]) -> list[int]:
@@ -25,7 +39,7 @@ def align_labels(word_ids: list[int | None], word_labels: list[int]) -> list[int
     return labels
 
 
-def tokenize_token_classification(dataset, tokenizer, config: DataConfig):
+def tokenize_token_classification(dataset, tokenizer, config: TokenClassificationData):
     """Tokenize pre-split words to `max_length`, with labels aligned to the first sub-token of each word."""
     require_columns(dataset, [config.tokens_column, config.tags_column], "data")
 
@@ -39,7 +53,7 @@ def tokenize_token_classification(dataset, tokenizer, config: DataConfig):
     return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="Tokenizing")
 
 
-def count_labels(dataset, config: DataConfig) -> int:
+def count_labels(dataset, config: TokenClassificationData) -> int:
     """The number of label ids: `label_names` when given, else the largest tag + 1."""
     tags = {tag for row in dataset[config.tags_column] for tag in row}
     if not all(isinstance(tag, int) and tag >= 0 for tag in tags):
@@ -77,7 +91,7 @@ def seqeval_metrics(predictions: list[list[str]], references: list[list[str]]) -
     return metric.compute(predictions=predictions, references=references)
 
 
-def label_names(model, config: DataConfig) -> list[str]:
+def label_names(model, config: TokenClassificationData) -> list[str]:
     """`data.label_names`, else the model's `id2label` (names like LABEL_0 then stand for themselves)."""
     if config.label_names is not None:
         return list(config.label_names)
@@ -91,7 +105,7 @@ def collator(tokenizer):
     return DataCollatorForTokenClassification(tokenizer)  # pads the labels with -100
 
 
-def evaluate(model, tokenizer, dataset, config: DataConfig) -> dict[str, float]:
+def evaluate(model, tokenizer, dataset, config: TokenClassificationData) -> dict[str, float]:
     """seqeval metrics of the model's first-sub-token predictions, and the sample count."""
     import torch
     from tqdm.auto import tqdm
@@ -114,7 +128,7 @@ def evaluate(model, tokenizer, dataset, config: DataConfig) -> dict[str, float]:
     return {**seqeval_metrics(predictions, references), "eval_samples": len(references)}
 
 
-def columns(config: DataConfig) -> dict[str, str | None]:
+def columns(config: TokenClassificationData) -> dict[str, str | None]:
     return {"data.tokens_column": config.tokens_column, "data.tags_column": config.tags_column}
 
 
@@ -127,10 +141,12 @@ TASK = Task(
     head_mapping="MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
     head_suffixes=("ForTokenClassification",),
     logits="token",
+    data_config=TokenClassificationData,
     columns=columns,
     prepare_train=tokenize_token_classification,
     collator=collator,
     evaluate=evaluate,
+    main_metric="f1",
     count_labels=count_labels,
     token_level_loss=True,
     head_noun="token classification head",

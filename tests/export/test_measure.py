@@ -3,25 +3,25 @@
 import torch
 
 from hf_modelopt.export.card import card_tags
-from hf_modelopt.export.measure import linear_sparsity, parameter_count, weights_size
+from hf_modelopt.export.measure import linear_zero_fraction, parameter_count, weights_size
 from hf_modelopt.modeling import auto_model_class
 
 
-def test_linear_sparsity_counts_exact_zeros_of_linear_weights_only(tiny_models):
+def test_linear_zero_fraction_counts_exact_zeros_of_linear_weights_only(tiny_models):
     model = auto_model_class("causal-lm").from_pretrained(tiny_models("gpt2", "causal-lm"))  # Conv1D layers
-    assert linear_sparsity(model) == 0.0
+    assert linear_zero_fraction(model) == 0.0
     layers = [m for m in model.modules() if m.__class__.__name__ == "Conv1D"]
     with torch.no_grad():
         layers[0].weight.zero_()
     total = sum(m.weight.numel() for m in model.modules() if m.__class__.__name__ == "Conv1D")
     total += sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))  # lm_head
-    assert linear_sparsity(model) == layers[0].weight.numel() / total
+    assert linear_zero_fraction(model) == layers[0].weight.numel() / total
     assert parameter_count(model) == sum(p.numel() for p in model.parameters())
 
     classifier = auto_model_class("text-classification").from_pretrained(tiny_models("bert"))
     with torch.no_grad():
         classifier.bert.embeddings.word_embeddings.weight.zero_()  # not a Linear weight
-    assert linear_sparsity(classifier) == 0.0
+    assert linear_zero_fraction(classifier) == 0.0
 
 
 def test_weights_size_counts_the_loaded_weights(tiny_models, tmp_path):

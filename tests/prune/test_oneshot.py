@@ -59,10 +59,15 @@ def test_prune_oneshot_stage_exports_sparse_checkpoint_that_reloads_exactly(tiny
     assert abs(sparsity_of(prunable_linears(sparse)) - 0.6) < 0.01
 
 
-def test_prune_oneshot_is_for_causal_lms(tiny_models, sst2_files, tmp_path):
-    recipe = tiny_recipe(tiny_models("bert"), sst2_files, stages=[{"type": "prune_oneshot"}])
-    with pytest.raises(RecipeError, match="for causal LMs"):
-        run_recipe(validate_recipe(recipe), tmp_path / "out")
+def test_prune_oneshot_stage_calibrates_any_task_compat_allows(tiny_models, sst2_files, tmp_path):
+    """compat allows one-shot pruning of a classifier (one stack of blocks): the stage calibrates on the rows its
+    task prepares (a seq2seq recipe is refused before any stage runs: tests/tasks/test_seq2seq.py)."""
+    from transformers import AutoModelForSequenceClassification
+
+    stages = [{"type": "prune_oneshot", "method": "wanda", "sparsity": 0.5, "calibration_samples": 4}]
+    run_recipe(validate_recipe(tiny_recipe(tiny_models("bert"), sst2_files, stages=stages)), tmp_path / "out")
+    pruned = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out" / "stages" / "prune_oneshot" / "model")
+    assert abs(sparsity_of(prunable_linears(pruned)) - 0.5) < 0.01
     with pytest.raises(RecipeError, match="N:M needs"):
         validate_recipe(tiny_recipe(tiny_models("bert"), sst2_files, stages=[{"type": "prune_oneshot",
                                                                               "pattern": "4:2"}]))

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from hf_modelopt.data import DataConfig
+from hf_modelopt.tasks import QuestionAnsweringData
 from hf_modelopt.tasks.question_answering import (
     normalize_answer,
     postprocess_qa_predictions,
@@ -29,7 +29,7 @@ def qa_rows(context, answer):
 
 def test_long_context_windows_label_the_answer_where_it_is(tokenizer):
     context = " ".join(f"word{i}" for i in range(40)) + " the key is under the blue stone ."
-    config = DataConfig(max_length=24, doc_stride=8)
+    config = QuestionAnsweringData(max_length=24, doc_stride=8)
     windows = prepare_qa_train(qa_rows(context, "blue stone"), tokenizer, config)
     assert len(windows) > 2  # the context is cut into overlapping windows
     found = [tokenizer.decode(w["input_ids"][w["start_positions"] : w["end_positions"] + 1])
@@ -41,7 +41,7 @@ def test_long_context_windows_label_the_answer_where_it_is(tokenizer):
 def test_post_processing_extracts_the_known_answer_span(tokenizer):
     context = "the cat slept on the old mat all day ."
     rows = qa_rows(context, "old mat")
-    windows = list(prepare_qa_eval(rows, tokenizer, DataConfig(max_length=64)))
+    windows = list(prepare_qa_eval(rows, tokenizer, QuestionAnsweringData(max_length=64)))
     offsets = windows[0]["offset_mapping"]
     start = next(i for i, o in enumerate(offsets) if o is not None and context[o[0]:o[1]] == "old")
     end = next(i for i, o in enumerate(offsets) if o is not None and context[o[0]:o[1]] == "mat")

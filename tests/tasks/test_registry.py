@@ -48,10 +48,9 @@ def test_the_task_of_a_class_is_its_auto_mapping_and_the_naming_only_for_unliste
 
 
 def test_a_missing_column_of_a_task_is_named_before_any_work(task_data):
-    from hf_modelopt.data import DataConfig
-    from hf_modelopt.tasks import check_data_contents
+    from hf_modelopt.tasks import QuestionAnsweringData, check_data_contents
 
-    config = DataConfig(**{**task_data("question-answering"), "context_column": "passage"})
+    config = QuestionAnsweringData(**{**task_data("question-answering"), "context_column": "passage"})
     with pytest.raises(RecipeError, match="data.context_column: column 'passage' not found in .*train.jsonl; its "
                                           "columns are: question, context, answers"):
         check_data_contents(config, "question-answering", {"train"}, "r.yaml")

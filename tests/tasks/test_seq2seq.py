@@ -8,12 +8,12 @@ import random
 import pytest
 import torch
 
-from hf_modelopt.data import DataConfig
+from hf_modelopt.compat import UnsupportedModelError
 from hf_modelopt.distill.losses import soft_target_kl
 from hf_modelopt.export.save import EXPORT_RECORD
 from hf_modelopt.pipeline import run_recipe
 from hf_modelopt.recipe import validate_recipe
-from hf_modelopt.tasks import get_task
+from hf_modelopt.tasks import Seq2SeqData, get_task
 from hf_modelopt.tasks.seq2seq import decoder_inputs_from_labels, generation_metrics, tokenize_seq2seq
 
 from .. import conftest
@@ -68,7 +68,7 @@ def test_training_rows_have_prefixed_sources_and_labels_padded_with_minus_100(ti
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_models("t5", "seq2seq"))
-    config = DataConfig(source_prefix="copy: ", max_length=8, max_target_length=4)
+    config = Seq2SeqData(source_prefix="copy: ", max_length=8, max_target_length=4)
     rows = datasets.Dataset.from_dict({"text": ["red green", "a b c d e f g h"], "target": ["red", "w x y z q"]})
     encoded = tokenize_seq2seq(rows, tokenizer, config)
     assert encoded.column_names == ["input_ids", "attention_mask", "labels"]  # no token_type_ids: T5 refuses them
@@ -136,7 +136,8 @@ def test_seq2seq_kd_compares_each_decoder_position_unshifted_over_labelled_posit
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5) and expected > 0
     same = DistillationTrainer(model=student, teacher=copy.deepcopy(student), distillation=config, args=args)
     assert same.task.name == "seq2seq" and same.compute_loss(student, batch).item() == pytest.approx(0.0, abs=1e-6)
-    with pytest.raises(ValueError, match="encoder-decoder has two"):
+    with pytest.raises(UnsupportedModelError, match="distillation of hidden states does not support the seq2seq "
+                                                    "task: it compares one stack of layers"):
         DistillationTrainer(model=student, teacher=teacher, args=args,
                             distillation=DistillationConfig(hidden_weight=1.0))
 
@@ -150,7 +151,7 @@ def test_evaluate_model_generates_for_raw_rows(tiny_models):
     folder = tiny_models("t5", "seq2seq")
     model, tokenizer = AutoModelForSeq2SeqLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
     rows = datasets.Dataset.from_dict({"text": ["red green", "blue", "cat dog sun"], "target": ["a", "b", "c"]})
-    metrics = evaluate_model(model, tokenizer, rows, config=DataConfig(max_target_length=4, eval_batch_size=2))
+    metrics = evaluate_model(model, tokenizer, rows, config=Seq2SeqData(max_target_length=4, eval_batch_size=2))
     assert set(metrics) == {"rouge1", "rouge2", "rougeL", "bleu", "eval_samples"} and metrics["eval_samples"] == 3
 
 
@@ -164,12 +165,17 @@ def test_what_seq2seq_cannot_do_is_refused_before_any_work(tiny_models, sst2_fil
     refused = {
         "distill.student.decoder_layers: \\[2\\] out of range: the teacher's decoder has layers 0..1":
             [{"type": "distill", "student": {"decoder_layers": [0, 2]}}],
-        "distill.hidden_weight: compares one stack of layers":
+        "distill.hidden_weight: distillation of hidden states does not support the seq2seq task: it compares one "
+        "stack of layers":
             [{"type": "distill", "student": {"every": 2}, "hidden_weight": 1.0}],
-        "distill.cache_teacher_logits: the cache is cut to the encoder's input length":
+        "distill.cache_teacher_logits: teacher logit cache does not support the seq2seq task: the cache is cut to "
+        "the encoder's input length":
             [{"type": "distill", "student": {"every": 2}, "cache_teacher_logits": True}],
-        "stages\\[0\\].sensitivity: the scan runs the model without decoder inputs":
+        "stages\\[0\\].sensitivity: quantization with calibration does not support the seq2seq task: .* without "
+        "decoder inputs":
             [{"type": "quantize", "sensitivity": {"keep_fraction": 0.5}}],
+        "prune_oneshot: one-shot pruning does not support the seq2seq task: .* an encoder-decoder":
+            [{"type": "prune_oneshot"}],
     }
     for message, stages in refused.items():
         with pytest.raises(UserError, match=message):

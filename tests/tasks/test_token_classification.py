@@ -1,6 +1,6 @@
 import pytest
 
-from hf_modelopt.data import DataConfig
+from hf_modelopt.tasks import TokenClassificationData
 from hf_modelopt.tasks.token_classification import align_labels, count_labels, seqeval_metrics
 
 
@@ -26,7 +26,7 @@ def test_tokenized_rows_keep_word_labels(task_data):
 
     from ..conftest import minilm_folder
 
-    config = DataConfig(**task_data("token-classification"))
+    config = TokenClassificationData(**task_data("token-classification"))
     rows = load_split(config, "train")
     encoded = tokenize_token_classification(rows, AutoTokenizer.from_pretrained(minilm_folder()), config)
     assert [label for label in encoded[0]["labels"] if label != -100] == rows[0]["ner_tags"]

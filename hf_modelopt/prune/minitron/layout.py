@@ -1,6 +1,6 @@
 """Which decoder families Minitron pruning supports, and where their norms and embeddings are: declared once.
 
-The attention and FFN projections of a block come from `prune.structured.LAYOUTS` (the one declaration of a
+The attention and FFN projections of a block come from `blocks.LAYOUTS` (the one declaration of a
 block's layout); this table adds what hidden-size and depth pruning also touch. A family is here only when
 pruning it to any uniform shape leaves a config that plain `from_pretrained` builds to the same function:
 """
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ...blocks import LAYOUTS, BlockLayout
 from ...compat import UnsupportedModelError, model_type, unwrapped
-from ..structured import LAYOUTS, BlockLayout
 
 
 @dataclass(frozen=True)
@@ -35,10 +35,10 @@ REFUSED = {
              "would change every logit",
     "gemma2": "its embeddings are multiplied by sqrt(hidden_size) and tied to the LM head, so a smaller hidden "
               "size would change every logit",
-    "phi3": "its fused qkv_proj / gate_up_proj have no block layout in prune.structured.LAYOUTS",
+    "phi3": "its fused qkv_proj / gate_up_proj have no block layout in blocks.LAYOUTS",
     "olmo2": "its q_norm / k_norm normalise over all heads together, so removing heads would change the "
              "remaining heads' outputs",
-    "granite": "its block layout (Llama's) is not yet declared in prune.structured.LAYOUTS",
+    "granite": "its block layout (Llama's) is not yet declared in blocks.LAYOUTS",
 }
 
 
