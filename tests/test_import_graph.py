@@ -99,7 +99,7 @@ def test_the_walker_sees_lazy_imports_and_finds_cycles():
     # The checks below are only as good as the walker: it must see an import inside a function, skip
     # TYPE_CHECKING, and report a cycle.
     modules = module_files()
-    assert "hf_modelopt.distill.trainer" in imports_of("hf_modelopt.stages.distill",
+    assert "hf_modelopt.distill.student" in imports_of("hf_modelopt.stages.distill",
                                                         modules["hf_modelopt.stages.distill"], modules)
     assert "hf_modelopt.recipe" not in imports_of("hf_modelopt.stages", modules["hf_modelopt.stages"], modules)
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
