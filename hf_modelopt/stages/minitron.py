@@ -19,9 +19,8 @@ from ..distill.config import KnowledgeDistillationConfig
 from ..errors import RecipeError, UserError
 from ..prune.minitron import MinitronConfig
 from . import STAGE_CARD_SECTION, STAGES, ModelState, StageConfig, StageContext, ensure_loaded, register_stage
-from .distill import check_kd_settings
-from .prune import _TEACHER_HELP, _TRAINING_HELP, check_teacher_stage, kd_teacher
-from .train import refuse_training_after
+from .kd import TEACHER_HELP, check_kd_settings, check_teacher_stage, kd_teacher, train_with_distillation
+from .train import TRAINING_HELP, refuse_training_after
 
 logger = logging.getLogger("hf_modelopt")
 
@@ -42,8 +41,8 @@ class MinitronStageConfig(StageConfig, MinitronConfig):
         "copy; forward KL on the logits, optionally top_k and the on-disk teacher-logit cache: the `distill` "
         "stage's loss). Without it the stage only prunes.",
     )
-    teacher: str | None = Field(None, description=_TEACHER_HELP)
-    training: dict[str, Any] = Field(default_factory=dict, description=_TRAINING_HELP)
+    teacher: str | None = Field(None, description=TEACHER_HELP)
+    training: dict[str, Any] = Field(default_factory=dict, description=TRAINING_HELP)
     requires_data = ("train",)
 
     def check_after(self, earlier) -> None:
@@ -201,8 +200,6 @@ def minitron_stage(state: ModelState, config: MinitronStageConfig, context: Stag
         logger.info("%s: shape search\n%s", context.stage_name, report["search_table"])
     recovery = None
     if teacher is not None:
-        from .distill import train_with_distillation
-
         trainer = train_with_distillation(teacher, model, tokenizer, config.distillation, config.training, context,
                                           copied_from=report["plan"].kept_layers)
         model = trainer.model

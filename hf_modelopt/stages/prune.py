@@ -4,7 +4,6 @@ and `prune_oneshot` (`prune_` with Wanda / SparseGPT from calibration rows of th
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from typing import Any
@@ -16,24 +15,11 @@ from ..distill.config import KnowledgeDistillationConfig
 from ..errors import RecipeError
 from ..prune.config import OneShotPruningConfig, PruningConfig, StructuredPruningConfig
 from ..tasks import get_task
-from . import (
-    MODEL_SUBDIR,
-    STAGES,
-    ModelState,
-    StageConfig,
-    StageContext,
-    ensure_loaded,
-    register_stage,
-    save_model_state,
-)
-from .distill import check_kd_settings
-from .train import refuse_training_after
+from . import MODEL_SUBDIR, ModelState, StageConfig, StageContext, ensure_loaded, register_stage, save_model_state
+from .kd import TEACHER_HELP, check_kd_settings, check_teacher_stage, kd_teacher, train_with_distillation
+from .train import TRAINING_HELP, refuse_training_after
 
 logger = logging.getLogger("hf_modelopt")
-
-_TEACHER_HELP = ("With `distillation:`, the name of an earlier stage whose model is the teacher (e.g. `finetune`, "
-                 "when a distilled student is pruned); default: the incoming model, unpruned.")
-_TRAINING_HELP = "TrainingArguments for this stage only, over the recipe's `training:`."
 
 
 class PruneStageConfig(StageConfig, PruningConfig):
@@ -46,10 +32,10 @@ class PruneStageConfig(StageConfig, PruningConfig):
         None, description="Train with knowledge distillation from the incoming model (a frozen copy) instead of "
         "the task loss; the same settings as the `distill` stage's loss.",
     )
-    teacher: str | None = Field(None, description=_TEACHER_HELP)
+    teacher: str | None = Field(None, description=TEACHER_HELP)
     sparse_checkpoint: bool = Field(True, description="Also write the model in the compressed sparse format "
                                     "(stage folder `sparse/`) and report both sizes on disk.")
-    training: dict[str, Any] = Field(default_factory=dict, description=_TRAINING_HELP)
+    training: dict[str, Any] = Field(default_factory=dict, description=TRAINING_HELP)
     requires_data = ("train",)
 
     def check_after(self, earlier) -> None:
@@ -61,18 +47,6 @@ class PruneStageConfig(StageConfig, PruningConfig):
             check_kd_settings(self.distillation, recipe, self.training, "prune.distillation")
 
 
-def check_teacher_stage(config, earlier) -> None:
-    """`teacher` must name an earlier stage that produced a model, and needs `distillation:`."""
-    if config.teacher is None:
-        return
-    if config.distillation is None:
-        raise ValueError("teacher is the KD teacher: set distillation: as well")
-    producers = [stage.name for stage in earlier if STAGES[stage.type].changes_model]
-    if config.teacher not in producers:
-        raise ValueError(f"teacher: no earlier stage named '{config.teacher}' produced a model (earlier model "
-                         f"stages: {', '.join(producers) or 'none'})")
-
-
 class StructuredPruneStageConfig(StageConfig, StructuredPruningConfig):
     """The `prune_structured` stage: remove attention heads and FFN neurons (`prune_`), then recover by training."""
 
@@ -80,8 +54,8 @@ class StructuredPruneStageConfig(StageConfig, StructuredPruningConfig):
     distillation: KnowledgeDistillationConfig | None = Field(
         None, description="Recover with knowledge distillation from the unpruned incoming model.",
     )
-    teacher: str | None = Field(None, description=_TEACHER_HELP)
-    training: dict[str, Any] = Field(default_factory=dict, description=_TRAINING_HELP)
+    teacher: str | None = Field(None, description=TEACHER_HELP)
+    training: dict[str, Any] = Field(default_factory=dict, description=TRAINING_HELP)
     requires_data = ("train",)
 
     def check_after(self, earlier) -> None:
@@ -106,18 +80,6 @@ class OneShotPruneStageConfig(StageConfig, OneShotPruningConfig):
                               "pruning")
 
 
-def kd_teacher(model, config, context: StageContext):
-    """The KD teacher: the model of the earlier stage `config.teacher`, else a frozen copy of the incoming one."""
-    if config.teacher is None:
-        return copy.deepcopy(model)  # the model itself is pruned and trained
-    from ..modeling import load_model
-
-    # The shared stage folders: every process reads the folder the main process wrote.
-    folder = context.shared_stage_dir.parent / config.teacher / MODEL_SUBDIR
-    logger.info("%s: KD teacher is the model of stage '%s' (%s)", context.stage_name, config.teacher, folder)
-    return load_model(context.settings.model, context.settings.task, path=str(folder))
-
-
 @register_stage("prune", PruneStageConfig, card_tags=("pruned",))
 def prune_stage(state: ModelState, config: PruneStageConfig, context: StageContext) -> ModelState:
     from ..prune.callback import PruningCallback
@@ -127,8 +89,6 @@ def prune_stage(state: ModelState, config: PruneStageConfig, context: StageConte
     model, tokenizer = state.model, state.tokenizer
     callback = PruningCallback(config)
     if config.distillation is not None:
-        from .distill import train_with_distillation
-
         teacher = kd_teacher(model, config, context)
         trainer = train_with_distillation(teacher, model, tokenizer, config.distillation, config.training, context,
                                           copied_from=list(range(model.config.num_hidden_layers)),
@@ -190,8 +150,6 @@ def prune_structured_stage(state: ModelState, config: StructuredPruneStageConfig
     (context.stage_dir / "structure.json").write_text(json.dumps(report, indent=2))
     if config.recover:
         if teacher is not None:
-            from .distill import train_with_distillation
-
             trainer = train_with_distillation(teacher, model, tokenizer, config.distillation, config.training,
                                               context, copied_from=list(range(model.config.num_hidden_layers)))
         else:

@@ -25,6 +25,9 @@ TRAINING_DEFAULTS = {
     "restore_callback_states_from_checkpoint": True,  # schedules kept in stateful callbacks resume where they were
 }
 
+# The help of every training stage's `training:` key.
+TRAINING_HELP = "TrainingArguments for this stage only, over the recipe's `training:`."
+
 
 def training_arguments(settings, stage_training: dict[str, Any], output_dir: Path):
     """`TrainingArguments` from the defaults, the recipe's `training:` and the stage's own overrides.
@@ -47,22 +50,14 @@ def training_arguments(settings, stage_training: dict[str, Any], output_dir: Pat
     return TrainingArguments(output_dir=str(output_dir), **{**defaults, **settings.training, **stage_training})
 
 
-def training_data(settings, tokenizer, raw_train=None):
-    """Training rows of the train (and, if configured, eval) split plus the collator, as the recipe's task makes them.
-
-    `raw_train` replaces the recipe's training split (a stage that adds examples passes it).
-    """
+def training_data(settings, tokenizer):
+    """Training rows of the train (and, if configured, eval) split plus the collator, as the run's task makes them
+    (`hf_modelopt.tasks.training_rows`, what the technique functions use too)."""
     from ..data import has_split, load_split
-    from ..tasks import get_task
+    from ..tasks import training_rows
 
-    task = get_task(settings.task)
-    tokenize, collator = task.prepare_train, task.collator(tokenizer)
-    data = settings.data
-    train = tokenize(raw_train if raw_train is not None else load_split(data, "train"), tokenizer, data)
-    evaluation = None
-    if has_split(data, "eval"):
-        evaluation = tokenize(load_split(data, "eval"), tokenizer, data)
-    return train, evaluation, collator
+    evaluation = load_split(settings.data, "eval") if has_split(settings.data, "eval") else None
+    return training_rows(settings.task, tokenizer, load_split(settings.data, "train"), evaluation, settings.data)
 
 
 def last_checkpoint(folder: Path) -> Path | None:
@@ -121,9 +116,7 @@ class FinetuneConfig(StageConfig):
     """Train the current model on the recipe's training data with a plain task loss."""
 
     requires_data = ("train",)
-    training: dict[str, Any] = Field(
-        default_factory=dict, description="TrainingArguments for this stage only, over the recipe's `training:`."
-    )
+    training: dict[str, Any] = Field(default_factory=dict, description=TRAINING_HELP)
 
     def check_after(self, earlier) -> None:
         refuse_training_after("finetune", earlier)

@@ -41,6 +41,22 @@ def get_task(name: str) -> Task:
         raise ValueError(f"unknown task {name!r}; expected one of: {', '.join(TASKS)}") from None
 
 
+def training_rows(task: str, processor, train, evaluation=None, data=None):
+    """Raw rows -> what a trainer of `task` trains on: `(train_rows, eval_rows, collator)`.
+
+    `train` / `evaluation` are `datasets.Dataset`s of raw rows (`evaluation` may be None: `eval_rows` is then
+    None); `data` is the task's data settings naming their columns and lengths (`Task.data_settings`: default, the
+    task's defaults). The recipe's
+    stages and the technique functions (`hf_modelopt.distill.distill`) both prepare their rows here, so a script
+    and a recipe train on identical rows.
+    """
+    spec = get_task(task)
+    data = spec.data_settings(data)
+    rows = spec.prepare_train(train, processor, data)
+    eval_rows = spec.prepare_train(evaluation, processor, data) if evaluation is not None else None
+    return rows, eval_rows, spec.collator(processor)
+
+
 def model_task(model) -> str | None:
     """The registered task a model's class is built for (`BertForTokenClassification` -> "token-classification"),
     or None (`BertModel`, a masked LM, a class of a head no task serves)."""

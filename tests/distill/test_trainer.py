@@ -9,10 +9,11 @@ from transformers import (
     TrainingArguments,
 )
 
+from hf_modelopt.distill import VocabularyMismatchError, check_same_vocabulary
 from hf_modelopt.distill.cache import CachedTeacherCollator, TeacherLogitCache, build_teacher_logit_cache
 from hf_modelopt.distill.student import student_from_teacher
 from hf_modelopt.distill.trainer import DistillationTrainer, task_cross_entropy
-from hf_modelopt.stages.distill import DistillStageConfig, VocabularyMismatchError, check_same_vocabulary
+from hf_modelopt.stages.distill import DistillStageConfig
 
 from ..conftest import minilm_folder
 

@@ -3,9 +3,9 @@ import json
 import pytest
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from hf_modelopt.distill import VocabularyMismatchError
 from hf_modelopt.pipeline import run_recipe
 from hf_modelopt.recipe import validate_recipe
-from hf_modelopt.stages.distill import VocabularyMismatchError
 
 from ..conftest import tiny_recipe
 
