@@ -56,10 +56,11 @@ class MeasureRequest:
                            "compare_base": self.compare_base, "latency_repeats": self.latency_repeats})
 
     @classmethod
-    def from_json(cls, text: str) -> MeasureRequest:
+    def from_json(cls, text: str, task: str) -> MeasureRequest:
+        """The request `to_json` wrote, its data read with `task`'s own data settings class (its columns)."""
         fields = json.loads(text)
-        return cls(DataConfig.model_validate(fields["data"]), ModelConfig.model_validate(fields["base_model"]),
-                   fields["compare_base"], fields["latency_repeats"])
+        return cls(get_task(task).data_config.model_validate(fields["data"]),
+                   ModelConfig.model_validate(fields["base_model"]), fields["compare_base"], fields["latency_repeats"])
 
 
 @dataclass
@@ -210,7 +211,7 @@ def _reload_main(argv: list[str] | None = None) -> None:
     logits = probe_logits(model, load_file(args.probe), args.task)
     save_file({"logits": logits.contiguous()}, args.output)
     if args.measure:
-        request = MeasureRequest.from_json(Path(args.measure).read_text())
+        request = MeasureRequest.from_json(Path(args.measure).read_text(), args.task)
         measurements = _measure(Path(args.folder), model, args.task, request)
         Path(args.measurements).write_text(json.dumps(measurements, indent=2))
     print(json.dumps({"folder": args.folder, "shape": list(logits.shape)}))

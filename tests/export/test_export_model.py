@@ -5,10 +5,10 @@ import json
 import pytest
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from hf_modelopt.data import DataConfig
 from hf_modelopt.export import ExportConfig, Provenance, export_model
 from hf_modelopt.metrics import evaluate_model
 from hf_modelopt.modeling import ModelConfig
+from hf_modelopt.tasks import TextClassificationData
 
 
 def test_export_without_a_recipe_is_verified_and_measured(tiny_models, sst2_files, tmp_path):
@@ -17,14 +17,14 @@ def test_export_without_a_recipe_is_verified_and_measured(tiny_models, sst2_file
     tokenizer = AutoTokenizer.from_pretrained(base)
     provenance = Provenance(
         task="text-classification", base_model=ModelConfig(name_or_path=str(base)),
-        data=DataConfig(data_dir=str(sst2_files), train_file="sst2/train.tsv", eval_file="sst2/validation.tsv",
+        data=TextClassificationData(data_dir=str(sst2_files), train_file="sst2/train.tsv", eval_file="sst2/validation.tsv",
                         text_column="sentence", max_length=32),
         description="exported from a script",
     )
     out = tmp_path / "out"
     record = export_model(model, tokenizer, out, provenance, ExportConfig(latency_repeats=0))
     assert record["reload_check"]["passed"] and record["format"]["name"] == "dense"
-    # Re-measured in the fresh process on the DataConfig it was given: what this process measures on it.
+    # Re-measured in the fresh process on the data settings it was given: what this process measures on it.
     expected = evaluate_model(model, tokenizer, provenance.data, task="text-classification")
     assert record["metrics"] == pytest.approx(expected) and record["metrics"]["eval_samples"] == 32
     assert record["figures"]["base"]["parameters"] == record["figures"]["export"]["parameters"]
