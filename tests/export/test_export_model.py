@@ -17,8 +17,8 @@ def test_export_without_a_recipe_is_verified_and_measured(tiny_models, sst2_file
     tokenizer = AutoTokenizer.from_pretrained(base)
     provenance = Provenance(
         task="text-classification", base_model=ModelConfig(name_or_path=str(base)),
-        data=TextClassificationData(data_dir=str(sst2_files), train_file="sst2/train.tsv", eval_file="sst2/validation.tsv",
-                        text_column="sentence", max_length=32),
+        data=TextClassificationData(data_dir=str(sst2_files), train_file="sst2/train.tsv",
+                                    eval_file="sst2/validation.tsv", text_column="sentence", max_length=32),
         description="exported from a script",
     )
     out = tmp_path / "out"
