@@ -33,6 +33,30 @@ def plot_loss_curves(log_history: list[dict], title: str, target: Path) -> bool:
     return True
 
 
+def plot_perplexity_curve(log_history: list[dict], title: str, target: Path) -> bool:
+    """The held-out perplexity a training logged (`tasks.held_out`) against the tokens trained, as a PNG; False if
+    the log holds no such curve."""
+    from matplotlib.figure import Figure
+
+    from ..tasks.held_out import perplexity_curve
+
+    curve = perplexity_curve(log_history)
+    if not curve:
+        return False
+    figure = Figure(figsize=(6.4, 3.6), layout="tight")
+    axes = figure.subplots()
+    axes.plot([p["tokens_trained"] for p in curve], [p["held_out_perplexity"] for p in curve], marker=".")
+    axes.set(title=title, xlabel="tokens trained", ylabel="held-out perplexity", yscale="log")
+    axes.grid(alpha=0.3, which="both")
+    figure.savefig(target, dpi=100)
+    return True
+
+
+# The curves drawn from a stage's trainer log: (drawing function, file suffix, card title).
+CURVES = ((plot_loss_curves, "loss", "training losses"),
+          (plot_perplexity_curve, "perplexity", "held-out perplexity against tokens trained"))
+
+
 def write_plots(history: list[dict], stages_dir: Path | None, target: Path) -> list[dict]:
     """Loss curves from the stages' trainer logs and the PNG files stages wrote (in `stages_dir/<stage name>/`), into
     `target/plots/`; the list of plots for the card."""
@@ -53,14 +77,14 @@ def write_plots(history: list[dict], stages_dir: Path | None, target: Path) -> l
             # The curves only illustrate the card: without matplotlib the export goes on without them.
             problem = missing_packages(("matplotlib",))
             if problem is None:
-                drawn = plot_loss_curves(json.loads(logs.read_text()), f"stage {record['name']} ({record['type']})",
-                                         folder / f"{record['name']}-loss.png")
+                log_history = json.loads(logs.read_text())
+                for draw, suffix, title in CURVES:
+                    if draw(log_history, f"stage {record['name']} ({record['type']})",
+                            folder / f"{record['name']}-{suffix}.png"):
+                        plots.append({"path": f"{PLOTS_DIR}/{record['name']}-{suffix}.png",
+                                      "title": f"{title} of stage {record['name']}"})
             else:
                 logger.info("loss curves left out of the card: drawing them %s", problem)
-                drawn = False
-            if drawn:
-                plots.append({"path": f"{PLOTS_DIR}/{record['name']}-loss.png",
-                              "title": f"training losses of stage {record['name']}"})
         for png in pngs:
             copy_file(png, folder / f"{record['name']}-{png.name}")
             plots.append({"path": f"{PLOTS_DIR}/{record['name']}-{png.name}",

@@ -42,6 +42,11 @@ class MinitronStageConfig(StageConfig, MinitronConfig):
         "stage's loss). Without it the stage only prunes.",
     )
     teacher: str | None = Field(None, description=TEACHER_HELP)
+    perplexity_every_steps: int | None = Field(
+        None, gt=0, description="With distillation: measure the held-out perplexity (the evaluate stage's windows of "
+        "the recipe's evaluation split) before KD, every N optimizer steps and after the last: the curve against KD "
+        "tokens goes into the log history, minitron.json and a plot on the card.",
+    )
     training: dict[str, Any] = Field(default_factory=dict, description=TRAINING_HELP)
     requires_data = ("train",)
 
@@ -61,6 +66,15 @@ class MinitronStageConfig(StageConfig, MinitronConfig):
                               "use prune_structured for other tasks")
         if self.distillation is not None:
             check_kd_settings(self.distillation, recipe, self.training, f"{STAGE_TYPE}.distillation")
+        if self.perplexity_every_steps is not None:
+            from ..data import has_split
+
+            if self.distillation is None:
+                raise RecipeError(recipe.source, f"{STAGE_TYPE}.perplexity_every_steps", "measures the KD recovery: "
+                                  "set distillation too, or remove it")
+            if not has_split(recipe.data, "eval"):
+                raise RecipeError(recipe.source, f"{STAGE_TYPE}.perplexity_every_steps", "needs held-out text: set "
+                                  "data.eval_file or data.eval_fraction")
         stages = recipe.resolved_stages
         # (not in the recipe's stages: called on its own, the config is checked against the recipe's model)
         position = next((i for i, stage in enumerate(stages) if stage.config is self), 0)
@@ -167,15 +181,21 @@ def card_section(record: dict, report: dict, recovery: dict | None) -> str:
     if recovery:
         lines += ["", f"Recovered by KD from the unpruned model: {recovery['steps']} steps, {recovery['tokens']:,} "
                   f"training tokens."]
+        if recovery.get("perplexity_curve"):
+            lines += ["", "Held-out perplexity against KD tokens: " + ", ".join(
+                f"{p['tokens_trained']:,}: {p['held_out_perplexity']:.2f}" for p in recovery["perplexity_curve"]) + "."]
     return "\n".join(lines) + "\n"
 
 
-def trained_tokens(trainer, block_length: int) -> int:
-    """Tokens the trainer trained on: optimizer steps × sequences per step (every process) × block length (the
-    causal-LM training blocks are full, unpadded)."""
-    args = trainer.args
-    sequences = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    return trainer.state.global_step * sequences * block_length
+def perplexity_callback(recipe, tokenizer, every_steps: int):
+    """The held-out perplexity curve of the KD recovery, on the evaluate stage's windows of the evaluation split."""
+    from ..data import load_split
+    from ..tasks.causal_lm import eval_token_ids
+    from ..tasks.held_out import HeldOutPerplexityCallback
+
+    data = recipe.data
+    return HeldOutPerplexityCallback(eval_token_ids(load_split(data, "eval"), tokenizer, data), data.eval_window,
+                                     data.eval_batch_size, every_steps, data.max_length)
 
 
 @register_stage(STAGE_TYPE, MinitronStageConfig, card_tags=("pruned",))
@@ -200,10 +220,17 @@ def minitron_stage(state: ModelState, config: MinitronStageConfig, context: Stag
         logger.info("%s: shape search\n%s", context.stage_name, report["search_table"])
     recovery = None
     if teacher is not None:
+        callbacks = [perplexity_callback(recipe, tokenizer, config.perplexity_every_steps)] \
+            if config.perplexity_every_steps else []
         trainer = train_with_distillation(teacher, model, tokenizer, config.distillation, config.training, context,
-                                          copied_from=report["plan"].kept_layers)
+                                          copied_from=report["plan"].kept_layers, callbacks=callbacks)
         model = trainer.model
-        recovery = {"steps": trainer.state.global_step, "tokens": trained_tokens(trainer, recipe.data.max_length)}
+        from ..tasks.held_out import perplexity_curve, tokens_trained
+
+        steps = trainer.state.global_step
+        recovery = {"steps": steps, "tokens": tokens_trained(trainer.args, steps, recipe.data.max_length)}
+        if callbacks:
+            recovery["perplexity_curve"] = perplexity_curve(trainer.state.log_history)
         record["recovery"] = recovery
     if is_main_process():
         (context.stage_dir / "minitron.json").write_text(json.dumps(record, indent=2))

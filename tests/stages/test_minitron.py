@@ -28,7 +28,7 @@ def minitron_stage(**overrides) -> dict:
 def test_minitron_stage_prunes_recovers_by_kd_and_exports_a_plain_model(tiny_models, sst2_files, tmp_path):
     kd = {"kd_weight": 1.0, "temperature": 1.0, "top_k": 16, "cache_teacher_logits": True}
     stages = [{"type": "evaluate", "name": "teacher"},
-              minitron_stage(distillation=kd, training={"max_steps": 2}),
+              minitron_stage(distillation=kd, training={"max_steps": 2}, perplexity_every_steps=1),
               {"type": "evaluate", "name": "student"}]
     out = tmp_path / "out"
     result = run_recipe(validate_recipe(tiny_recipe(tiny_models("llama", "causal-lm"), sst2_files, task="causal-lm",
@@ -37,7 +37,14 @@ def test_minitron_stage_prunes_recovers_by_kd_and_exports_a_plain_model(tiny_mod
     record = next(r for r in result["stages"] if r["type"] == "minitron")
     report = json.loads((out / "stages" / "minitron" / "minitron.json").read_text())
     assert record["metrics"]["parameters"] == report["parameters_after"] < report["parameters_before"]
+    curve = report["recovery"].pop("perplexity_curve")
     assert len(report["search"]) == 3 and report["recovery"] == {"steps": 2, "tokens": 2 * 8 * 32}
+    # The curve: before KD, then every step; its last point is the trained student the next stage evaluates.
+    assert [(p["step"], p["tokens_trained"]) for p in curve] == [(0, 0), (1, 8 * 32), (2, 2 * 8 * 32)]
+    student = next(r for r in result["stages"] if r["name"] == "student")["metrics"]
+    assert curve[-1]["held_out_perplexity"] == pytest.approx(student["perplexity"], rel=1e-5)
+    assert curve[0]["held_out_perplexity"] != pytest.approx(curve[-1]["held_out_perplexity"], rel=1e-5)
+    assert (out / "plots" / "minitron-perplexity.png").read_bytes()[:4] == b"\x89PNG"
     assert record["metrics"]["kd_tokens"] == 2 * 8 * 32
     chosen = min(report["search"], key=lambda row: row["lm_loss"])
     assert chosen["parameters"] <= NON_EMBEDDING_BUDGET
@@ -45,6 +52,7 @@ def test_minitron_stage_prunes_recovers_by_kd_and_exports_a_plain_model(tiny_mod
     assert (out / "stages" / "minitron" / "teacher_logits.safetensors").is_file()  # KD read the top-k cache
     card = (out / "README.md").read_text()
     assert "## Stage `minitron` (minitron)" in card and "Shape search" in card
+    assert "Held-out perplexity against KD tokens: 0: " in card and "](plots/minitron-perplexity.png)" in card
 
     # A fresh process that never imports hf_modelopt builds the plain config and computes the same logits.
     ids = [[5, 17, 29, 3, 11, 7]]
@@ -86,6 +94,7 @@ def test_minitron_stage_without_kd_prunes_to_an_explicit_shape(tiny_models, sst2
      "target_params=1000000000 is not below the model's"),
     ("llama", "causal-lm", {"type": "minitron", "hidden_size": 64}, "hidden_size=64 is larger than the model's 32"),
     ("gpt2", "causal-lm", minitron_stage(), "does not support model_type 'gpt2'"),
+    ("llama", "causal-lm", minitron_stage(perplexity_every_steps=5), "measures the KD recovery: set distillation"),
 ])
 def test_unsupported_minitron_settings_are_refused_in_one_line_before_any_work(tiny_models, sst2_files, tmp_path,
                                                                                model_type, task, stage, message):
