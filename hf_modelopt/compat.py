@@ -84,6 +84,14 @@ def _one_logits_tensor_per_input(task) -> str | None:
     return None
 
 
+def _writes_its_own_text(task) -> str | None:
+    # The teacher continues prompts from the training text: the continuations are training text only for a causal LM.
+    if task.logits == "decoder-token":
+        return None
+    return (f"the teacher continues prompts, which is training text for a causal LM only; a {task.model_kind} needs "
+            "labelled rows: use transfer_file or augmentation (classification)")
+
+
 def _calibration_logits(task) -> str | None:
     if task.logits in CALIBRATION_LOGITS:
         return None
@@ -105,6 +113,7 @@ TASK_SUPPORT: dict[str, Callable[[object], str | None]] = {
     "quantization with calibration": _calibration_logits,
     "distillation of hidden states": _hidden_states_of_one_stack,  # hidden / cosine / attention losses
     "teacher logit cache": _one_logits_tensor_per_input,  # `cache_teacher_logits`
+    "distillation on teacher-written text": _writes_its_own_text,  # `generated_text`
 }
 
 

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .augment import AugmentationConfig
+from .generate import GeneratedTextConfig
 
 
 class StudentConfig(BaseModel):
@@ -98,6 +99,11 @@ class KnowledgeDistillationConfig(DistillationConfig):
     augmentation: AugmentationConfig | None = Field(
         None, description="Perturbed copies of the labelled training sentences (n-grams, masked words) added "
         "to the training set for KD only (classification; Tang et al. 2019).",
+    )
+    generated_text: GeneratedTextConfig | None = Field(
+        None, description="Causal LM: also (or only) train on text the teacher writes itself, continuing prompts cut "
+        "from the training text; written once to a file and reused (samples, prompt_tokens, new_tokens, "
+        "temperature, top_p, seed, only, file).",
     )
     teacher_device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | None = Field(
         None, description="For a teacher too big for one device: spread its layers over the GPUs, then CPU RAM, "

@@ -68,6 +68,8 @@ def check_distillation(config: KnowledgeDistillationConfig, task: str, data=None
         raise DistillationSettingError("augmentation", f"for classification only (task is {task}): a causal LM's "
                                        "training text is its own target")
     # What the task alone rules out is declared once, in compat's TASK_SUPPORT (the trainer reads it too).
+    if config.generated_text is not None and (refusal := task_refusal("distillation on teacher-written text", task)):
+        raise DistillationSettingError("generated_text", refusal)
     if config.cache_teacher_logits and (refusal := task_refusal("teacher logit cache", task)):
         raise DistillationSettingError("cache_teacher_logits", refusal)
     if config.needs_hidden_states and (refusal := task_refusal("distillation of hidden states", task)):
@@ -224,6 +226,10 @@ def distill(teacher, student, tokenizer, train_data, config: DistillationConfig,
 
     if config.transfer_file or config.augmentation is not None:
         train_data = with_kd_only_text(train_data, config, data, getattr(tokenizer, "mask_token", None))
+    if config.generated_text is not None:
+        from .generate import with_teacher_text
+
+        train_data = with_teacher_text(train_data, teacher, tokenizer, config.generated_text, data, shared_dir)
     train, evaluation, collator = training_rows(task, tokenizer, train_data, eval_data, data)
     train = train.add_column("example_index", list(range(len(train))))
     layer_map = config.layer_map or default_layer_map(
