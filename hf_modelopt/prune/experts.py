@@ -83,6 +83,25 @@ def expert_importance(model, batches) -> dict[str, torch.Tensor]:
     return {name: (sums[name] / max(tokens[name], 1)).float() for name in blocks}
 
 
+def check_expert_count(model, experts: int) -> None:
+    """Refuse, in one line (`ValueError`) and before anything changes, keeping `experts` experts per MoE block of
+    `model`: it needs MoE blocks, a config key holding the expert count, and at least the experts chosen per token
+    but fewer than there are. Reads shapes only (a model on the meta device will do)."""
+    blocks = moe_blocks(model)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no mixture-of-experts blocks (fused experts beside a router): "
+                         "nothing for expert removal to remove")
+    if not _config_keys(model.config, EXPERT_COUNT_KEYS):
+        raise ValueError(f"{type(model.config).__name__} has none of {EXPERT_COUNT_KEYS}: the smaller expert count "
+                         "could not be saved")
+    top_k_keys = _config_keys(model.config, TOP_K_KEYS)
+    top_k = min(getattr(model.config, key) for key in top_k_keys) if top_k_keys else 1
+    old = min(expert_count(e) for e, _ in blocks.values())
+    if not top_k <= experts < old:
+        raise ValueError(f"keep {experts} experts per block: it must be at least the {top_k} chosen per token and "
+                         f"fewer than the {old} there are")
+
+
 def _config_keys(config, keys) -> list[str]:
     return [key for key in keys if isinstance(getattr(config, key, None), int)]
 
@@ -102,15 +121,8 @@ def remove_experts_(model, keep: dict[str, list[int]]) -> None:
         raise ValueError(f"keep must name every MoE block ({', '.join(blocks)}) with the same number of experts "
                          "(the config holds one expert count)")
     new = counts.pop()
-    old = {expert_count(experts) for experts, _ in blocks.values()}
-    count_keys, top_k_keys = _config_keys(model.config, EXPERT_COUNT_KEYS), _config_keys(model.config, TOP_K_KEYS)
-    if not count_keys:
-        raise ValueError(f"{type(model.config).__name__} has none of {EXPERT_COUNT_KEYS}: the smaller expert count "
-                         "could not be saved")
-    top_k = min(getattr(model.config, key) for key in top_k_keys) if top_k_keys else 1
-    if not top_k <= new < min(old):
-        raise ValueError(f"keep {new} experts per block: it must be at least the {top_k} chosen per token and "
-                         f"fewer than the {min(old)} there are")
+    check_expert_count(model, new)
+    count_keys = _config_keys(model.config, EXPERT_COUNT_KEYS)
     for name, (experts, router) in blocks.items():
         index = torch.tensor(sorted(keep[name]))
         count = expert_count(experts)
@@ -132,6 +144,7 @@ def remove_experts_(model, keep: dict[str, list[int]]) -> None:
 @changes_in_place
 def remove_experts_by_importance_(model, batches, experts: int) -> dict:
     """Score the experts on `batches` and keep the `experts` most important in every MoE block; returns a report."""
+    check_expert_count(model, experts)  # (before the scoring passes)
     scores = expert_importance(model, batches)
     keep = {name: sorted(torch.topk(score, min(experts, score.numel())).indices.tolist())
             for name, score in scores.items()}

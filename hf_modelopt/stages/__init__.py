@@ -278,3 +278,27 @@ def ensure_loaded(state, settings):
         state.tokenizer = load_tokenizer(settings.model, path=str(state.path) if state.path else None,
                                          task=settings.task)
     return state
+
+
+def meta_model(spec, task: str):
+    """The recipe's model built from its config on the meta device: every shape, no weights (nothing is read but
+    the config)."""
+    import torch
+    from transformers import AutoConfig
+
+    from ..modeling import auto_model_class
+
+    kwargs = {"trust_remote_code": spec.trust_remote_code, "revision": spec.revision}
+    if spec.gguf_file:
+        kwargs["gguf_file"] = spec.gguf_file
+    config = AutoConfig.from_pretrained(spec.name_or_path, **kwargs)
+    with torch.device("meta"):
+        return auto_model_class(task).from_config(config, trust_remote_code=spec.trust_remote_code)
+
+
+def gets_recipe_model(recipe, config: StageConfig) -> bool:
+    """Whether the stage of `config` gets the recipe's own model (no stage before it changes the model), so that its
+    preflight may check that model (`meta_model`). A config outside the recipe's stages counts as first."""
+    stages = recipe.resolved_stages
+    position = next((i for i, stage in enumerate(stages) if stage.config is config), 0)
+    return not any(STAGES[stage.type].changes_model for stage in stages[:position])

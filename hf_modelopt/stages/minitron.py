@@ -18,7 +18,16 @@ from pydantic import Field
 from ..distill.config import KnowledgeDistillationConfig
 from ..errors import RecipeError, UserError
 from ..prune.minitron import MinitronConfig
-from . import STAGE_CARD_SECTION, STAGES, ModelState, StageConfig, StageContext, ensure_loaded, register_stage
+from . import (
+    STAGE_CARD_SECTION,
+    ModelState,
+    StageConfig,
+    StageContext,
+    ensure_loaded,
+    gets_recipe_model,
+    meta_model,
+    register_stage,
+)
 from .kd import TEACHER_HELP, check_kd_settings, check_teacher_stage, kd_teacher, train_with_distillation
 from .train import TRAINING_HELP, refuse_training_after
 
@@ -75,31 +84,12 @@ class MinitronStageConfig(StageConfig, MinitronConfig):
             if not has_split(recipe.data, "eval"):
                 raise RecipeError(recipe.source, f"{STAGE_TYPE}.perplexity_every_steps", "needs held-out text: set "
                                   "data.eval_file or data.eval_fraction")
-        stages = recipe.resolved_stages
-        # (not in the recipe's stages: called on its own, the config is checked against the recipe's model)
-        position = next((i for i, stage in enumerate(stages) if stage.config is self), 0)
-        if any(STAGES[stage.type].changes_model for stage in stages[:position]):
+        if not gets_recipe_model(recipe, self):
             return  # the model this stage gets is known only when it runs: the stage checks it before it scores
         try:
             check_prunable(meta_model(recipe.model, recipe.task), self)
         except UserError as err:
             raise RecipeError(recipe.source, STAGE_TYPE, str(err)) from None
-
-
-def meta_model(spec, task: str):
-    """The recipe's model built from its config on the meta device: every shape, no weights (nothing is read but
-    the config)."""
-    import torch
-    from transformers import AutoConfig
-
-    from ..modeling import auto_model_class
-
-    kwargs = {"trust_remote_code": spec.trust_remote_code, "revision": spec.revision}
-    if spec.gguf_file:
-        kwargs["gguf_file"] = spec.gguf_file
-    config = AutoConfig.from_pretrained(spec.name_or_path, **kwargs)
-    with torch.device("meta"):
-        return auto_model_class(task).from_config(config, trust_remote_code=spec.trust_remote_code)
 
 
 def check_prunable(model, config: MinitronConfig) -> None:

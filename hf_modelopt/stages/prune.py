@@ -1,6 +1,7 @@
 """The pruning recipe stages, thin layers over `hf_modelopt.prune`: `prune` (gradual unstructured, with
-`PruningCallback` while training), `prune_structured` (`prune_` with heads and neurons, then recovery training)
-and `prune_oneshot` (`prune_` with Wanda / SparseGPT from calibration rows of the recipe's task)."""
+`PruningCallback` while training), `prune_structured` (`prune_` with heads and neurons, then recovery training),
+`prune_oneshot` (`prune_` with Wanda / SparseGPT from calibration rows of the recipe's task) and `prune_experts`
+(`prune_` removing whole experts of mixture-of-experts blocks, scored on calibration rows)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,19 @@ from pydantic import Field
 from ..compat import task_refusal
 from ..distill.config import KnowledgeDistillationConfig
 from ..errors import RecipeError
-from ..prune.config import OneShotPruningConfig, PruningConfig, StructuredPruningConfig
+from ..prune.config import ExpertRemovalConfig, OneShotPruningConfig, PruningConfig, StructuredPruningConfig
 from ..tasks import get_task
-from . import MODEL_SUBDIR, ModelState, StageConfig, StageContext, ensure_loaded, register_stage, save_model_state
+from . import (
+    MODEL_SUBDIR,
+    ModelState,
+    StageConfig,
+    StageContext,
+    ensure_loaded,
+    gets_recipe_model,
+    meta_model,
+    register_stage,
+    save_model_state,
+)
 from .kd import TEACHER_HELP, check_kd_settings, check_teacher_stage, kd_teacher, train_with_distillation
 from .train import TRAINING_HELP, refuse_training_after
 
@@ -78,6 +89,31 @@ class OneShotPruneStageConfig(StageConfig, OneShotPruningConfig):
         if refusal := task_refusal("one-shot pruning", recipe.task):  # (the model itself: `prune_` checks it)
             raise RecipeError(recipe.source, "prune_oneshot", f"{refusal}; use the prune stage, which trains while "
                               "pruning")
+
+
+class ExpertRemovalStageConfig(StageConfig, ExpertRemovalConfig):
+    """The `prune_experts` stage: remove whole experts of every mixture-of-experts block (`prune_`: routing frequency
+    x output norm on calibration rows from the start of the training split); the config keeps the smaller expert
+    count, so the result loads with plain `from_pretrained`. No training."""
+
+    calibration_batch_size: int = Field(4, gt=0, description="Calibration rows per batch (the stage scores "
+                                        "calibration_batches batches from the start of the training split).")
+    requires_data = ("train",)
+
+    def preflight(self, recipe) -> None:
+        """When no earlier stage changes the model, the recipe's model (built on the meta device from its config: no
+        weights are read) must have MoE blocks that can keep `experts` experts, so a bad count is refused before any
+        stage runs."""
+        if refusal := task_refusal("one-shot pruning", recipe.task):  # (calibrated on the task's rows, as one-shot)
+            raise RecipeError(recipe.source, "prune_experts", refusal)
+        if not gets_recipe_model(recipe, self):
+            return  # the model this stage gets is known only when it runs: `prune_` checks it before it scores
+        from ..prune.experts import check_expert_count
+
+        try:
+            check_expert_count(meta_model(recipe.model, recipe.task), self.experts)
+        except ValueError as err:
+            raise RecipeError(recipe.source, "prune_experts.experts", str(err)) from None
 
 
 @register_stage("prune", PruneStageConfig, card_tags=("pruned",))
@@ -174,3 +210,24 @@ def prune_oneshot_stage(state: ModelState, config: OneShotPruneStageConfig, cont
                 recipe.data.max_length)
     prune_(state.model, config, batches)
     return _finish_unstructured(ModelState(model=state.model, tokenizer=state.tokenizer), config, context)
+
+
+@register_stage("prune_experts", ExpertRemovalStageConfig, card_tags=("pruned",))
+def prune_experts_stage(state: ModelState, config: ExpertRemovalStageConfig, context: StageContext) -> ModelState:
+    from ..data import load_split
+    from ..distributed import is_main_process
+    from ..prune.prune import prune_
+
+    recipe = context.settings
+    ensure_loaded(state, recipe)
+    rows = config.calibration_batches * config.calibration_batch_size
+    batches = list(get_task(recipe.task).calibration_batches(load_split(recipe.data, "train"), state.tokenizer,
+                                                             recipe.data, rows, config.calibration_batch_size))
+    logger.info("prune_experts: keep %d experts per MoE block, scored on %d calibration rows of up to %d tokens",
+                config.experts, rows, recipe.data.max_length)
+    report = prune_(state.model, config, batches)
+    if is_main_process():
+        (context.stage_dir / "experts.json").write_text(json.dumps(report, indent=2))
+    state.metrics = {"experts": config.experts, "parameters": report["parameters_after"],
+                     "parameters_before": report["parameters_before"]}
+    return state

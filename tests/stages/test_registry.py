@@ -137,14 +137,17 @@ def test_each_stage_config_is_its_technique_config_plus_stage_fields():
     )
     from hf_modelopt.distill import KnowledgeDistillationConfig
     from hf_modelopt.export import ExportConfig
+    from hf_modelopt.prune import ExpertRemovalConfig
+    from hf_modelopt.prune.minitron import MinitronConfig
     from hf_modelopt.quant import StorageQuantizationConfig
 
     load_builtin_stages()
     technique_of = {"distill": KnowledgeDistillationConfig, "prune": PruningConfig,
                     "prune_structured": StructuredPruningConfig, "prune_oneshot": OneShotPruningConfig,
                     "quantize": QuantizationConfig, "quantize_storage": StorageQuantizationConfig,
-                    "export": ExportConfig}
-    required = {"prune": {"sparsity": 0.5}, "prune_structured": {"heads": 0.5}, "distill": {"student": {"every": 2}}}
+                    "export": ExportConfig, "prune_experts": ExpertRemovalConfig, "minitron": MinitronConfig}
+    required = {"prune": {"sparsity": 0.5}, "prune_structured": {"heads": 0.5}, "distill": {"student": {"every": 2}},
+                "prune_experts": {"experts": 2}, "minitron": {"num_hidden_layers": 2}}
     for stage, technique in technique_of.items():
         stage_cls = STAGES[stage].config_cls
         assert issubclass(stage_cls, technique), stage
