@@ -51,6 +51,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from hf_modelopt.data import load_split
+    from hf_modelopt.prune.structured import parameter_count
     from hf_modelopt.recipe import load_recipe
     from hf_modelopt.stages import ModelState, ensure_loaded
     from hf_modelopt.tasks.causal_lm import eval_token_ids
@@ -96,12 +97,9 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         rows.append(row)
 
-    def count(which) -> int:
-        return sum(p.numel() for p in which.parameters())  # (a tied weight is one parameter: counted once)
-
-    setup = {"recipe": args.recipe, "model": f"{args.model} ({count(model):,} parameters)",
+    setup = {"recipe": args.recipe, "model": f"{args.model} ({parameter_count(model):,} parameters)",
              "baseline": recipe.model.name_or_path + (f" ({recipe.model.gguf_file})" if recipe.model.gguf_file else "")
-             + f" ({count(baseline):,} parameters)", "new_tokens": args.new_tokens,
+             + f" ({parameter_count(baseline):,} parameters)", "new_tokens": args.new_tokens,
              "prompt_tokens": args.prompt_tokens, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
              "dtype": str(baseline.dtype)}
     result = {"setup": setup, "rows": rows}
