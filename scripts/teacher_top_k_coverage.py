@@ -2,9 +2,9 @@
 """How much of a causal LM's held-out likelihood lies outside its top-k logits: what top-k KD (renormalised over the
 k entries) leaves out.
 
-On the recipe's evaluation windows (those of its `evaluate` stage), with the recipe's model: perplexity, the share of
-next tokens among the k largest logits, the mean probability outside them, and the share of the negative
-log-likelihood carried by the tokens outside them.
+On the recipe's evaluation windows (those of its `evaluate` stage, whole windows only: a shorter last window is
+left out), with the recipe's model: perplexity, the share of next tokens among the k largest logits, the mean
+probability outside them, and the share of the negative log-likelihood carried by the tokens outside them.
 
 Usage: python scripts/teacher_top_k_coverage.py recipes/smollm2/minitron.yaml [--top-k 64]
 """
