@@ -193,7 +193,7 @@ def main() -> None:
     rows = [measured("teacher (unpruned)", teacher, full, 0.0)]
     rows += [pruned(name, shape) for name, shape in shapes.items()]
     started = time.perf_counter()
-    candidates = shapes_within_budget(teacher, budget, counted, stage.search_candidates)
+    candidates = shapes_within_budget(teacher, budget, counted, stage.search_candidates, stage.target_shape())
     best, search = search_shape(teacher, importance, batches, candidates, stage.depth_importance, counted)
     search_seconds = time.perf_counter() - started
     shapes[f"search best (of {len(search)})"] = {key: best[key] for key in full}

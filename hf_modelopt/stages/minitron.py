@@ -99,7 +99,8 @@ def check_prunable(model, config: MinitronConfig) -> None:
 
     decoder_layout(model)
     if config.target_params is not None:
-        shapes_within_budget(model, config.target_params, config.target_params_counted, config.search_candidates)
+        shapes_within_budget(model, config.target_params, config.target_params_counted, config.search_candidates,
+                             config.target_shape())
     else:
         resolve_shape(model, config.target_shape())
 

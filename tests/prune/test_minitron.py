@@ -348,9 +348,38 @@ def test_budgets_the_search_cannot_meet_are_refused_unchanged(budget, message):
     assert_unchanged(model, before)
 
 
-def test_a_budget_and_a_shape_together_are_refused():
-    with pytest.raises(ValueError, match="either target_params or a shape"):
-        MinitronConfig(target_params=1000, hidden_size=16)
+@pytest.mark.parametrize("architecture, fixed, held", [
+    (FAMILIES["qwen3"], dict(num_hidden_layers=2), {}),
+    (FAMILIES["qwen3"], dict(num_hidden_layers=3, intermediate_size=24), {}),
+    (FAMILIES["qwen3"], dict(num_attention_heads=4, num_key_value_heads=1), {}),  # whole key/value groups out
+    (MHA, dict(num_attention_heads=2), dict(num_key_value_heads=2)),  # one key/value head per query head
+])
+def test_shape_fields_beside_a_budget_are_held_in_every_candidate(architecture, fixed, held):
+    model, batches = tiny_lm("qwen3", **{**architecture, "num_hidden_layers": 4}), calibration_batches()
+    count = parameters_of(model, "total")
+    budget = int(0.7 * count(current_shape(model)))
+    report = prune_(model, MinitronConfig(target_params=budget, search_candidates=3, **fixed), batches)
+    held = {**fixed, **held}
+    rows = report["search"]
+    assert rows and all(row["parameters"] <= budget for row in rows)
+    assert all({key: row[key] for key in held} == held for row in rows), rows
+    assert {key: report["shape_after"][key] for key in held} == held
+    assert parameter_count(model) == count(report["shape_after"])
+
+
+@pytest.mark.parametrize("fixed, budget, message", [
+    (dict(hidden_size=64), 10**4, "hidden_size=64 is larger than the model's 32"),
+    (dict(num_hidden_layers=3), 10, "below the smallest shape the search tries with num_hidden_layers=3"),
+    (dict(num_hidden_layers=3, hidden_size=32, intermediate_size=48, num_attention_heads=8, num_key_value_heads=2),
+     10**4, "are the model's own shape: nothing is left to search"),
+])
+def test_a_budget_with_fixed_fields_it_cannot_meet_is_refused_unchanged(fixed, budget, message):
+    model = tiny_lm("llama")
+    before = state(model)
+    with pytest.raises(UserError, match=message) as raised:
+        prune_(model, MinitronConfig(target_params=budget, **fixed), calibration_batches())
+    assert "\n" not in str(raised.value)
+    assert_unchanged(model, before)
 
 
 def test_depth_removal_keeps_each_blocks_own_attention_type():

@@ -93,6 +93,7 @@ def test_minitron_stage_without_kd_prunes_to_an_explicit_shape(tiny_models, sst2
     ("llama", "causal-lm", minitron_stage(target_params=10**9, target_params_counted="total"),
      "target_params=1000000000 is not below the model's"),
     ("llama", "causal-lm", {"type": "minitron", "hidden_size": 64}, "hidden_size=64 is larger than the model's 32"),
+    ("llama", "causal-lm", minitron_stage(num_hidden_layers=4), "num_hidden_layers=4 is larger than the model's"),
     ("gpt2", "causal-lm", minitron_stage(), "does not support model_type 'gpt2'"),
     ("llama", "causal-lm", minitron_stage(perplexity_every_steps=5), "measures the KD recovery: set distillation"),
 ])

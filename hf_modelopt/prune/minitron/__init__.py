@@ -54,7 +54,7 @@ def prune_minitron_(model, config: MinitronConfig, batches) -> dict:
     decoder_layout(model)
     if config.target_params is not None:
         candidates = shapes_within_budget(model, config.target_params, config.target_params_counted,
-                                          config.search_candidates)
+                                          config.search_candidates, config.target_shape())
     else:
         shape = resolve_shape(model, config.target_shape())
     batches = list(islice(batches or [], config.calibration_batches))

@@ -13,7 +13,9 @@ SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_atte
 class MinitronConfig(BaseModel):
     """Prune a decoder LLM to a smaller uniform shape, ranking layers, heads, FFN neurons and embedding channels by
     their activations on calibration batches (forward passes only; Muralidharan et al. 2024,
-    https://arxiv.org/abs/2407.14679). Each shape field left unset keeps the model's value."""
+    https://arxiv.org/abs/2407.14679). Each shape field left unset keeps the model's value; with `target_params`,
+    the fields that are set are held fixed and the search chooses the others (e.g. `num_hidden_layers`, which sets
+    the decoding speed more than the parameter count does)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
     num_hidden_layers: int | None = Field(None, ge=1, description="Blocks kept (depth); the others are removed.")
@@ -27,7 +29,8 @@ class MinitronConfig(BaseModel):
     )
     target_params: int | None = Field(
         None, gt=0, description="A parameter budget instead of a shape: the grid of candidate shapes within it is "
-        "searched and the one with the lowest calibration LM loss right after pruning is taken.",
+        "searched and the one with the lowest calibration LM loss right after pruning is taken. Shape fields set "
+        "beside it are held fixed in every candidate.",
     )
     target_params_counted: Literal["total", "non_embedding"] = Field(
         "total", description="What target_params counts: every parameter (total), or all but the input "
@@ -45,10 +48,7 @@ class MinitronConfig(BaseModel):
 
     @model_validator(mode="after")
     def _shape_or_budget(self):
-        explicit = [key for key in SHAPE_KEYS if getattr(self, key) is not None]
-        if self.target_params is not None and explicit:
-            raise ValueError(f"give either target_params or a shape ({', '.join(explicit)}), not both")
-        if self.target_params is None and not explicit:
+        if self.target_params is None and not self.target_shape():
             raise ValueError(f"set target_params, or at least one target shape field: {', '.join(SHAPE_KEYS)}")
         return self
 

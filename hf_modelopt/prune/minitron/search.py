@@ -16,10 +16,10 @@ from ...errors import UserError
 from ..structured import _ffn_in, head_geometry
 from .importance import MinitronImportance, calibration_lm_loss
 from .layout import decoder_layout
-from .removal import apply_plan_, choose_plan, current_shape
+from .removal import apply_plan_, choose_plan, current_shape, resolve_shape
 
 # Fractions of the model's value tried for each shape field. Heads: of the query heads in each key/value group
-# (every group is kept: dropping whole groups is for an explicit shape).
+# (every group is kept: dropping whole groups is for an explicit or fixed num_key_value_heads).
 SEARCH_FRACTIONS = {
     "num_hidden_layers": (1.0, 0.875, 0.75, 0.625, 0.5),
     "hidden_size": (1.0, 0.875, 0.75, 0.625, 0.5),
@@ -89,21 +89,28 @@ def _scaled(value: int, fraction: float) -> int:
     return max(1, scaled)
 
 
-def candidate_shapes(model) -> list[dict[str, int]]:
-    """Every shape of the grid (`SEARCH_FRACTIONS`), distinct, the model's own excluded."""
+def candidate_shapes(model, fixed: dict[str, int] | None = None) -> list[dict[str, int]]:
+    """Every shape of the grid (`SEARCH_FRACTIONS`), distinct, the model's own excluded; the shape fields in `fixed`
+    (checked by `resolve_shape`) take their given value in every shape instead of the grid's."""
     shape = current_shape(model)
     heads, kv_heads = shape["num_attention_heads"], shape["num_key_value_heads"]
     group = heads // kv_heads
+    fixed = dict(fixed or {})
+    if fixed:
+        resolved = resolve_shape(model, fixed)
+        if "num_attention_heads" in fixed:  # the key/value heads follow, as resolve_shape decides
+            fixed["num_key_value_heads"] = resolved["num_key_value_heads"]
     shapes = {}
     for layers, hidden, ffn, head_fraction in itertools.product(*SEARCH_FRACTIONS.values()):
         if group == 1:  # one key/value head per query head: they go together
             new_heads = new_kv = max(1, int(heads * head_fraction))
         else:
-            new_heads, new_kv = kv_heads * max(1, int(group * head_fraction)), kv_heads
+            new_kv = fixed.get("num_key_value_heads", kv_heads)
+            new_heads = new_kv * max(1, int(group * head_fraction))
         candidate = {"num_hidden_layers": max(1, int(shape["num_hidden_layers"] * layers)),
                      "hidden_size": _scaled(shape["hidden_size"], hidden),
                      "intermediate_size": _scaled(shape["intermediate_size"], ffn),
-                     "num_attention_heads": new_heads, "num_key_value_heads": new_kv}
+                     "num_attention_heads": new_heads, "num_key_value_heads": new_kv, **fixed}
         if candidate != shape:
             shapes[tuple(candidate.values())] = candidate
     return list(shapes.values())
@@ -120,20 +127,27 @@ def parameters_of(model, counted: str):
     return count
 
 
-def shapes_within_budget(model, target_params: int, counted: str, candidates: int) -> list[dict[str, int]]:
-    """The `candidates` largest grid shapes of at most `target_params` parameters; `UserError` when the budget is
-    not below the model's size or below every shape of the grid."""
+def shapes_within_budget(model, target_params: int, counted: str, candidates: int,
+                         fixed: dict[str, int] | None = None) -> list[dict[str, int]]:
+    """The `candidates` largest grid shapes of at most `target_params` parameters (with the shape fields `fixed`);
+    `UserError` when the budget is not below the model's size or below every shape of the grid, or when a fixed
+    field cannot be reached."""
     count = parameters_of(model, counted)
     own = count(current_shape(model))
     if target_params >= own:
         raise UserError(f"Minitron pruning: target_params={target_params} is not below the model's {own} "
                         f"({counted.replace('_', '-')} parameters): nothing to prune")
-    fitting = sorted((s for s in candidate_shapes(model) if count(s) <= target_params), key=count, reverse=True)
+    grid = candidate_shapes(model, fixed)
+    if not grid:
+        raise UserError(f"Minitron pruning: the shape fields set beside target_params ({fixed}) are the model's own "
+                        "shape: nothing is left to search")
+    fitting = sorted((s for s in grid if count(s) <= target_params), key=count, reverse=True)
     if not fitting:
-        smallest = min(count(s) for s in candidate_shapes(model))
+        smallest = min(count(s) for s in grid)
+        held = f" with {', '.join(f'{key}={value}' for key, value in fixed.items())}" if fixed else ""
         raise UserError(f"Minitron pruning: target_params={target_params} is below the smallest shape the search "
-                        f"tries ({smallest} {counted.replace('_', '-')} parameters); give at least {smallest}, or "
-                        f"an explicit shape")
+                        f"tries{held} ({smallest} {counted.replace('_', '-')} parameters); give at least {smallest}, "
+                        f"or an explicit shape")
     return fitting[:candidates]
 
 
