@@ -22,6 +22,24 @@ from typing import Any
 
 from .export.measure import compare_latency, format_latency_table, random_batch  # noqa: F401  (re-exported)
 
+
+def greedy_generation_seconds(model, input_ids, new_tokens: int, pad_token_id: int) -> float:
+    """Seconds `model` takes to generate exactly `new_tokens` greedy tokens after `input_ids` (no padding, KV
+    cache on); a `RuntimeError` if it stopped early."""
+    import time
+
+    import torch
+
+    started = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False, use_cache=True,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad_token_id)
+    seconds = time.perf_counter() - started
+    if out.shape[1] != input_ids.shape[1] + new_tokens:
+        raise RuntimeError(f"generated {out.shape[1] - input_ids.shape[1]} tokens, not {new_tokens}")
+    return seconds
+
+
 # --------------------------------------------------------------------------- the full benchmark
 
 

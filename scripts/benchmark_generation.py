@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 
@@ -50,19 +49,19 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from hf_modelopt.benchmark import greedy_generation_seconds
     from hf_modelopt.data import load_split
     from hf_modelopt.prune.structured import parameter_count
     from hf_modelopt.recipe import load_recipe
     from hf_modelopt.stages import ModelState, ensure_loaded
-    from hf_modelopt.tasks.causal_lm import eval_token_ids
+    from hf_modelopt.tasks.causal_lm import eval_token_ids, eval_windows
 
     recipe = load_recipe(args.recipe)
     state = ensure_loaded(ModelState(), recipe)
     baseline, tokenizer = state.model.eval(), state.tokenizer
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=baseline.dtype).eval()
     ids = eval_token_ids(load_split(recipe.data, "eval"), tokenizer, recipe.data)
-    window = recipe.data.eval_window
-    prompts = [ids[start : start + args.prompt_tokens] for start in range(0, len(ids), window)]
+    prompts = [w[: args.prompt_tokens] for w in eval_windows(ids, recipe.data.eval_window)]
     if len(prompts[-1]) < args.prompt_tokens:
         prompts.pop()
     if len(prompts) < max(args.batch_sizes):
@@ -70,14 +69,7 @@ def main() -> None:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def generate(which, batch: torch.Tensor) -> float:
-        started = time.perf_counter()
-        with torch.inference_mode():
-            out = which.generate(batch, attention_mask=torch.ones_like(batch), do_sample=False,
-                                 max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=pad)
-        seconds = time.perf_counter() - started
-        if out.shape[1] != batch.shape[1] + args.new_tokens:
-            raise RuntimeError(f"generated {out.shape[1] - batch.shape[1]} tokens, not {args.new_tokens}")
-        return seconds
+        return greedy_generation_seconds(which, batch, args.new_tokens, pad)
 
     rows = []
     for batch_size in args.batch_sizes:
