@@ -26,13 +26,13 @@ def main() -> None:
     from hf_modelopt.data import load_split
     from hf_modelopt.recipe import load_recipe
     from hf_modelopt.stages import ModelState, ensure_loaded
-    from hf_modelopt.tasks.causal_lm import eval_token_ids
+    from hf_modelopt.tasks.causal_lm import eval_token_ids, eval_windows
 
     recipe = load_recipe(args.recipe)
     state = ensure_loaded(ModelState(), recipe)
     model, data = state.model.eval(), recipe.data
-    ids = torch.as_tensor(eval_token_ids(load_split(data, "eval"), state.tokenizer, data))
-    windows = ids[: len(ids) // data.eval_window * data.eval_window].view(-1, data.eval_window)
+    ids = eval_token_ids(load_split(data, "eval"), state.tokenizer, data)
+    windows = torch.tensor([w for w in eval_windows(ids, data.eval_window) if len(w) == data.eval_window])
     nll, inside, outside_mass = [], [], []
     with torch.no_grad():
         for batch in windows.split(data.eval_batch_size):

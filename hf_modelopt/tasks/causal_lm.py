@@ -58,13 +58,19 @@ def eval_token_ids(dataset, tokenizer, config: CausalLMData) -> list[int]:
     return ids
 
 
+def eval_windows(token_ids: list[int], window: int) -> list[list[int]]:
+    """Consecutive non-overlapping `window`-token windows of `token_ids`; the last may be shorter (one of a single
+    token, which predicts nothing, is left out)."""
+    windows = [token_ids[i : i + window] for i in range(0, len(token_ids), window)]
+    return [w for w in windows if len(w) > 1]
+
+
 def evaluate_perplexity(model, token_ids: list[int], window: int, batch_size: int) -> dict[str, float]:
-    """Perplexity over consecutive non-overlapping `window`-token windows of `token_ids`."""
+    """Perplexity over `eval_windows(token_ids, window)`."""
     import torch
     from tqdm.auto import tqdm
 
-    windows = [token_ids[i : i + window] for i in range(0, len(token_ids), window)]
-    windows = [w for w in windows if len(w) > 1]
+    windows = eval_windows(token_ids, window)
     device = next(model.parameters()).device
     total_nll, predicted = 0.0, 0
     model.eval()
