@@ -18,6 +18,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from ..structured import head_geometry
 from .layout import decoder_layout
@@ -168,20 +169,23 @@ def activation_importance(model, batches: list[dict]) -> MinitronImportance:
             handles.extend(layer.get_submodule(name).register_forward_hook(on_norm_output)
                            for name in layout.block_norms)
         handles.append(model.get_submodule(layout.final_norm).register_forward_hook(on_norm_output))
-        with torch.no_grad():
+        # One pass with the hooks, then one per skipped block: the progress bar counts passes over the batches.
+        with torch.no_grad(), tqdm(total=len(layers) + 1, desc="Minitron importance", unit="pass") as bar:
             for batch in batches:
                 inputs = _model_inputs(batch, device)
                 state["mask"] = _token_mask(inputs, inputs["input_ids"])
                 state["tokens"] += int(state["mask"].sum().item())
                 nll, count = _summed_nll(model(**inputs).logits, inputs)  # the full model's loss, in the same pass
                 total_nll, predicted = total_nll + nll, predicted + count
-        for handle in handles:
-            handle.remove()
-        loss = _mean(total_nll, predicted)
-        without = []
-        for i in range(len(layers)):
-            with skipped_block(model, i):
-                without.append(calibration_lm_loss(model, batches)[0])
+            bar.update()
+            for handle in handles:
+                handle.remove()
+            loss = _mean(total_nll, predicted)
+            without = []
+            for i in range(len(layers)):
+                with skipped_block(model, i):
+                    without.append(calibration_lm_loss(model, batches)[0])
+                bar.update()
     finally:
         for handle in handles:
             handle.remove()
