@@ -40,6 +40,19 @@ def greedy_generation_seconds(model, input_ids, new_tokens: int, pad_token_id: i
     return seconds
 
 
+def interleaved_generation_seconds(models: dict[str, Any], input_ids, new_tokens: int, pad_token_id: int,
+                                   repeats: int) -> dict[str, list[float]]:
+    """name -> `repeats` timings of `greedy_generation_seconds`, after one untimed warm-up each; in every round the
+    models take turns, so that machine noise hits them alike."""
+    for model in models.values():
+        greedy_generation_seconds(model, input_ids, new_tokens, pad_token_id)
+    seconds = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            seconds[name].append(greedy_generation_seconds(model, input_ids, new_tokens, pad_token_id))
+    return seconds
+
+
 # --------------------------------------------------------------------------- the full benchmark
 
 

@@ -49,7 +49,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from hf_modelopt.benchmark import greedy_generation_seconds
+    from hf_modelopt.benchmark import interleaved_generation_seconds
     from hf_modelopt.data import load_split
     from hf_modelopt.prune.structured import parameter_count
     from hf_modelopt.recipe import load_recipe
@@ -68,18 +68,10 @@ def main() -> None:
         raise SystemExit(f"the evaluation text gives {len(prompts)} prompts, fewer than batch {max(args.batch_sizes)}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    def generate(which, batch: torch.Tensor) -> float:
-        return greedy_generation_seconds(which, batch, args.new_tokens, pad)
-
     rows = []
     for batch_size in args.batch_sizes:
-        batch = torch.tensor(prompts[:batch_size])
-        times = {"baseline": [], "model": []}
-        for which in (baseline, model):
-            generate(which, batch)  # warm-up
-        for _ in range(args.repeats):
-            for name, which in (("baseline", baseline), ("model", model)):
-                times[name].append(generate(which, batch))
+        times = interleaved_generation_seconds({"baseline": baseline, "model": model},
+                                               torch.tensor(prompts[:batch_size]), args.new_tokens, pad, args.repeats)
         row = {"batch_size": batch_size}
         for name, seconds in times.items():
             row[f"{name}_seconds"] = statistics.median(seconds)

@@ -65,7 +65,7 @@ def main() -> None:
 
     import torch
 
-    from hf_modelopt.benchmark import greedy_generation_seconds
+    from hf_modelopt.benchmark import interleaved_generation_seconds
     from hf_modelopt.modeling import auto_model_class
     from hf_modelopt.prune.minitron import current_shape
     from hf_modelopt.prune.structured import head_geometry, parameter_count
@@ -94,13 +94,7 @@ def main() -> None:
 
     rows = []
     for batch_size in args.batch_sizes:
-        batch = prompts[:batch_size]
-        times = {name: [] for name in models}
-        for model in models.values():
-            greedy_generation_seconds(model, batch, args.new_tokens, pad)  # warm-up
-        for _ in range(args.repeats):
-            for name, model in models.items():
-                times[name].append(greedy_generation_seconds(model, batch, args.new_tokens, pad))
+        times = interleaved_generation_seconds(models, prompts[:batch_size], args.new_tokens, pad, args.repeats)
         baseline = statistics.median(times[shape_name(own)])
         for name, model in models.items():
             seconds = statistics.median(times[name])
