@@ -23,7 +23,7 @@ import json
 import statistics
 from pathlib import Path
 
-SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+from hf_modelopt.prune.minitron.config import SHAPE_KEYS
 
 
 def parse_shape(text: str) -> dict[str, int]:
@@ -66,8 +66,9 @@ def main() -> None:
     import torch
 
     from hf_modelopt.benchmark import interleaved_generation_seconds
+    from hf_modelopt.errors import UserError
     from hf_modelopt.modeling import auto_model_class
-    from hf_modelopt.prune.minitron import current_shape
+    from hf_modelopt.prune.minitron import current_shape, resolve_shape
     from hf_modelopt.prune.structured import head_geometry, parameter_count
     from hf_modelopt.recipe import load_recipe
     from hf_modelopt.stages import meta_model
@@ -76,6 +77,11 @@ def main() -> None:
     meta = meta_model(recipe.model, recipe.task)
     config, own = meta.config, current_shape(meta)
     config.head_dim = head_geometry(config)[2]  # explicit, so that it stays when the head count changes
+    for shape in args.shapes:  # shapes pruning can reach (the same checks as the minitron stage's), before any work
+        try:
+            resolve_shape(meta, shape)
+        except UserError as err:
+            parser.error(f"{shape_name(shape)}: {err}")
 
     def build(shape: dict[str, int]):
         shaped = copy.deepcopy(config)

@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from ..conftest import REPO, tiny_recipe
@@ -35,10 +36,15 @@ def test_each_shape_is_timed_against_the_models_own(tiny_models, sst2_files, tmp
     assert (tmp_path / "s" / "shape-speed.md").read_text().count("\n| ") == 1 + 6  # header, rows
 
 
-def test_a_malformed_shape_is_refused_in_one_line(tiny_models, sst2_files, tmp_path):
+@pytest.mark.parametrize("shape, message", [
+    ("2/32/37", "'2/32/37': give a shape as layers/hidden/ffn/heads/kv_heads"),
+    ("2/32/128/4/2", "2/32/128/4/2: Minitron pruning: intermediate_size=128 is larger than the model's 64"),
+    ("2/32/64/3/2", "must be a multiple of num_key_value_heads=2"),
+])
+def test_a_shape_pruning_cannot_reach_is_refused_in_one_line(tiny_models, sst2_files, tmp_path, shape, message):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_models("llama", "causal-lm"), sst2_files, task="causal-lm",
                                                  stages=[{"type": "evaluate"}])))
-    done = subprocess.run([sys.executable, "scripts/benchmark_shape_speed.py", str(recipe), "2/32/37"], cwd=REPO,
+    done = subprocess.run([sys.executable, "scripts/benchmark_shape_speed.py", str(recipe), shape], cwd=REPO,
                           capture_output=True, text=True)
-    assert done.returncode == 2 and "'2/32/37': give a shape as layers/hidden/ffn/heads/kv_heads" in done.stderr
+    assert done.returncode == 2 and message in done.stderr.splitlines()[-1], done.stderr[-2000:]
