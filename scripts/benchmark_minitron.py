@@ -132,7 +132,7 @@ def main() -> None:
         parameters_of,
     )
     from hf_modelopt.prune.minitron.removal import resolve_shape
-    from hf_modelopt.prune.minitron.search import format_search_table, search_shape, shapes_within_budget
+    from hf_modelopt.prune.minitron.search import format_search_table, search_shape, target_shapes
     from hf_modelopt.prune.structured import parameter_count
     from hf_modelopt.recipe import load_recipe
     from hf_modelopt.stages import ModelState, ensure_loaded
@@ -193,7 +193,7 @@ def main() -> None:
     rows = [measured("teacher (unpruned)", teacher, full, 0.0)]
     rows += [pruned(name, shape) for name, shape in shapes.items()]
     started = time.perf_counter()
-    candidates = shapes_within_budget(teacher, budget, counted, stage.search_candidates, stage.target_shape())
+    candidates = target_shapes(teacher, stage)  # (the stage has target_params: checked above)
     best, search = search_shape(teacher, importance, batches, candidates, stage.depth_importance, counted)
     search_seconds = time.perf_counter() - started
     shapes[f"search best (of {len(search)})"] = {key: best[key] for key in full}

@@ -94,15 +94,9 @@ class MinitronStageConfig(StageConfig, MinitronConfig):
 
 def check_prunable(model, config: MinitronConfig) -> None:
     """What `prune_minitron_` refuses before it scores: the family, then the shape or the budget (`UserError`)."""
-    from ..prune.minitron import decoder_layout, resolve_shape
-    from ..prune.minitron.search import shapes_within_budget
+    from ..prune.minitron.search import target_shapes
 
-    decoder_layout(model)
-    if config.target_params is not None:
-        shapes_within_budget(model, config.target_params, config.target_params_counted, config.search_candidates,
-                             config.target_shape())
-    else:
-        resolve_shape(model, config.target_shape())
+    target_shapes(model, config)
 
 
 def calibration_loader(recipe, tokenizer, config: MinitronStageConfig):

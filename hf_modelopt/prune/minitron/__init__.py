@@ -31,14 +31,15 @@ from .removal import (
     remove_kv_groups_,
     resolve_shape,
 )
-from .search import candidate_shapes, format_search_table, parameters_of, search_shape, shapes_within_budget
+from .search import candidate_shapes, format_search_table, parameters_of, search_shape, target_shapes
 
 logger = logging.getLogger("hf_modelopt")
 
 __all__ = [
     "DECODER_LAYOUTS", "MinitronConfig", "MinitronImportance", "MinitronPlan", "activation_importance",
-    "apply_plan_", "calibration_lm_loss", "candidate_shapes", "choose_plan", "current_shape", "parameters_of",
-    "prune_minitron_", "remove_blocks_", "remove_hidden_channels_", "remove_kv_groups_", "skipped_block",
+    "apply_plan_", "calibration_lm_loss", "candidate_shapes", "choose_plan", "current_shape", "decoder_layout",
+    "parameters_of", "prune_minitron_", "remove_blocks_", "remove_hidden_channels_", "remove_kv_groups_",
+    "resolve_shape", "skipped_block", "target_shapes",
 ]
 
 
@@ -51,12 +52,7 @@ def prune_minitron_(model, config: MinitronConfig, batches) -> dict:
     unchanged. Returns the report: the importance (with `.table()`), the shapes, the plan (what was kept), the
     removed blocks, the parameter counts, and the search's rows and table when there was one.
     """
-    decoder_layout(model)
-    if config.target_params is not None:
-        candidates = shapes_within_budget(model, config.target_params, config.target_params_counted,
-                                          config.search_candidates, config.target_shape())
-    else:
-        shape = resolve_shape(model, config.target_shape())
+    candidates = target_shapes(model, config)
     batches = list(islice(batches or [], config.calibration_batches))
     if not batches:
         raise UserError("Minitron pruning scores from activations: pass batches= (dicts with input_ids, e.g. a "
@@ -67,6 +63,8 @@ def prune_minitron_(model, config: MinitronConfig, batches) -> dict:
         best, search = search_shape(model, importance, batches, candidates, config.depth_importance,
                                     config.target_params_counted)
         shape = {key: best[key] for key in current_shape(model)}
+    else:
+        (shape,) = candidates
     plan = choose_plan(model, importance, shape, config.depth_importance)
     shape_before, before = current_shape(model), parameter_count(model)
     apply_plan_(model, plan)

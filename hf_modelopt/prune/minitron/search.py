@@ -151,6 +151,18 @@ def shapes_within_budget(model, target_params: int, counted: str, candidates: in
     return fitting[:candidates]
 
 
+def target_shapes(model, config) -> list[dict[str, int]]:
+    """The shapes a `MinitronConfig` can prune `model` to: the search's candidates within `target_params` (its
+    shape fields held), or the one explicit shape. `UserError` for an unsupported model, a shape pruning cannot
+    reach or a budget the search cannot meet; nothing is scored or changed, so it also serves as the check before
+    any work."""
+    decoder_layout(model)
+    if config.target_params is not None:
+        return shapes_within_budget(model, config.target_params, config.target_params_counted,
+                                    config.search_candidates, config.target_shape())
+    return [resolve_shape(model, config.target_shape())]
+
+
 def search_shape(model, importance: MinitronImportance, batches: list[dict], shapes: list[dict[str, int]],
                  depth_importance: str, counted: str) -> tuple[dict[str, int], list[dict]]:
     """Prune a deep copy of `model` to each of `shapes` and score it by calibration LM loss; returns the best
